@@ -1,0 +1,144 @@
+"""Evaluation metrics as pure functions on tensors.
+
+Shapes: B rows, D target dimensions, C classes, M members. Scalar metrics return a Python float;
+`reduction="none"` returns the per-row values. NLLs include the 0.5 * log(2 * pi) constant and
+are summed over target dimensions, averaged over rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_LOG_2PI = math.log(2 * math.pi)
+_EPS = 1e-12
+
+
+def _reduce(per_row: torch.Tensor, reduction: str):
+    if reduction == "none":
+        return per_row
+    if reduction == "mean":
+        return per_row.double().mean().item()
+    raise ValueError(f"The 'reduction' parameter must be 'mean' or 'none'. Got {reduction!r} instead.")
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(-1) if t.ndim == 1 else t
+
+
+# Regression -----------------------------------------------------------------------------------
+
+def gaussian_nll(mean, variance, y, reduction: str = "mean"):
+    """NLL of y under N(mean, variance); all (B, D) (or (B,)). Per row: (B,)."""
+    mean, variance, y = _as_2d(mean), _as_2d(variance), _as_2d(y)
+    per_dim = 0.5 * (_LOG_2PI + variance.log() + (y - mean).square() / variance)
+    return _reduce(per_dim.sum(-1), reduction)
+
+
+def mixture_gaussian_nll(member_mean, member_variance, y, reduction: str = "mean"):
+    """Exact NLL of y under the uniform mixture of M Gaussians: (M, B, D) means and variances.
+
+    -log(1/M sum_m N(y; mu_m, var_m)) by logsumexp over members, so it stays finite where a
+    moment-matched Gaussian would be used only as an approximation. Per row: (B,).
+    """
+    y = _as_2d(y)
+    if member_mean.ndim == 2:
+        member_mean, member_variance = member_mean.unsqueeze(-1), member_variance.unsqueeze(-1)
+    member_log_density = -0.5 * (_LOG_2PI + member_variance.log()
+                                 + (y - member_mean).square() / member_variance).sum(-1)  # (M, B)
+    log_density = torch.logsumexp(member_log_density, dim=0) - math.log(member_mean.shape[0])
+    return _reduce(-log_density, reduction)
+
+
+def rmse(mean, y) -> float:
+    return (_as_2d(mean) - _as_2d(y)).double().square().mean().sqrt().item()
+
+
+def crps_gaussian(mean, variance, y, reduction: str = "mean"):
+    """Continuous ranked probability score of N(mean, variance), closed form; summed over D."""
+    mean, variance, y = _as_2d(mean), _as_2d(variance), _as_2d(y)
+    sigma = variance.sqrt()
+    z = (y - mean) / sigma
+    normal = torch.distributions.Normal(torch.zeros((), dtype=z.dtype), torch.ones((), dtype=z.dtype))
+    per_dim = sigma * (z * (2 * normal.cdf(z) - 1) + 2 * normal.log_prob(z).exp() - 1 / math.sqrt(math.pi))
+    return _reduce(per_dim.sum(-1), reduction)
+
+
+def calibration_curve(mean, variance, y, num_levels: int = 99):
+    """Observed coverage of the Gaussian's central intervals at evenly spaced expected levels.
+
+    Returns (expected, observed), each (num_levels,): for level p, the fraction of all B x D values
+    of y inside the central p-interval of N(mean, variance).
+    """
+    mean, variance, y = _as_2d(mean), _as_2d(variance), _as_2d(y)
+    expected = torch.linspace(0, 1, num_levels + 2, dtype=torch.float64)[1:-1]
+    z = ((y - mean).abs() / variance.sqrt()).double().flatten()                 # (B*D,)
+    # |y - mean| / sigma <= z_p, with z_p the (1 + p) / 2 quantile of the standard normal
+    z_p = math.sqrt(2.0) * torch.erfinv(expected)                                # (L,)
+    observed = (z.unsqueeze(0) <= z_p.unsqueeze(1)).double().mean(1)
+    return expected, observed
+
+
+def miscalibration_area(mean, variance, y, num_levels: int = 99) -> float:
+    """Mean |observed - expected| coverage over the levels: the area between the calibration
+    curve and the diagonal, approximated on an even grid of `num_levels` levels."""
+    expected, observed = calibration_curve(mean, variance, y, num_levels)
+    return (observed - expected).abs().mean().item()
+
+
+# Classification -------------------------------------------------------------------------------
+
+def classification_nll(probs, labels, reduction: str = "mean"):
+    """-log p(label): probs (B, C), labels (B,) int. Per row: (B,)."""
+    picked = probs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    return _reduce(-picked.clamp_min(_EPS).log(), reduction)
+
+
+def accuracy(probs, labels) -> float:
+    return (probs.argmax(-1) == labels).double().mean().item()
+
+
+def brier_score(probs, labels) -> float:
+    """The paper's form: (1/C) sum_c (onehot_c - p_c)^2, averaged over rows."""
+    onehot = torch.nn.functional.one_hot(labels.long(), probs.shape[-1]).to(probs.dtype)
+    return (onehot - probs).double().square().mean().item()
+
+
+def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
+    """Sum over equal-width confidence bins of (bin weight) * |accuracy - mean confidence|."""
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels).double()
+    bins = torch.clamp((confidence.double() * num_bins).long(), max=num_bins - 1)
+    total = torch.zeros(num_bins, dtype=torch.float64)
+    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(correct))
+    gap = total.index_add(0, bins, correct) - total.index_add(0, bins, confidence.double())
+    return (gap.abs().sum() / len(labels)).item()
+
+
+# Uncertainty ----------------------------------------------------------------------------------
+
+def entropy(probs):
+    """Entropy in nats over the last (class) dimension: (..., C) -> (...)."""
+    return -(probs * probs.clamp_min(_EPS).log()).sum(-1)
+
+
+def mutual_information(member_probs):
+    """Entropy of the mean minus mean member entropy: (M, B, C) -> (B,). Never negative."""
+    return (entropy(member_probs.mean(0)) - entropy(member_probs).mean(0)).clamp_min(0)
+
+
+def auroc(score_in, score_out) -> float:
+    """Probability that an out-of-distribution row scores higher than an in-distribution one
+    (ties count one half): the area under the ROC curve of `score` as an OOD detector."""
+    scores = torch.cat([score_in.flatten(), score_out.flatten()]).double()
+    # average ranks handle ties exactly (Mann-Whitney U)
+    order = scores.argsort()
+    _, inverse, counts = torch.unique_consecutive(scores[order], return_inverse=True,
+                                                  return_counts=True)
+    first_rank = torch.cumsum(counts, 0) - counts + 1
+    ranks = torch.empty_like(scores)
+    ranks[order] = (first_rank + (counts - 1) / 2.0).double()[inverse]
+    n_in, n_out = score_in.numel(), score_out.numel()
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2.0
+    return (u / (n_in * n_out)).item()

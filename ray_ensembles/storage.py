@@ -1,0 +1,148 @@
+"""The on-disk format: an ensemble is a directory.
+
+    manifest.json            format, library version, task, config, normalisation statistics,
+                             and one entry per member: id, seed, file name, SHA-256
+    member_003.safetensors   member 3's tensors (safetensors: no pickle, so loading runs no code)
+
+Member files are self-describing (their safetensors metadata repeats id, seed and step), so Ray
+workers can each write their own members into one checkpoint and a coordinator can assemble the
+manifest afterwards. Training checkpoints are the same directories with extra tensors in each
+member file (online weights, Adam moments), so any checkpoint loads as an ensemble.
+
+Writes are atomic: everything goes to a temporary directory beside the target, manifest last,
+which then replaces the target by rename. A crash leaves the previous directory intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from ._version import __version__
+
+FORMAT = "ray_ensembles.ensemble"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_METADATA_KEY = "ray_ensembles"
+
+
+def member_filename(member_id: int) -> str:
+    return f"member_{member_id:03d}.safetensors"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_member_file(directory: Path, member_id: int, tensors: dict[str, torch.Tensor],
+                      metadata: dict) -> str:
+    """Write one member file atomically; returns its SHA-256."""
+    data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                            metadata={_METADATA_KEY: json.dumps(metadata)})
+    path = Path(directory) / member_filename(member_id)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return sha256_bytes(data)
+
+
+def read_member_file(path: Path, expected_sha256: str | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a member file, refusing anything that is not a valid one."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"Member file {path} is missing.") from None
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise ValueError(f"Member file {path} does not match the SHA-256 in the manifest: it is "
+                         "corrupt, truncated or was modified after saving.")
+    try:
+        tensors = safetensors_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        metadata = json.loads(header["__metadata__"][_METADATA_KEY])
+    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Member file {path} is not a ray_ensembles safetensors file ({err}).") from None
+    return tensors, metadata
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path):
+    """Yield a temporary directory that replaces `path` only if the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
+def write_manifest(directory: Path, manifest: dict):
+    tmp = Path(directory) / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, Path(directory) / MANIFEST)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of ensemble directory `path`, checked against the format."""
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ValueError(f"{path} is not a saved ensemble: it has no {MANIFEST}.")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"The manifest {file} is not valid JSON ({err}).") from None
+    _check_manifest(manifest, file)
+    return manifest
+
+
+def _check_manifest(manifest, file):
+    def bad(why):
+        raise ValueError(f"The manifest {file} is invalid: {why}.")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        bad(f"'format' must be {FORMAT!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        bad(f"'format_version' {version!r} is not supported by ray_ensembles {__version__} "
+            f"(reads 1 to {FORMAT_VERSION})")
+    for key, kind in [("library_version", str), ("task", str), ("config", dict),
+                      ("normalization", dict), ("members", list)]:
+        if not isinstance(manifest.get(key), kind):
+            bad(f"'{key}' must be a {kind.__name__}")
+    if not manifest["members"]:
+        bad("it lists no members")
+    ids = []
+    for entry in manifest["members"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+            bad(f"member entry {entry!r} has no integer 'id'")
+        # the file name is derived, never taken from the file, so it cannot point elsewhere
+        if entry.get("file") != member_filename(entry["id"]):
+            bad(f"member {entry['id']} file must be {member_filename(entry['id'])!r}")
+        if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("seed"), int):
+            bad(f"member {entry['id']} needs 'sha256' and 'seed'")
+        ids.append(entry["id"])
+    if len(set(ids)) != len(ids):
+        bad(f"member ids repeat: {ids}")

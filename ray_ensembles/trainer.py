@@ -1,0 +1,135 @@
+"""Trainer: trains an ensemble in place, in this process or on Ray workers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import storage
+from .data import TensorDataset
+from .ensemble import _Ensemble
+from .training import EnsembleFit, TrainSettings, make_accelerator
+from .validation import check_float, check_int
+
+
+class Trainer:
+    """Train every member of `ensemble` on all of `dataset`.
+
+    Length: `train_num_steps` or `train_num_epochs` (one epoch = ceil(N / batch) steps of every
+    member). `ema_decay=0` turns EMA off (the paper uses none); with EMA, predictions after
+    training use the EMA weights. `amp` means bfloat16 autocast. Checkpoints are ensemble
+    directories `results_folder/checkpoint-<milestone>` written every `save_every` steps and at
+    the end; `load(milestone)` resumes from one exactly.
+
+    With a Ray `scaling_config`, members train on Ray Train workers instead (see `distributed`).
+    """
+
+    def __init__(self, ensemble: _Ensemble, dataset: TensorDataset, *, train_batch_size: int = 100,
+                 train_lr: float = 1e-3, train_num_steps: int | None = None,
+                 train_num_epochs: int | None = None, weight_decay: float = 0.0,
+                 max_grad_norm: float | None = None, ema_decay: float = 0.0,
+                 ema_update_every: int = 10, amp: bool = False, results_folder="./results",
+                 save_every: int = 1000, cpu: bool = False, progress: bool = False,
+                 scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
+                 metrics_callback=None):
+        owner = "Trainer"
+        if not isinstance(ensemble, _Ensemble):
+            raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
+                            f"DeepEnsembleClassifier. Got {type(ensemble).__name__} instead.")
+        if not isinstance(dataset, TensorDataset):
+            raise TypeError(f"The 'dataset' parameter of Trainer must be a TensorDataset. "
+                            f"Got {type(dataset).__name__} instead.")
+        if dataset.X.shape[1] != ensemble.dim_in:
+            raise ValueError(f"The 'dataset' parameter of Trainer must have dim_in={ensemble.dim_in} "
+                             f"input columns. Got {dataset.X.shape[1]} instead.")
+        ensemble._check_y(dataset.y, len(dataset))  # wrong target shape or labels: fail now
+        batch_size = check_int(owner, "train_batch_size", train_batch_size, minimum=1)
+        check_float(owner, "train_lr", train_lr, strict_minimum=0.0)
+        if (train_num_steps is None) == (train_num_epochs is None):
+            if train_num_steps is not None:
+                raise ValueError("Trainer takes one of 'train_num_steps' and 'train_num_epochs'. "
+                                 f"Got both ({train_num_steps}, {train_num_epochs}) instead.")
+            train_num_steps = 10_000
+        if train_num_epochs is not None:
+            check_int(owner, "train_num_epochs", train_num_epochs, minimum=1)
+            train_num_steps = train_num_epochs * math.ceil(len(dataset) / batch_size)
+        check_int(owner, "train_num_steps", train_num_steps, minimum=1)
+        check_float(owner, "weight_decay", weight_decay, minimum=0.0)
+        if max_grad_norm is not None:
+            check_float(owner, "max_grad_norm", max_grad_norm, strict_minimum=0.0)
+        check_float(owner, "ema_decay", ema_decay, minimum=0.0, below=1.0)
+        check_int(owner, "ema_update_every", ema_update_every, minimum=1)
+        check_int(owner, "save_every", save_every, minimum=1)
+        for name, value in [("amp", amp), ("cpu", cpu), ("progress", progress)]:
+            if not isinstance(value, bool):
+                raise TypeError(f"The '{name}' parameter of Trainer must be a bool. Got {value!r} instead.")
+        if validation_dataset is not None:
+            if not isinstance(validation_dataset, TensorDataset):
+                raise TypeError("The 'validation_dataset' parameter of Trainer must be a TensorDataset. "
+                                f"Got {type(validation_dataset).__name__} instead.")
+            ensemble._check_x(validation_dataset.X, allow_members=False, move=False)
+            ensemble._check_y(validation_dataset.y, len(validation_dataset))
+
+        self.ensemble = ensemble
+        self.dataset = dataset
+        self.validation_dataset = validation_dataset
+        self.settings = TrainSettings(
+            batch_size=batch_size, lr=float(train_lr), num_steps=train_num_steps,
+            weight_decay=float(weight_decay),
+            max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
+            ema_decay=float(ema_decay), ema_update_every=ema_update_every, amp=amp,
+            save_every=save_every)
+        self.results_folder = Path(results_folder)
+        self.cpu = cpu
+        self.progress = progress
+        self.scaling_config = scaling_config
+        self.run_config = run_config
+        self.metrics_callback = metrics_callback
+        self.checkpoint_path: Path | str | None = None
+        self.metrics: dict = {}
+        self._fit: EnsembleFit | None = None
+        if scaling_config is not None:
+            from .distributed import check_distributed_request
+            check_distributed_request(self)
+
+    # in-process ---------------------------------------------------------------------------------
+
+    def _new_fit(self) -> EnsembleFit:
+        accelerator = make_accelerator(self.settings.amp, cpu=self.cpu)
+        return EnsembleFit(self.ensemble, self.dataset.X, self.dataset.y, self.settings, accelerator)
+
+    def milestone_path(self, milestone: int) -> Path:
+        return self.results_folder / f"checkpoint-{milestone}"
+
+    def _save_milestone(self, fit: EnsembleFit):
+        milestone = math.ceil(fit.step / self.settings.save_every)
+        self.checkpoint_path = fit.save_checkpoint(self.milestone_path(milestone))
+
+    def load(self, milestone: int):
+        """Resume from `results_folder/checkpoint-<milestone>`: the next `train()` continues it."""
+        path = self.milestone_path(check_int("Trainer.load", "milestone", milestone, minimum=0))
+        manifest = storage.read_manifest(path)
+        if manifest["config"] != self.ensemble.config:
+            raise ValueError(f"Checkpoint {path} was saved by an ensemble with config "
+                             f"{manifest['config']}, not this one's {self.ensemble.config}.")
+        self.ensemble.load_normalization_state(manifest["normalization"])
+        self._fit = self._new_fit()
+        self._fit.restore(path)
+
+    def train(self):
+        """Train every member; afterwards `self.ensemble` holds the trained members."""
+        if self.scaling_config is not None:
+            from .distributed import fit_on_ray
+            return fit_on_ray(self)
+        if self._fit is None:
+            self.ensemble.fit_normalization(self.dataset.X, self.dataset.y)
+            self.ensemble.feature_names = self.dataset.feature_names
+            self._fit = self._new_fit()
+        fit, self._fit = self._fit, None
+        fit.run(on_checkpoint=self._save_milestone, progress=self.progress,
+                on_epoch_end=self._report_epoch if self.metrics_callback else None)
+        self.metrics = {"train_loss": fit.last_finite_loss.tolist(), "step": fit.step}
+        return self.ensemble
+
+    def _report_epoch(self, epoch, member_losses):
+        self.metrics_callback({"epoch": epoch, "member_train_loss": member_losses.tolist()})

@@ -1,0 +1,242 @@
+"""The one training loop, shared by the in-process Trainer and the Ray workers.
+
+`EnsembleFit` trains the members one process holds, all at once: each step gathers every
+member's own mini-batch (its own permutation of ALL the rows, from (seed, member, epoch) only),
+runs one batched forward and backward over the stacked members, and takes one Adam step over
+the stack. Per-member losses are summed, and Adam, EMA and the optional gradient clipping are
+elementwise or per member, so a member's trajectory is the same whichever other members share its
+process. Data order is a pure function of (seed, member, epoch), so resuming needs no RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from ema_pytorch import EMA
+from tqdm.auto import tqdm
+
+from . import storage
+from .ensemble import write_ensemble_directory
+from .members import epoch_permutations
+
+
+class MemberDivergedError(RuntimeError):
+    """A member's loss became NaN or inf."""
+
+    def __init__(self, member_id: int, step: int, last_finite_loss: float):
+        self.member_id, self.step, self.last_finite_loss = member_id, step, last_finite_loss
+        super().__init__(f"Member {member_id} diverged at step {step}: its loss is not finite "
+                         f"(last finite loss {last_finite_loss:.6g}). Lower the learning rate or "
+                         "set max_grad_norm; other members are unaffected.")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Options of the loop; a plain, serialisable record so Ray workers receive the same ones."""
+
+    batch_size: int = 100
+    lr: float = 1e-3
+    num_steps: int = 10_000
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    ema_decay: float = 0.0
+    ema_update_every: int = 10
+    amp: bool = False
+    save_every: int = 1000
+
+
+def make_accelerator(amp: bool, cpu: bool) -> Accelerator:
+    """An Accelerator for one process's device and mixed precision.
+
+    AMP means bfloat16 autocast: float16 would need a gradient scaler, and its single scale skips
+    the step of EVERY member when one member overflows, coupling members.
+    """
+    # Accelerate keeps one process-wide state that refuses a second precision setting; several
+    # Trainers in one process (sweeps, tests) each need their own.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision="bf16" if amp else "no", cpu=cpu)
+
+
+class EnsembleFit:
+    """Training state of the members held by one process: weights, Adam, EMA and step."""
+
+    def __init__(self, ensemble, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings,
+                 accelerator: Accelerator):
+        self.ensemble = ensemble.to(accelerator.device)
+        self.settings = settings
+        self.accelerator = accelerator
+        device = accelerator.device
+        self.xs = ensemble.standardize_x(x.to(device))             # (N, D)
+        self.ys = ensemble.standardize_y(ensemble._check_y(y, len(x)))  # (N, T) or (N,)
+        self.steps_per_epoch = math.ceil(len(x) / settings.batch_size)
+        self.params = list(ensemble.members.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=settings.lr,
+                                          weight_decay=settings.weight_decay, fused=True)
+        self.ema = None
+        if settings.ema_decay > 0:
+            self.ema = EMA(ensemble.members, beta=settings.ema_decay, update_after_step=0,
+                           update_every=settings.ema_update_every, include_online_model=False,
+                           use_foreach=True)
+        self.step = 0
+        self._order, self._order_epoch = None, -1
+        self.last_finite_loss = torch.full((ensemble.num_members,), float("nan"))
+
+    # the step -----------------------------------------------------------------------------------
+
+    def _batch_index(self) -> torch.Tensor:
+        """(M, b) row indices of every member's mini-batch at the current step."""
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        if epoch != self._order_epoch:
+            self._order = epoch_permutations(self.ensemble.member_seeds, epoch,
+                                             len(self.xs)).to(self.xs.device)
+            self._order_epoch = epoch
+        b = self.settings.batch_size
+        return self._order[:, position * b:(position + 1) * b]
+
+    def train_step(self) -> torch.Tensor:
+        """One step for all members; returns their losses (M,)."""
+        index = self._batch_index()
+        with self.accelerator.autocast():
+            losses = self.ensemble.member_losses(self.xs[index], self.ys[index])  # (M,)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        losses = losses.detach()
+        self._check_finite(losses)
+        if self.settings.max_grad_norm is not None:
+            self._clip_per_member(self.settings.max_grad_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        return losses
+
+    def _check_finite(self, losses):
+        finite = torch.isfinite(losses).cpu()
+        if not finite.all():
+            i = int((~finite).nonzero()[0])
+            raise MemberDivergedError(self.ensemble.member_ids[i], self.step,
+                                      float(self.last_finite_loss[i]))
+        self.last_finite_loss = losses.cpu()
+
+    @torch.no_grad()
+    def _clip_per_member(self, max_norm: float):
+        """Clip each member's gradient norm on its own: one member's gradient never shrinks another's."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()  # (M,)
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.ndim - 1)))
+
+    def run(self, *, on_epoch_end: Callable[[int, torch.Tensor], None] | None = None,
+            on_checkpoint: Callable[["EnsembleFit"], None] | None = None, progress: bool = False):
+        """Train until `settings.num_steps`, from wherever the step counter is.
+
+        `on_epoch_end(epoch, mean_member_losses)` runs after each full epoch; `on_checkpoint(self)`
+        every `save_every` steps and at the last step.
+        """
+        s = self.settings
+        self.ensemble.train()
+        running = torch.zeros(self.ensemble.num_members)
+        bar = tqdm(total=s.num_steps, initial=self.step, disable=not progress, desc="training")
+        while self.step < s.num_steps:
+            running += self.train_step().cpu()
+            bar.update(1)
+            if self.step % self.steps_per_epoch == 0:
+                epoch_losses, running = running / self.steps_per_epoch, torch.zeros_like(running)
+                bar.set_postfix(loss=f"{epoch_losses.mean():.4f}")
+                if on_epoch_end is not None:
+                    on_epoch_end(self.step // self.steps_per_epoch - 1, epoch_losses)
+            if on_checkpoint is not None and (self.step % s.save_every == 0 or self.step == s.num_steps):
+                on_checkpoint(self)
+        bar.close()
+        self.finish()
+
+    def finish(self):
+        """Leave the ensemble holding the weights to predict with: EMA ones when EMA is on."""
+        if self.ema is not None:
+            for i in range(self.ensemble.num_members):
+                self.ensemble.members.load_member_state(i, self.ema.ema_model.member_state(i))
+        self.ensemble.eval()
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    def training_state(self) -> dict:
+        state = {"step": self.step, "settings": asdict(self.settings)}
+        if self.ema is not None:
+            state.update(ema_step=int(self.ema.step), ema_initted=bool(self.ema.initted))
+        return state
+
+    def member_files(self) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
+        """Per member id: the tensors of its checkpoint file and its metadata.
+
+        `model.*` holds the weights to predict with (EMA when on), `online.*` the weights being
+        trained when EMA is on, `adam.*` the optimiser moments.
+        """
+        members = self.ensemble.members
+        names = [n for n, _ in members.named_parameters()]
+        files = {}
+        for i, m in enumerate(self.ensemble.member_ids):
+            predicting = self.ema.ema_model if self.ema is not None else members
+            tensors = {f"model.{k}": v for k, v in predicting.member_state(i).items()}
+            if self.ema is not None:
+                tensors.update({f"online.{k}": v for k, v in members.member_state(i).items()})
+            for name, p in zip(names, self.params):
+                state = self.optimizer.state.get(p)
+                if state:
+                    tensors[f"adam.exp_avg.{name}"] = state["exp_avg"][i]
+                    tensors[f"adam.exp_avg_sq.{name}"] = state["exp_avg_sq"][i]
+            metadata = dict(self.ensemble.member_metadata(i), training=self.training_state())
+            files[m] = (tensors, metadata)
+        return files
+
+    def save_checkpoint(self, path) -> Path:
+        """The standard ensemble directory, plus each member's training state."""
+        return write_ensemble_directory(path, self.ensemble, self.member_files(),
+                                        training=self.training_state())
+
+    def restore(self, directory):
+        """Resume every member this process holds from a checkpoint directory (an ensemble
+        directory, or a Ray checkpoint of member files)."""
+        directory = Path(directory)
+        shas = {}
+        if (directory / storage.MANIFEST).exists():
+            shas = {e["id"]: e["sha256"] for e in storage.read_manifest(directory)["members"]}
+        loaded = [storage.read_member_file(directory / storage.member_filename(m), shas.get(m))
+                  for m in self.ensemble.member_ids]
+        steps = {meta["training"]["step"] for _, meta in loaded}
+        if len(steps) != 1:
+            raise ValueError(f"Checkpoint {directory} mixes members from different steps {sorted(steps)}.")
+        for (_, meta), m in zip(loaded, self.ensemble.member_ids):
+            if meta["config"] != self.ensemble.config or meta["member_id"] != m:
+                raise ValueError(f"Checkpoint {directory}: member {meta.get('member_id')} was trained "
+                                 "with another configuration than this ensemble's.")
+        members = self.ensemble.members
+        online_prefix = "online." if self.ema is not None else "model."
+        for i, (tensors, meta) in enumerate(loaded):
+            members.load_member_state(i, _strip(tensors, online_prefix))
+            if self.ema is not None:
+                self.ema.ema_model.load_member_state(i, _strip(tensors, "model."))
+            self.ensemble.member_seeds[i] = meta["seed"]
+        training = loaded[0][1]["training"]
+        self.step = training["step"]
+        if self.ema is not None:
+            self.ema.step.fill_(training["ema_step"])
+            self.ema.initted.fill_(training["ema_initted"])
+        if self.step > 0:
+            state = {}
+            for j, (name, p) in enumerate(members.named_parameters()):
+                state[j] = {"step": torch.tensor(float(self.step)),
+                            "exp_avg": torch.stack([t[f"adam.exp_avg.{name}"] for t, _ in loaded]),
+                            "exp_avg_sq": torch.stack([t[f"adam.exp_avg_sq.{name}"] for t, _ in loaded])}
+            self.optimizer.load_state_dict({"state": state,
+                                            "param_groups": self.optimizer.state_dict()["param_groups"]})
+
+
+def _strip(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,0 +1,94 @@
+"""Checks for user input, run once at the boundary.
+
+Every error names the parameter, the constraint and the value received, in scikit-learn's form:
+"The 'num_members' parameter of DeepEnsemble must be an int >= 1. Got 0 instead."
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+
+def _fail(owner: str, name: str, constraint: str, value, error=ValueError):
+    raise error(f"The '{name}' parameter of {owner} must be {constraint}. Got {value!r} instead.")
+
+
+def check_int(owner: str, name: str, value, *, minimum: int | None = None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(owner, name, "an int", value, TypeError)
+    if minimum is not None and value < minimum:
+        _fail(owner, name, f"an int >= {minimum}", value)
+    return int(value)
+
+
+def check_float(owner: str, name: str, value, *, minimum: float | None = None,
+                strict_minimum: float | None = None, below: float | None = None):
+    """A finite real number; `strict_minimum` excludes the bound, `below` is an exclusive maximum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(owner, name, "a real number", value, TypeError)
+    value = float(value)
+    if not np.isfinite(value):
+        _fail(owner, name, "finite", value)
+    if minimum is not None and value < minimum:
+        _fail(owner, name, f"a number >= {minimum}", value)
+    if strict_minimum is not None and value <= strict_minimum:
+        _fail(owner, name, f"a number > {strict_minimum}", value)
+    if below is not None and value >= below:
+        low = "" if minimum is None else f"in [{minimum}, {below})"
+        _fail(owner, name, low or f"a number < {below}", value)
+    return value
+
+
+def check_choice(owner: str, name: str, value, choices):
+    if value not in choices:
+        _fail(owner, name, f"one of {sorted(choices)}", value)
+    return value
+
+
+def as_float_tensor(owner: str, name: str, value, *, ndim: tuple[int, ...]) -> torch.Tensor:
+    """A finite float32 tensor from a tensor or array of real numbers (ints are converted)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iuf":
+            _fail(owner, name, "an array of real numbers", f"dtype {value.dtype}", TypeError)
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        _fail(owner, name, "a torch.Tensor or numpy array", type(value).__name__, TypeError)
+    if value.dtype == torch.bool or value.is_complex():
+        _fail(owner, name, "a tensor of real numbers", f"dtype {value.dtype}", TypeError)
+    if value.ndim not in ndim:
+        dims = " or ".join(f"{d}-D" for d in ndim)
+        _fail(owner, name, f"{dims}", f"shape {tuple(value.shape)}")
+    if value.shape[-2 if value.ndim > 1 else 0] == 0:
+        _fail(owner, name, "non-empty", f"shape {tuple(value.shape)}")
+    value = value.float() if value.is_floating_point() else value.to(torch.float32)
+    if not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum())
+        _fail(owner, name, "free of NaN and inf", f"{bad} non-finite value(s)")
+    return value
+
+
+def as_label_tensor(owner: str, name: str, value, *, num_classes: int) -> torch.Tensor:
+    """Integer class labels in [0, num_classes) as a 1-D int64 tensor."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        _fail(owner, name, "a torch.Tensor or numpy array", type(value).__name__, TypeError)
+    if value.is_floating_point():
+        whole = torch.isfinite(value).all() and (value == value.round()).all()
+        if not whole:
+            _fail(owner, name, "integer class labels", f"dtype {value.dtype} with non-integer values",
+                  TypeError)
+    elif value.dtype == torch.bool or value.is_complex():
+        _fail(owner, name, "integer class labels", f"dtype {value.dtype}", TypeError)
+    if value.ndim == 2 and value.shape[1] == 1:
+        value = value[:, 0]
+    if value.ndim != 1:
+        _fail(owner, name, "1-D (one label per row)", f"shape {tuple(value.shape)}")
+    value = value.long()
+    if len(value) and (value.min() < 0 or value.max() >= num_classes):
+        _fail(owner, name, f"labels in [0, {num_classes})",
+              f"labels in [{int(value.min())}, {int(value.max())}]")
+    return value

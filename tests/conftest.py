@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+# Ray settings for quiet, fast tests; harmless for tests that never start Ray.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests are unit tests unless their module says `ray` or `e2e`."""
+    for item in items:
+        if not any(item.iter_markers(name=n) for n in ("ray", "e2e")):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture
+def toy_data():
+    """y = x0^3 / 10 + sin(x1) + noise, 200 rows, 2 inputs."""
+    g = torch.Generator().manual_seed(123)
+    X = torch.rand(200, 2, generator=g) * 8 - 4
+    y = X[:, :1] ** 3 / 10 + X[:, 1:].sin() + 0.3 * torch.randn(200, 1, generator=g)
+    return X, y
+
+
+def require_data(*parts):
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared data folder beside the repository)")
+    return path
