@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -52,3 +53,70 @@ class TensorDataset:
         parts = order[n_val:], order[:n_val]
         return tuple(TensorDataset(self.X[i], self.y[i], feature_names=self.feature_names)
                      for i in parts)
+
+
+def read_table(path_or_uri: str):
+    """A Parquet or CSV file (by extension) as a pyarrow Table, from a local path or any URI
+    pyarrow.fs understands (s3://, gs://, hdfs://, file://)."""
+    import pyarrow.csv
+    import pyarrow.fs
+    import pyarrow.parquet
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(path_or_uri)
+    except (pyarrow.ArrowInvalid, ValueError) as err:
+        if "://" in str(path_or_uri):
+            raise ValueError(f"The 'data' parameter must be a local path or a URI that pyarrow.fs "
+                             f"supports. Got {path_or_uri!r} instead ({err}).") from None
+        filesystem, path = pyarrow.fs.LocalFileSystem(), str(Path(path_or_uri).resolve())
+    info = filesystem.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise ValueError(f"The 'data' parameter names a file that does not exist. Got {path_or_uri!r} instead.")
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq") or info.type == pyarrow.fs.FileType.Directory:
+            return pyarrow.parquet.read_table(path, filesystem=filesystem)
+        if suffix in (".csv", ".txt", ".gz"):
+            with filesystem.open_input_stream(path) as stream:
+                return pyarrow.csv.read_csv(stream)
+    except pyarrow.ArrowException as err:
+        raise ValueError(f"The 'data' file {path_or_uri!r} could not be read ({err}).") from None
+    raise ValueError(f"The 'data' parameter must be a .parquet or .csv file. Got {path_or_uri!r} instead.")
+
+
+def table_to_dataset(table, target: str, features: Sequence[str] | None = None,
+                     task: str = "regression") -> TensorDataset:
+    """Features and target columns of a pyarrow Table as a TensorDataset that keeps their names.
+
+    Features default to every other numeric column. Classification targets must be integers.
+    """
+    import pyarrow.types as pat
+
+    columns = table.column_names
+    if target not in columns:
+        raise ValueError(f"The 'target' parameter must be a column of the data {columns}. "
+                         f"Got {target!r} instead.")
+    if features is None:
+        features = [c for c in columns if c != target
+                    and (pat.is_integer(table.schema.field(c).type) or pat.is_floating(table.schema.field(c).type))]
+        if not features:
+            raise ValueError(f"The data has no numeric feature columns besides the target {target!r}.")
+    for name in [*features, target]:
+        if name not in columns:
+            raise ValueError(f"The 'features' parameter names a column that the data lacks "
+                             f"(columns: {columns}). Got {name!r} instead.")
+        kind = table.schema.field(name).type
+        if not (pat.is_integer(kind) or pat.is_floating(kind)):
+            raise ValueError(f"Column {name!r} must be numeric. Got type {kind} instead.")
+        if table.column(name).null_count or not np.isfinite(table.column(name).to_numpy(zero_copy_only=False)).all():
+            raise ValueError(f"Column {name!r} must be free of missing, NaN and inf values.")
+    X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in features], 1).astype(np.float32)
+    y = table.column(target).to_numpy(zero_copy_only=False)
+    if task == "classification":
+        if not pat.is_integer(table.schema.field(target).type):
+            raise ValueError(f"The 'target' column {target!r} of a classification task must hold "
+                             f"integer labels. Got type {table.schema.field(target).type} instead.")
+        y = y.astype(np.int64)
+    else:
+        y = y.astype(np.float32)
+    return TensorDataset(X, y, feature_names=list(features))

@@ -155,6 +155,13 @@ class _Ensemble(nn.Module):
             self.train(was_training)
         return [torch.cat(ts, dim=1) for ts in zip(*parts)]
 
+    @torch.no_grad()
+    def evaluate_members(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's log-likelihood of each row (M, N) and its point predictions:
+        means (M, N, T) for regression, probabilities (M, N, C) for classification."""
+        y = self._check_y(y, len(x)).cpu()
+        return self._member_log_lik(self.predict(x), y)
+
     # subsets, save and load ---------------------------------------------------------------------
 
     def subset(self, member_ids: Sequence[int]):
@@ -317,6 +324,10 @@ class DeepEnsemble(_Ensemble):
         """The mixture of member Gaussians at x (B, D), in original units."""
         return GaussianMixturePrediction(*self._predict_chunks(x, batch_size, self._gaussians))
 
+    def _member_log_lik(self, pred, y):
+        normal = torch.distributions.Normal(pred.member_mean, pred.member_variance.sqrt())
+        return normal.log_prob(y).sum(-1), pred.member_mean
+
     def sample_predictions(self, x) -> list[MemberPrediction]:
         """One Gaussian per member: `.mean` and `.log_var`, (B, T) each, original units."""
         return self.predict(x).members()
@@ -365,6 +376,10 @@ class DeepEnsembleClassifier(_Ensemble):
     def predict(self, x, batch_size: int | None = None) -> CategoricalPrediction:
         return CategoricalPrediction(
             *self._predict_chunks(x, batch_size, lambda out: (out.float().softmax(-1),)))
+
+    def _member_log_lik(self, pred, y):
+        probs = pred.member_probs
+        return probs.gather(-1, y.expand(probs.shape[:2]).unsqueeze(-1)).squeeze(-1).clamp_min(1e-12).log(), probs
 
     def sample_predictions(self, x) -> list[CategoricalPrediction]:
         """One prediction per member (`.probs`, (B, C))."""

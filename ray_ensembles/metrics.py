@@ -142,3 +142,25 @@ def auroc(score_in, score_out) -> float:
     n_in, n_out = score_in.numel(), score_out.numel()
     u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2.0
     return (u / (n_in * n_out)).item()
+
+
+# Ensembles ------------------------------------------------------------------------------------
+
+def ensemble_validation_metrics(task: str, member_ids, member_log_lik, member_points, y) -> dict:
+    """Per-member and ensemble metrics from every member's validation outputs.
+
+    member_log_lik (M, N): each member's log-likelihood of each row. member_points: (M, N, T)
+    means for regression, (M, N, C) probabilities for classification. The ensemble NLL is the
+    exact mixture's: -mean_n log(1/M sum_m p_m(y_n)).
+    """
+    log_lik = torch.as_tensor(member_log_lik, dtype=torch.float64)
+    points = torch.as_tensor(member_points, dtype=torch.float64)
+    y = torch.as_tensor(y)
+    ensemble_ll = torch.logsumexp(log_lik, 0) - math.log(log_lik.shape[0])
+    out = {"val_nll": -ensemble_ll.mean().item(),
+           "member_val_nll": {int(m): -log_lik[i].mean().item() for i, m in enumerate(member_ids)}}
+    if task == "regression":
+        out["val_rmse"] = rmse(points.mean(0), y.double())
+    else:
+        out["val_accuracy"] = accuracy(points.mean(0), y)
+    return out

@@ -41,6 +41,11 @@ def member_filename(member_id: int) -> str:
     return f"member_{member_id:03d}.safetensors"
 
 
+def validation_filename(member_id: int) -> str:
+    """A member's validation outputs inside a Ray checkpoint (read by the metrics callback)."""
+    return f"validation_{member_id:03d}.safetensors"
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import storage
 from .data import TensorDataset
 from .ensemble import _Ensemble
+from .metrics import ensemble_validation_metrics
 from .training import EnsembleFit, TrainSettings, make_accelerator
 from .validation import check_float, check_int
 
@@ -86,6 +87,8 @@ class Trainer:
         self.run_config = run_config
         self.metrics_callback = metrics_callback
         self.checkpoint_path: Path | str | None = None
+        self.run_name: str | None = None
+        self.history: list[dict] = []  # per-epoch metrics of the last train()
         self.metrics: dict = {}
         self._fit: EnsembleFit | None = None
         if scaling_config is not None:
@@ -104,6 +107,21 @@ class Trainer:
     def _save_milestone(self, fit: EnsembleFit):
         milestone = math.ceil(fit.step / self.settings.save_every)
         self.checkpoint_path = fit.save_checkpoint(self.milestone_path(milestone))
+        self._flush_epochs(fit.step, self._validation_metrics(fit.evaluate))
+
+    def _flush_epochs(self, step: int, validation: dict):
+        """Emit the epochs since the last checkpoint, validation metrics on the one at `step`,
+        to the history and the callback: the same entries, at the same points, as on Ray."""
+        entries, self._pending_epochs = self._pending_epochs, []
+        if validation:
+            if entries and entries[-1]["step"] == step:
+                entries[-1].update(validation)
+            else:
+                entries.append({"step": step, **validation})
+        for entry in entries:
+            self.history.append(entry)
+            if self.metrics_callback is not None:
+                self.metrics_callback(entry)
 
     def load(self, milestone: int):
         """Resume from `results_folder/checkpoint-<milestone>`: the next `train()` continues it."""
@@ -117,19 +135,39 @@ class Trainer:
         self._fit.restore(path)
 
     def train(self):
-        """Train every member; afterwards `self.ensemble` holds the trained members."""
+        """Train every member; afterwards `self.ensemble` holds the trained members and
+        `self.metrics` per-member and (with validation data) ensemble metrics."""
         if self.scaling_config is not None:
             from .distributed import fit_on_ray
-            return fit_on_ray(self)
+            member_metadata = fit_on_ray(self)
+            self.metrics = self._final_metrics({m: meta["train_loss"] for m, meta in member_metadata.items()})
+            return self.ensemble
         if self._fit is None:
             self.ensemble.fit_normalization(self.dataset.X, self.dataset.y)
             self.ensemble.feature_names = self.dataset.feature_names
             self._fit = self._new_fit()
         fit, self._fit = self._fit, None
+        self.history, self._pending_epochs = [], []
         fit.run(on_checkpoint=self._save_milestone, progress=self.progress,
-                on_epoch_end=self._report_epoch if self.metrics_callback else None)
-        self.metrics = {"train_loss": fit.last_finite_loss.tolist(), "step": fit.step}
+                on_epoch_end=lambda epoch, losses: self._report_epoch(fit, epoch, losses))
+        self.metrics = self._final_metrics(dict(zip(self.ensemble.member_ids, fit.last_finite_loss.tolist())))
         return self.ensemble
 
-    def _report_epoch(self, epoch, member_losses):
-        self.metrics_callback({"epoch": epoch, "member_train_loss": member_losses.tolist()})
+    def _validation_metrics(self, evaluate) -> dict:
+        if self.validation_dataset is None:
+            return {}
+        log_lik, points = evaluate(self.validation_dataset.X, self.validation_dataset.y)
+        return ensemble_validation_metrics(self.ensemble.task, self.ensemble.member_ids, log_lik,
+                                           points, self.validation_dataset.y)
+
+    def _report_epoch(self, fit, epoch, member_losses):
+        self._pending_epochs.append({"epoch": epoch, "step": fit.step, "member_train_loss": dict(
+            zip(self.ensemble.member_ids, member_losses.tolist()))})
+
+    def _final_metrics(self, train_losses: dict[int, float]) -> dict:
+        """{"members": {id: {"train_loss", "val_nll"}}, and ensemble "val_nll", "val_rmse"/"val_accuracy"}."""
+        members = {m: {"train_loss": loss} for m, loss in train_losses.items()}
+        validation = self._validation_metrics(self.ensemble.evaluate_members)
+        for m, nll in validation.pop("member_val_nll", {}).items():
+            members[m]["val_nll"] = nll
+        return {"members": members, **validation}

@@ -164,6 +164,16 @@ class EnsembleFit:
                 self.ensemble.members.load_member_state(i, self.ema.ema_model.member_state(i))
         self.ensemble.eval()
 
+    def evaluate(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ensemble.evaluate_members` with the weights being predicted with (EMA when on)."""
+        if self.ema is None:
+            return self.ensemble.evaluate_members(x, y)
+        online, self.ensemble.members = self.ensemble.members, self.ema.ema_model
+        try:
+            return self.ensemble.evaluate_members(x, y)
+        finally:
+            self.ensemble.members = online
+
     # checkpoints --------------------------------------------------------------------------------
 
     def training_state(self) -> dict:
@@ -191,7 +201,8 @@ class EnsembleFit:
                 if state:
                     tensors[f"adam.exp_avg.{name}"] = state["exp_avg"][i]
                     tensors[f"adam.exp_avg_sq.{name}"] = state["exp_avg_sq"][i]
-            metadata = dict(self.ensemble.member_metadata(i), training=self.training_state())
+            metadata = dict(self.ensemble.member_metadata(i), training=self.training_state(),
+                            train_loss=float(self.last_finite_loss[i]))
             files[m] = (tensors, metadata)
         return files
 

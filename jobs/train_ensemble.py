@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Train a deep ensemble on Ray Train workers, then save and evaluate it.
+
+With no arguments: the paper's toy problem (y = x^3 + N(0, 3^2), 20 points on [-4, 4]), 5
+members, on a local Ray (or the cluster in RAY_ADDRESS), with a plot of mean +/- 3 sigma.
+
+    python jobs/train_ensemble.py
+    python jobs/train_ensemble.py --data s3://bucket/table.parquet --target price --num-workers 4 --use-gpu
+    ray job submit --working-dir . -- python jobs/train_ensemble.py --data ... --target ...
+
+Errors in the options or the data are reported in one line, before Ray starts any worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout (ray job submit --working-dir .) without install
+
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer  # noqa: E402
+from ray_ensembles.data import read_table, table_to_dataset  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = p.add_argument_group("data (default: the paper's toy cubic problem)")
+    data.add_argument("--data", help="Parquet or CSV file: local path or URI (s3://, gs://, ...)")
+    data.add_argument("--target", help="target column (required with --data)")
+    data.add_argument("--features", help="comma-separated feature columns (default: every other numeric column)")
+    data.add_argument("--task", choices=["regression", "classification"], default="regression")
+    data.add_argument("--validation-fraction", type=float, default=0.1,
+                      help="share of the training rows held out for validation metrics (0: none)")
+    model = p.add_argument_group("ensemble")
+    model.add_argument("--num-members", type=int, default=5)
+    model.add_argument("--hidden-dim", type=int, default=None, help="default 100 on the toy, else 50")
+    model.add_argument("--depth", type=int, default=1, help="number of hidden layers")
+    model.add_argument("--adversarial-eps", type=float, default=0.0,
+                       help="FGSM step as a fraction of each input's range; 0 turns it off")
+    model.add_argument("--seed", type=int, default=0)
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=None, help="default 200 on the toy, else 40")
+    train.add_argument("--batch-size", type=int, default=None, help="default 20 on the toy, else 100")
+    train.add_argument("--lr", type=float, default=None, help="default 0.01 on the toy, else 0.001")
+    train.add_argument("--ema-decay", type=float, default=0.0)
+    train.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
+    ray_opts = p.add_argument_group("Ray")
+    ray_opts.add_argument("--num-workers", type=int, default=None,
+                          help="Ray Train workers (default: one per member, up to the cluster's GPUs or CPUs)")
+    ray_opts.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ray_opts.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    ray_opts.add_argument("--storage-path", default=None,
+                          help="Ray run storage: local path or s3:// / gs:// / NFS (default: OUTPUT/runs)")
+    ray_opts.add_argument("--name", default=None, help="run name (default: unique)")
+    ray_opts.add_argument("--resume", action="store_true", help="continue the run called --name")
+    ray_opts.add_argument("--max-failures", type=int, default=0, help="worker failures to survive")
+    p.add_argument("--output", default="outputs/train_ensemble", help="where the ensemble, metrics and plot go")
+    p.add_argument("--smoke-test", action="store_true", help="a few seconds of training, for CI")
+    return p.parse_args(argv)
+
+
+def toy_data(n: int, seed: int):
+    """The paper's Figure 1: x ~ U[-4, 4], y = x^3 + N(0, 3^2)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, generator=g) * 8 - 4
+    return TensorDataset(x, x ** 3 + 3 * torch.randn(n, 1, generator=g), feature_names=["x"])
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_data(args):
+    """(train, validation) datasets, checked before any Ray work."""
+    if args.data is None:
+        return toy_data(20, args.seed), toy_data(1000, args.seed + 1)
+    if not args.target:
+        raise ValueError("The '--target' option is required with --data. Got nothing instead.")
+    features = args.features.split(",") if args.features else None
+    dataset = table_to_dataset(read_table(args.data), args.target, features, args.task)
+    if args.validation_fraction == 0:
+        return dataset, None
+    return dataset.split(args.validation_fraction, seed=args.seed)
+
+
+def build(args):
+    toy = args.data is None
+    if args.smoke_test:
+        args.num_members, args.epochs = min(args.num_members, 2), 5
+    defaults = dict(hidden_dim=100 if toy else 50, epochs=200 if toy else 40,
+                    batch_size=20 if toy else 100, lr=0.01 if toy else 1e-3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.num_workers is not None and not 1 <= args.num_workers <= args.num_members:
+        raise ValueError(f"The '--num-workers' option must be in [1, --num-members={args.num_members}]. "
+                         f"Got {args.num_workers} instead.")
+    if args.max_failures < 0:
+        raise ValueError(f"The '--max-failures' option must be >= 0. Got {args.max_failures} instead.")
+    if args.resume and not args.name:
+        raise ValueError("The '--resume' option needs the '--name' of the run to resume. Got no name instead.")
+    train, validation = load_data(args)
+    common = dict(num_members=args.num_members, hidden_dim=args.hidden_dim, depth=args.depth,
+                  use_adversarial_training=args.adversarial_eps > 0,
+                  adversarial_eps=args.adversarial_eps, seed=args.seed)
+    if args.task == "classification":
+        num_classes = int(train.y.max()) + 1 if validation is None else int(max(train.y.max(), validation.y.max())) + 1
+        ensemble = DeepEnsembleClassifier(train.X.shape[1], max(num_classes, 2), **common)
+    else:
+        ensemble = DeepEnsemble(train.X.shape[1], train.y.shape[1] if train.y.ndim == 2 else 1, **common)
+    return ensemble, train, validation
+
+
+def scaling(args):
+    import ray
+    from ray.train import ScalingConfig
+
+    if args.num_workers is None:
+        have = ray.cluster_resources()
+        slots = have.get("GPU", 0) if args.use_gpu else have.get("CPU", 1) / args.cpus_per_worker
+        args.num_workers = max(1, min(args.num_members, int(slots)))
+    per_worker = {"CPU": args.cpus_per_worker}
+    if args.use_gpu:
+        per_worker["GPU"] = 1
+    return ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=per_worker)
+
+
+def run_config(args, output: Path):
+    import pyarrow.fs
+    from ray.train import FailureConfig, RunConfig
+
+    storage = args.storage_path or str((output / "runs").resolve())
+    if args.name:
+        try:
+            filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
+        except Exception:
+            filesystem, root = pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
+        exists = filesystem.get_file_info(f"{root}/{args.name}").type != pyarrow.fs.FileType.NotFound
+        if exists and not args.resume:
+            raise ValueError(f"The '--name' option names a run that exists in {storage}; pass --resume "
+                             f"to continue it or choose another name. Got {args.name!r} instead.")
+        if args.resume and not exists:
+            raise ValueError(f"The '--resume' option needs an existing run; {storage} has none "
+                             f"called {args.name!r}.")
+    return RunConfig(name=args.name, storage_path=storage,
+                     failure_config=FailureConfig(max_failures=args.max_failures))
+
+
+def report(trainer, output: Path):
+    metrics = trainer.metrics
+    print(f"\n{'member':>6} {'seed':>20} {'train loss':>11} {'val NLL':>9}")
+    for i, (m, row) in enumerate(metrics["members"].items()):
+        print(f"{m:>6} {trainer.ensemble.member_seeds[i]:>20} {row['train_loss']:>11.4f} "
+              f"{row.get('val_nll', float('nan')):>9.4f}")
+    summary = {k: v for k, v in metrics.items() if k != "members"}
+    if summary:
+        print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    (output / "metrics.json").write_text(json.dumps(
+        {"metrics": metrics, "history": trainer.history, "checkpoint": str(trainer.checkpoint_path)},
+        indent=2, default=str))
+
+
+def plot_toy(ensemble, train: TensorDataset, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = torch.linspace(-6, 6, 400).unsqueeze(1)
+    pred = ensemble(x)
+    mean, std = pred.mean.squeeze(1), pred.stddev.squeeze(1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, x ** 3, "b-", lw=1, label="y = x^3")
+    ax.fill_between(x.squeeze(1), mean - 3 * std, mean + 3 * std, color="gray", alpha=0.3, label="+/- 3 sigma")
+    ax.plot(x, mean, "k-", label=f"ensemble mean (M={ensemble.num_members})")
+    ax.plot(train.X, train.y, "r.", ms=8, label="training data")
+    ax.set(xlim=(-6, 6), ylim=(-200, 200), xlabel="x", ylabel="y")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output = Path(args.output)
+    try:
+        ensemble, train, validation = build(args)
+        import ray
+        if not ray.is_initialized():
+            ray.init()  # joins RAY_ADDRESS (set by `ray job submit`) or starts a local Ray
+        trainer = Trainer(ensemble, train, train_batch_size=args.batch_size, train_lr=args.lr,
+                          train_num_epochs=args.epochs, ema_decay=args.ema_decay,
+                          save_every=args.save_every, validation_dataset=validation,
+                          scaling_config=scaling(args), run_config=run_config(args, output))
+        trainer.train()
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    output.mkdir(parents=True, exist_ok=True)
+    ensemble.save(output / "ensemble")
+    report(trainer, output)
+    if args.data is None:
+        plot_toy(ensemble, train, output / "toy.png")
+    print(f"saved the ensemble to {output / 'ensemble'} (run checkpoint: {trainer.checkpoint_path})")
+
+
+if __name__ == "__main__":
+    main()

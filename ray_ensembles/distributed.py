@@ -1,0 +1,286 @@
+"""Ray Train shim: members train on Ray Train workers; a coordinator assembles the ensemble.
+
+Each worker runs the same `EnsembleFit` loop as the in-process Trainer on a disjoint set of
+members (round-robin over workers), on ALL the training rows. There is no process group, no DDP
+and no gradient exchange: `DataParallelTrainer` with a plain `BackendConfig` only places the
+processes (and with `use_gpu` gives each worker its own GPU as cuda:0). Workers write one file
+per member into each Ray checkpoint; Ray merges the ranks' files into one directory, from which
+failed workers resume and the coordinator assembles the ensemble.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from . import storage
+from .metrics import ensemble_validation_metrics
+from .training import EnsembleFit, TrainSettings, make_accelerator
+
+AUTOSCALING_ENV = "RAY_ENSEMBLES_AUTOSCALING"  # "1": the cluster grows on demand, skip the size check
+
+
+def assign_members(member_ids: list[int], num_workers: int) -> list[list[int]]:
+    """The members each worker trains: round-robin, e.g. 5 members on 2 workers -> [0,2,4], [1,3].
+
+    The only place that maps members to workers. A member's result never depends on it: every
+    random stream comes from (seed, member id), never from the rank.
+    """
+    return [list(member_ids[rank::num_workers]) for rank in range(num_workers)]
+
+
+def _resources_per_worker(scaling_config) -> dict[str, float]:
+    return dict(scaling_config._resources_per_worker_not_none)
+
+
+def check_distributed_request(trainer):
+    """Checks that need no Ray: run at Trainer construction, before anything starts."""
+    from ray.train import RunConfig, ScalingConfig
+
+    sc = trainer.scaling_config
+    if not isinstance(sc, ScalingConfig):
+        raise TypeError("The 'scaling_config' parameter of Trainer must be a ray.train.ScalingConfig. "
+                        f"Got {type(sc).__name__} instead.")
+    members = trainer.ensemble.num_members
+    k = sc.num_workers
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= members:
+        raise ValueError(f"The 'num_workers' of Trainer's scaling_config must be an int in "
+                         f"[1, num_members={members}]: every worker trains at least one member. "
+                         f"Got {k!r} instead.")
+    if trainer.run_config is not None and not isinstance(trainer.run_config, RunConfig):
+        raise TypeError("The 'run_config' parameter of Trainer must be a ray.train.RunConfig. "
+                        f"Got {type(trainer.run_config).__name__} instead.")
+
+
+def check_cluster_resources(scaling_config):
+    """Refuse a request the cluster can never satisfy: Ray would wait for it forever."""
+    if os.environ.get(AUTOSCALING_ENV) == "1":
+        return
+    per_worker = _resources_per_worker(scaling_config)
+    have = ray.cluster_resources()
+    for resource, amount in per_worker.items():
+        need = amount * scaling_config.num_workers
+        if need > have.get(resource, 0.0) + 1e-9:
+            raise ValueError(
+                f"The scaling_config asks for {need:g} {resource} ({scaling_config.num_workers} workers "
+                f"x {amount:g}) but the Ray cluster has {have.get(resource, 0.0):g} {resource}. Use "
+                f"fewer workers or resources_per_worker, or set {AUTOSCALING_ENV}=1 on a cluster "
+                "that autoscales.")
+
+
+def fit_on_ray(trainer):
+    """Train `trainer.ensemble` on Ray Train workers, then assemble and save it."""
+    from ray.train import BackendConfig, RunConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    ensemble, sc = trainer.ensemble, trainer.scaling_config
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS or a running cluster, else starts a local one
+    check_cluster_resources(sc)
+
+    dataset = trainer.dataset
+    ensemble.fit_normalization(dataset.X, dataset.y)
+    ensemble.feature_names = dataset.feature_names
+    validation = trainer.validation_dataset
+    config = {
+        "task": ensemble.task, "ensemble_config": ensemble.config,
+        "member_ids": ensemble.member_ids, "normalization": ensemble.normalization_state(),
+        "settings": dataclasses.asdict(trainer.settings), "use_gpu": bool(sc.use_gpu),
+        "threads": max(1, int(_resources_per_worker(sc).get("CPU", 1))),
+        # one copy in the object store; each worker fetches it once
+        "data": ray.put((dataset.X.numpy(), dataset.y.numpy())),
+        "validation": None if validation is None else ray.put((validation.X.numpy(), validation.y.numpy())),
+        "fault": getattr(trainer, "_fault_injection", None),
+    }
+    # A reused name silently resumes an old run, so a fresh run gets a unique one.
+    rc = trainer.run_config or RunConfig(
+        name=f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        storage_path=str(Path(trainer.results_folder).resolve()))
+    history = _History.remote()
+    rc = dataclasses.replace(rc, callbacks=[*(rc.callbacks or []), EpochMetricsCallback(
+        ensemble.task, None if validation is None else validation.y, history, trainer.metrics_callback)])
+    try:
+        result = DataParallelTrainer(_train_worker, train_loop_config=config,
+                                     backend_config=BackendConfig(), scaling_config=sc,
+                                     run_config=rc).fit()
+        # after a restart, replayed steps are reported again: keep the last report of each
+        trainer.history = list({h["step"]: h for h in ray.get(history.get.remote())}.values())
+    finally:
+        ray.kill(history)
+    if result.checkpoint is None:
+        raise RuntimeError(f"The Ray run {rc.name} finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as directory:
+        member_metadata = assemble(directory, ensemble)
+    trainer.checkpoint_path = _publish(ensemble, rc.storage_path, rc.name)
+    trainer.run_name = rc.name
+    ensemble.eval()
+    return member_metadata
+
+
+def assemble(directory, ensemble) -> dict[int, dict]:
+    """The coordinator: load every member of `ensemble` from a run's merged checkpoint.
+
+    Checks that every member is present, trained with this ensemble's configuration, and at the
+    same step. Returns each member's metadata (seed, step, final training loss).
+    """
+    directory = Path(directory)
+    missing = [m for m in ensemble.member_ids
+               if not (directory / storage.member_filename(m)).exists()]
+    if missing:
+        present = sorted(p.name for p in directory.glob("member_*.safetensors"))
+        raise ValueError(f"The checkpoint {directory} lacks members {missing} of {ensemble.member_ids} "
+                         f"(it holds {present}).")
+    metadata = {}
+    for i, m in enumerate(ensemble.member_ids):
+        tensors, meta = storage.read_member_file(directory / storage.member_filename(m))
+        if meta.get("task") != ensemble.task or meta.get("config") != ensemble.config \
+                or meta.get("member_id") != m:
+            raise ValueError(f"Member file {directory / storage.member_filename(m)} belongs to another "
+                             f"ensemble (task {meta.get('task')}, config {meta.get('config')}).")
+        ensemble.members.load_member_state(
+            i, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        ensemble.member_seeds[i] = meta["seed"]
+        metadata[m] = meta
+    steps = {meta["training"]["step"] for meta in metadata.values()}
+    if len(steps) != 1:
+        raise ValueError(f"The checkpoint {directory} mixes members from steps {sorted(steps)}.")
+    return metadata
+
+
+def _publish(ensemble, storage_path: str, name: str) -> str | Path:
+    """Save the assembled ensemble as `<storage_path>/<name>/ensemble` (local path or URI)."""
+    import pyarrow.fs
+
+    if "://" not in storage_path:
+        return ensemble.save(Path(storage_path) / name / "ensemble")
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = ensemble.save(Path(tmp) / "ensemble")
+        pyarrow.fs.copy_files(str(local), f"{root.rstrip('/')}/{name}/ensemble",
+                              destination_filesystem=filesystem)
+    return f"{storage_path.rstrip('/')}/{name}/ensemble"
+
+
+def _worker_ensemble(config, member_ids):
+    from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+
+    cls = DeepEnsemble if config["task"] == "regression" else DeepEnsembleClassifier
+    ensemble = cls(**config["ensemble_config"], num_members=len(member_ids), member_ids=member_ids)
+    ensemble.load_normalization_state(config["normalization"])
+    return ensemble
+
+
+def _train_worker(config):
+    """Runs on each Ray Train worker: the shared loop plus reporting."""
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    member_ids = assign_members(config["member_ids"], context.get_world_size())[rank]
+    torch.set_num_threads(config["threads"])
+    x, y = (torch.from_numpy(a) for a in ray.get(config["data"]))
+    validation = None
+    if config["validation"] is not None:
+        validation = tuple(torch.from_numpy(a) for a in ray.get(config["validation"]))
+    settings = TrainSettings(**config["settings"])
+    fit = EnsembleFit(_worker_ensemble(config, member_ids), x, y, settings,
+                      make_accelerator(settings.amp, cpu=not config["use_gpu"]))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            fit.restore(directory)
+
+    epochs = []  # per-epoch training losses since the last report
+
+    def on_epoch_end(epoch, member_losses):
+        epochs.append({"epoch": epoch, "step": fit.step, "train_loss": member_losses.tolist()})
+
+    def on_checkpoint(fit):
+        # Reports are rare on purpose: each waits for the controller's poll (up to
+        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so they go with checkpoints only.
+        metrics = {"step": fit.step, "member_ids": member_ids, "epochs": list(epochs)}
+        epochs.clear()
+        with tempfile.TemporaryDirectory() as directory:
+            for m, (tensors, meta) in fit.member_files().items():
+                storage.write_member_file(Path(directory), m, tensors, meta)
+            if validation is not None:
+                log_lik, points = fit.evaluate(*validation)
+                for i, m in enumerate(member_ids):
+                    (Path(directory) / storage.validation_filename(m)).write_bytes(
+                        safetensors_save({"log_lik": log_lik[i].contiguous(), "points": points[i].contiguous()}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        _maybe_crash(config["fault"], rank, fit.step)
+
+    fit.run(on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint)
+
+
+def _maybe_crash(fault, rank, step):
+    """Test hook: kill this worker process once, right after a checkpoint at `after_step`."""
+    if fault and rank == fault["rank"] and step >= fault["after_step"] \
+            and not os.path.exists(fault["marker"]):
+        Path(fault["marker"]).touch()
+        time.sleep(1.5)  # let the controller commit the checkpoint first
+        os._exit(1)
+
+
+@ray.remote(num_cpus=0)
+class _History:
+    """Carries per-epoch metrics from the Ray Train controller back to the driver."""
+
+    def __init__(self):
+        self.items = []
+
+    def append(self, item):
+        self.items.append(item)
+
+    def get(self):
+        return self.items
+
+
+def _read_bytes(checkpoint, name: str) -> bytes:
+    with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{name}") as f:
+        return f.read()
+
+
+class EpochMetricsCallback(ray.train.UserCallback):
+    """On the Ray Train controller: turn the workers' reports into ensemble metrics.
+
+    Each report carries every worker's per-epoch training losses since the previous report, and
+    with validation data each member's validation outputs, from which the ensemble's NLL is formed.
+    Every epoch goes to the driver's history; the user's callback, which runs here, gets the
+    same dicts as in-process training.
+    """
+
+    def __init__(self, task: str, y_validation, history, user_callback=None):
+        self.task, self.y_validation = task, y_validation
+        self.history, self.user_callback = history, user_callback
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if not metrics or "epochs" not in metrics[0]:
+            return
+        ids = [m for worker in metrics for m in worker["member_ids"]]
+        entries = [{"epoch": e["epoch"], "step": e["step"],
+                    "member_train_loss": dict(zip(ids, [loss for worker in metrics
+                                                        for loss in worker["epochs"][k]["train_loss"]]))}
+                   for k, e in enumerate(metrics[0]["epochs"])]
+        if self.y_validation is not None and checkpoint is not None:
+            outputs = [safetensors_load(_read_bytes(checkpoint, storage.validation_filename(m))) for m in ids]
+            validation = ensemble_validation_metrics(
+                self.task, ids, torch.stack([o["log_lik"] for o in outputs]),
+                torch.stack([o["points"] for o in outputs]), self.y_validation)
+            if entries and entries[-1]["step"] == metrics[0]["step"]:
+                entries[-1].update(validation)
+            else:
+                entries.append({"step": metrics[0]["step"], **validation})
+        for entry in entries:
+            self.history.append.remote(entry)
+            if self.user_callback is not None:
+                self.user_callback(entry)
