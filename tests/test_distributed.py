@@ -1,0 +1,102 @@
+"""Members on Ray Train workers: placement invariance, fault resume, resource checks."""
+
+import pytest
+import ray
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
+
+pytestmark = pytest.mark.ray
+
+G = torch.Generator().manual_seed(0)
+X = torch.randn(150, 3, generator=G)
+Y = X[:, :1] * X[:, 1:2] + 0.1 * torch.randn(150, 1, generator=G)
+VALIDATION = TensorDataset(torch.randn(40, 3, generator=G), torch.randn(40, 1, generator=G))
+OPTIONS = dict(train_batch_size=32, train_num_epochs=6, train_lr=3e-3, ema_decay=0.9,
+               ema_update_every=1, max_grad_norm=1.0, save_every=10, validation_dataset=VALIDATION)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def ensemble():
+    return DeepEnsemble(dim_in=3, num_members=3, hidden_dim=16, seed=4,
+                        use_adversarial_training=True, adversarial_eps=0.02)
+
+
+def train(tmp_path, workers=None, name=None, **extra):
+    e = ensemble()
+    sc = None if workers is None else ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5})
+    rc = None if name is None else RunConfig(name=name, storage_path=str(tmp_path / "runs"),
+                                             failure_config=FailureConfig(max_failures=1))
+    trainer = Trainer(e, TensorDataset(X, Y), results_folder=tmp_path / "in-process", scaling_config=sc,
+                      run_config=rc, **OPTIONS)
+    for key, value in extra.items():
+        setattr(trainer, key, value)
+    trainer.train()
+    return e, trainer
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("base"))
+
+
+def assert_same_ensemble(a, b):
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_same_ensemble_in_process_on_one_worker_and_one_worker_per_member(workers, in_process, tmp_path):
+    base, base_trainer = in_process
+    e, trainer = train(tmp_path, workers)
+    assert_same_ensemble(base, e)
+    assert trainer.metrics["val_nll"] == pytest.approx(base_trainer.metrics["val_nll"], rel=1e-5)
+    assert set(trainer.metrics["members"]) == {0, 1, 2}
+    # the same history, with validation at the checkpoints, reaches the driver
+    assert [h["step"] for h in trainer.history] == [h["step"] for h in base_trainer.history]
+    assert trainer.history[-1]["val_nll"] == pytest.approx(base_trainer.history[-1]["val_nll"], rel=1e-5)
+    loaded = DeepEnsemble.load(trainer.checkpoint_path)
+    torch.testing.assert_close(loaded(X).mean, e(X).mean)
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_result(in_process, tmp_path):
+    base, _ = in_process
+    marker = tmp_path / "crashed"
+    e, trainer = train(tmp_path, workers=2, name="killed",
+                       _fault_injection={"rank": 0, "after_step": 10, "marker": str(marker)})
+    assert marker.exists()  # the worker process really died once
+    assert_same_ensemble(base, e)
+
+
+def test_a_request_larger_than_the_cluster_fails_at_once_naming_both_numbers(tmp_path):
+    trainer = Trainer(ensemble(), TensorDataset(X, Y), results_folder=tmp_path,
+                      scaling_config=ScalingConfig(num_workers=2, use_gpu=True))
+    with pytest.raises(ValueError, match=r"asks for 2 GPU \(2 workers x 1\) but the Ray cluster has 0 GPU"):
+        trainer.train()
+    trainer = Trainer(ensemble(), TensorDataset(X, Y), results_folder=tmp_path,
+                      scaling_config=ScalingConfig(num_workers=3))  # 3 CPUs on a 2-CPU cluster
+    with pytest.raises(ValueError, match=r"asks for 3 CPU .* has 2 CPU"):
+        trainer.train()
+    assert not any(tmp_path.iterdir())
+
+
+def test_classifier_members_train_on_workers(tmp_path):
+    centers = torch.randn(3, 3, generator=G) * 3
+    labels = torch.randint(0, 3, (150,), generator=G)
+    points = centers[labels] + torch.randn(150, 3, generator=G)
+    clf = DeepEnsembleClassifier(dim_in=3, num_classes=3, num_members=2, hidden_dim=16, depth=2,
+                                 batch_norm=True)
+    trainer = Trainer(clf, TensorDataset(points, labels), train_num_epochs=8, train_lr=1e-2,
+                      results_folder=tmp_path,
+                      validation_dataset=TensorDataset(points[:50], labels[:50]),
+                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
+    trainer.train()
+    assert trainer.metrics["val_accuracy"] > 0.85
+    assert DeepEnsembleClassifier.load(trainer.checkpoint_path).member_ids == [0, 1]

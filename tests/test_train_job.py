@@ -1,0 +1,89 @@
+"""jobs/train_ensemble.py: its one-line errors before Ray starts, and a real smoke run."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from ray_ensembles import DeepEnsemble
+
+spec = importlib.util.spec_from_file_location("train_ensemble", REPO / "jobs" / "train_ensemble.py")
+train_job = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_job)
+
+
+@pytest.fixture
+def table(tmp_path):
+    rng = np.random.default_rng(0)
+    data = {"id": np.arange(50), "a": rng.normal(size=50), "b": rng.normal(size=50),
+            "name": [f"row{i}" for i in range(50)], "label": rng.integers(0, 3, 50)}
+    data["y"] = data["a"] * 2 + rng.normal(size=50) * 0.1
+    path = tmp_path / "table.parquet"
+    pq.write_table(pa.table(data), path)
+    with_nan = dict(data, b=np.where(np.arange(50) == 7, np.nan, data["b"]))
+    pq.write_table(pa.table(with_nan), tmp_path / "nan.parquet")
+    (tmp_path / "table.csv").write_text("a,y\n1,2\n3,4\n")
+    return path
+
+
+CASES = [
+    ("missing file", ["--data", "{tmp}/nope.parquet", "--target", "y"], "does not exist"),
+    ("unsupported URI scheme", ["--data", "foo://bucket/t.parquet", "--target", "y"], "URI that pyarrow.fs supports"),
+    ("no target", ["--data", "{table}"], "'--target' option is required"),
+    ("unknown target", ["--data", "{table}", "--target", "price"], "'target'.*Got 'price'"),
+    ("unknown feature", ["--data", "{table}", "--target", "y", "--features", "a,zz"], "Got 'zz'"),
+    ("text feature", ["--data", "{table}", "--target", "y", "--features", "a,name"], "'name' must be numeric"),
+    ("NaN in data", ["--data", "{tmp}/nan.parquet", "--target", "y"], "'b' must be free of missing"),
+    ("float labels", ["--data", "{table}", "--target", "y", "--task", "classification"], "integer labels"),
+    ("more workers than members", ["--num-members", "2", "--num-workers", "3"], "'--num-workers'.*Got 3"),
+    ("zero members", ["--num-members", "0"], "'num_members'.*Got 0"),
+    ("negative eps", ["--adversarial-eps", "-0.1"], "'adversarial_eps'.*-0.1"),
+    ("resume without name", ["--resume"], "'--resume' option needs the '--name'"),
+    ("bad validation fraction", ["--data", "{table}", "--target", "y", "--validation-fraction", "1.5"], "'fraction'"),
+    ("unreadable file", ["--data", "{tmp}/table.csv.parquet", "--target", "y"], "could not be read"),
+]
+
+
+@pytest.mark.parametrize("case, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_options_exit_with_one_line_before_ray_starts(case, argv, message, table, tmp_path, capsys):
+    import ray
+    (tmp_path / "table.csv.parquet").write_text("not parquet")
+    argv = [a.format(tmp=tmp_path, table=table) for a in argv] + ["--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        train_job.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    import re
+    assert re.search(message, err), err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_table_columns_become_named_features(table):
+    from ray_ensembles.data import read_table, table_to_dataset
+    ds = table_to_dataset(read_table(str(table)), "y")
+    assert ds.feature_names == ["id", "a", "b", "label"]  # numeric columns other than the target
+    ds = table_to_dataset(read_table(f"file://{table}"), "label", ["a", "b"], task="classification")
+    assert ds.y.dtype.is_floating_point is False and ds.X.shape == (50, 2)
+
+
+@pytest.mark.ray
+def test_smoke_run_trains_saves_and_plots(tmp_path):
+    env = dict(os.environ, RAY_ADDRESS="")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--smoke-test",
+                           "--output", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ensemble: val_nll" in proc.stdout
+    assert (out / "toy.png").stat().st_size > 10_000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics["metrics"]["members"]) == ["0", "1"]
+    assert np.isfinite(metrics["metrics"]["val_nll"])
+    assert DeepEnsemble.load(out / "ensemble").num_members == 2
