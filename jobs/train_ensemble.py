@@ -15,27 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout (ray job submit --working-dir .) without install
+from common import add_data_arguments, fail, load_data, num_classes
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer  # noqa: E402
-from ray_ensembles.data import read_table, table_to_dataset  # noqa: E402
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    data = p.add_argument_group("data (default: the paper's toy cubic problem)")
-    data.add_argument("--data", help="Parquet or CSV file: local path or URI (s3://, gs://, ...)")
-    data.add_argument("--target", help="target column (required with --data)")
-    data.add_argument("--features", help="comma-separated feature columns (default: every other numeric column)")
-    data.add_argument("--task", choices=["regression", "classification"], default="regression")
-    data.add_argument("--validation-fraction", type=float, default=0.1,
-                      help="share of the training rows held out for validation metrics (0: none)")
+    add_data_arguments(p)
     model = p.add_argument_group("ensemble")
     model.add_argument("--num-members", type=int, default=5)
     model.add_argument("--hidden-dim", type=int, default=None, help="default 100 on the toy, else 50")
@@ -64,31 +55,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def toy_data(n: int, seed: int):
-    """The paper's Figure 1: x ~ U[-4, 4], y = x^3 + N(0, 3^2)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, generator=g) * 8 - 4
-    return TensorDataset(x, x ** 3 + 3 * torch.randn(n, 1, generator=g), feature_names=["x"])
-
-
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def load_data(args):
-    """(train, validation) datasets, checked before any Ray work."""
-    if args.data is None:
-        return toy_data(20, args.seed), toy_data(1000, args.seed + 1)
-    if not args.target:
-        raise ValueError("The '--target' option is required with --data. Got nothing instead.")
-    features = args.features.split(",") if args.features else None
-    dataset = table_to_dataset(read_table(args.data), args.target, features, args.task)
-    if args.validation_fraction == 0:
-        return dataset, None
-    return dataset.split(args.validation_fraction, seed=args.seed)
-
-
 def build(args):
     toy = args.data is None
     if args.smoke_test:
@@ -110,8 +76,7 @@ def build(args):
                   use_adversarial_training=args.adversarial_eps > 0,
                   adversarial_eps=args.adversarial_eps, seed=args.seed)
     if args.task == "classification":
-        num_classes = int(train.y.max()) + 1 if validation is None else int(max(train.y.max(), validation.y.max())) + 1
-        ensemble = DeepEnsembleClassifier(train.X.shape[1], max(num_classes, 2), **common)
+        ensemble = DeepEnsembleClassifier(train.X.shape[1], num_classes(train, validation), **common)
     else:
         ensemble = DeepEnsemble(train.X.shape[1], train.y.shape[1] if train.y.ndim == 2 else 1, **common)
     return ensemble, train, validation

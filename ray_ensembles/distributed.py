@@ -186,10 +186,11 @@ def _train_worker(config):
     rank = context.get_world_rank()
     member_ids = assign_members(config["member_ids"], context.get_world_size())[rank]
     torch.set_num_threads(config["threads"])
-    x, y = (torch.from_numpy(a) for a in ray.get(config["data"]))
+    # object-store arrays are read-only: copy them once into this worker's own tensors
+    x, y = (torch.from_numpy(a.copy()) for a in ray.get(config["data"]))
     validation = None
     if config["validation"] is not None:
-        validation = tuple(torch.from_numpy(a) for a in ray.get(config["validation"]))
+        validation = tuple(torch.from_numpy(a.copy()) for a in ray.get(config["validation"]))
     settings = TrainSettings(**config["settings"])
     fit = EnsembleFit(_worker_ensemble(config, member_ids), x, y, settings,
                       make_accelerator(settings.amp, cpu=not config["use_gpu"]))
@@ -263,9 +264,10 @@ class EpochMetricsCallback(ray.train.UserCallback):
         self.task, self.y_validation = task, y_validation
         self.history, self.user_callback = history, user_callback
 
-    def after_report(self, run_context, metrics, checkpoint):
+    def entries(self, metrics, checkpoint) -> list[dict]:
+        """The per-epoch entries of one report (validation metrics on the one at its step)."""
         if not metrics or "epochs" not in metrics[0]:
-            return
+            return []
         ids = [m for worker in metrics for m in worker["member_ids"]]
         entries = [{"epoch": e["epoch"], "step": e["step"],
                     "member_train_loss": dict(zip(ids, [loss for worker in metrics
@@ -280,7 +282,10 @@ class EpochMetricsCallback(ray.train.UserCallback):
                 entries[-1].update(validation)
             else:
                 entries.append({"step": metrics[0]["step"], **validation})
-        for entry in entries:
+        return entries
+
+    def after_report(self, run_context, metrics, checkpoint):
+        for entry in self.entries(metrics, checkpoint):
             self.history.append.remote(entry)
             if self.user_callback is not None:
                 self.user_callback(entry)

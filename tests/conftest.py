@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "jobs"))  # the job scripts import as modules in tests
 
 # Ray settings for quiet, fast tests; harmless for tests that never start Ray.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,6 +1,5 @@
 """jobs/train_ensemble.py: its one-line errors before Ray starts, and a real smoke run."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,9 +13,7 @@ import pytest
 from conftest import REPO
 from ray_ensembles import DeepEnsemble
 
-spec = importlib.util.spec_from_file_location("train_ensemble", REPO / "jobs" / "train_ensemble.py")
-train_job = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_job)
+import train_ensemble as train_job
 
 
 @pytest.fixture

@@ -1,0 +1,258 @@
+"""Ray Tune sweeps over ensemble size, adversarial epsilon and any other option, and the M curve.
+
+Every trial trains a whole ensemble through the same path as `Trainer(..., scaling_config=...)`
+(M members on up to M workers) and is scored by the ensemble's NLL on a validation part carved
+out of the TRAINING rows. Members are i.i.d., so `m_curve` estimates the NLL for every M from one
+trained ensemble by scoring random member subsets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import TensorDataset
+from .metrics import ensemble_validation_metrics
+
+# Options a trial may set, and the names they go by in the ensemble and the Trainer.
+ENSEMBLE_OPTIONS = {"num_members", "adversarial_eps", "hidden_dim", "depth", "activation",
+                    "batch_norm", "seed"}
+TRAINER_OPTIONS = {"train_lr", "train_num_epochs", "train_batch_size", "weight_decay",
+                   "max_grad_norm", "ema_decay"}
+ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size"}
+DRIVER_CPU = 0.1  # the trial's own function only builds and waits on its Ray Train run
+
+
+@dataclass
+class SweepResult:
+    """`table`: one dict per trial, sorted by validation NLL (best first). `best_config`: the
+    swept values of the best trial. `best_ensemble_path`: its saved ensemble."""
+
+    table: list[dict]
+    best_config: dict
+    best_ensemble_path: str
+    result_grid: object = None
+
+
+def _values(name, spec):
+    """The finite set of values a search-space entry can take, when it has one."""
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    if isinstance(spec, dict) and "grid_search" in spec:
+        return list(spec["grid_search"])
+    return list(getattr(spec, "categories", [])) or None
+
+
+def normalize_param_space(param_space) -> dict:
+    """Check the space and turn plain lists into grid searches; Tune's objects pass through."""
+    from ray import tune
+
+    if not isinstance(param_space, dict) or not param_space:
+        raise ValueError("The 'param_space' parameter of tune_ensemble must be a non-empty dict of "
+                         f"option -> values. Got {param_space!r} instead.")
+    space = {}
+    for key, spec in param_space.items():
+        name = ALIASES.get(key, key)
+        if name not in ENSEMBLE_OPTIONS | TRAINER_OPTIONS:
+            raise ValueError(f"The 'param_space' parameter of tune_ensemble has an unknown option "
+                             f"{key!r}; sweepable: {sorted(ENSEMBLE_OPTIONS | TRAINER_OPTIONS | set(ALIASES))}.")
+        values = _values(name, spec)
+        if values is not None and not values:
+            raise ValueError(f"The '{key}' grid of tune_ensemble's param_space is empty. Got {spec!r} instead.")
+        for v in values or []:
+            if name == "num_members" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"The 'num_members' values of tune_ensemble must be ints >= 1. Got {v!r} instead.")
+            if name == "adversarial_eps" and (not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"The 'adversarial_eps' values of tune_ensemble must be >= 0. Got {v!r} instead.")
+        space[name] = tune.grid_search(values) if isinstance(spec, (list, tuple)) else spec
+    return space
+
+
+def _largest(space, name, default):
+    values = _values(name, space.get(name, [default]))
+    if values is None:
+        raise ValueError(f"The '{name}' entry of tune_ensemble's param_space must have a finite set "
+                         f"of values (a list, grid_search or choice) to size trials.")
+    return max(values)
+
+
+def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "regression",
+                  validation_dataset: TensorDataset | None = None, validation_fraction: float = 0.2,
+                  ensemble_options: dict | None = None, trainer_options: dict | None = None,
+                  scheduler: str | None = None, num_reports: int = 4, max_concurrent: int | None = None,
+                  cpus_per_worker: float = 1.0, use_gpu: bool = False,
+                  max_workers_per_trial: int | None = None, storage_path=None, name: str | None = None,
+                  resume: bool = False, seed: int = 0) -> SweepResult:
+    """One Tune trial per combination of `param_space` (lists are grids), each a distributed
+    ensemble; returns the trials sorted by validation NLL and where the best ensemble is.
+
+    The validation rows come from `validation_dataset`, or else a `validation_fraction` of the
+    training rows: never test rows. Each trial reports `num_reports` times (at its checkpoints);
+    `scheduler="asha"` stops poor trials early. Concurrency is sized so that trials never wait
+    for each other's CPUs or GPUs; `resume=True` continues the sweep called `name`.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .distributed import AUTOSCALING_ENV
+    from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+    from .validation import check_choice, check_float, check_int
+
+    owner = "tune_ensemble"
+    space = normalize_param_space(param_space)
+    check_choice(owner, "task", task, {"regression", "classification"})
+    check_choice(owner, "scheduler", scheduler, {None, "asha"})
+    check_int(owner, "num_reports", num_reports, minimum=1)
+    check_float(owner, "cpus_per_worker", cpus_per_worker, strict_minimum=0.0)
+    if not isinstance(dataset, TensorDataset):
+        raise TypeError(f"The 'dataset' parameter of tune_ensemble must be a TensorDataset. "
+                        f"Got {type(dataset).__name__} instead.")
+    if validation_dataset is None:
+        dataset, validation_dataset = dataset.split(validation_fraction, seed=seed)
+    ensemble_options = dict(ensemble_options or {})
+    trainer_options = dict(trainer_options or {})
+    if resume and not name:
+        raise ValueError("The 'resume' parameter of tune_ensemble needs the 'name' of the sweep. Got no name instead.")
+    name = name or f"sweep-{os.urandom(3).hex()}"
+    storage = str(Path(storage_path or "tune_results").resolve()) if not (storage_path and "://" in str(storage_path)) \
+        else str(storage_path)
+
+    # Each trial's workers plus its driver; the largest trial decides how many run at once.
+    largest_m = _largest(space, "num_members", ensemble_options.get("num_members", 5))
+    workers = min(largest_m, max_workers_per_trial or largest_m)
+    need = {"CPU": DRIVER_CPU + workers * cpus_per_worker, "GPU": workers if use_gpu else 0}
+    if not ray.is_initialized():
+        ray.init()
+    have = ray.cluster_resources()
+    fits = [math.floor(have.get(r, 0) / n + 1e-9) for r, n in need.items() if n > 0]
+    if min(fits) < 1 and os.environ.get(AUTOSCALING_ENV) != "1":
+        raise ValueError(f"The largest trial of tune_ensemble needs {need} (M={largest_m} on {workers} "
+                         f"workers) but the Ray cluster has {dict((r, have.get(r, 0)) for r in need)}.")
+    concurrent = max(1, min(fits)) if max_concurrent is None else check_int(owner, "max_concurrent", max_concurrent, minimum=1)
+
+    cls = DeepEnsemble if task == "regression" else DeepEnsembleClassifier
+    dim_out = {"dim_out": dataset.y.shape[1] if dataset.y.ndim == 2 else 1} if task == "regression" else \
+        {"num_classes": int(max(dataset.y.max(), validation_dataset.y.max())) + 1}
+    base = {"cls": cls, "dim_out": dim_out, "ensemble": ensemble_options, "trainer": trainer_options,
+            "num_reports": num_reports, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
+            "max_workers": max_workers_per_trial, "trials_dir": f"{storage.rstrip('/')}/{name}/trials"}
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, train=dataset, validation=validation_dataset, base=base),
+        {"CPU": DRIVER_CPU})
+    path = f"{storage.rstrip('/')}/{name}"
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise ValueError(f"The 'resume' parameter of tune_ensemble needs a sweep at {path}; there is none.")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        asha = ASHAScheduler(time_attr="training_iteration", max_t=num_reports, grace_period=1,
+                             reduction_factor=2) if scheduler == "asha" else None
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(metric="val_nll", mode="min", scheduler=asha,
+                                                       max_concurrent_trials=concurrent),
+                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+    grid = tuner.fit()
+    table = []
+    for result in grid:
+        row = {k: result.config.get(k) for k in space}
+        metrics = result.metrics or {}
+        row.update({k: metrics.get(k) for k in ("val_nll", "val_rmse", "val_accuracy",
+                                                "mean_member_val_nll", "training_iteration")
+                    if k in metrics})
+        trial_id = metrics.get("trial_id") or (result.path and Path(result.path).name)
+        row.update(trial_id=trial_id, error=None if result.error is None else str(result.error).splitlines()[0],
+                   ensemble_path=f"{base['trials_dir']}/{trial_id}/ensemble")
+        table.append(row)
+    table.sort(key=lambda r: (r.get("val_nll") is None, r.get("val_nll") or 0.0))
+    if not table or table[0].get("val_nll") is None:
+        raise RuntimeError(f"No trial of the sweep {name} finished: {[r['error'] for r in table]}")
+    best = table[0]
+    return SweepResult(table, {k: best[k] for k in space}, best["ensemble_path"], grid)
+
+
+def _run_trial(config, *, train, validation, base):
+    """One Tune trial: a distributed ensemble through the Trainer, reporting to Tune."""
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+
+    from .trainer import Trainer
+
+    options = {**base["ensemble"], **base["trainer"], **config}
+    ensemble_kwargs = {k: v for k, v in options.items() if k in ENSEMBLE_OPTIONS}
+    eps = ensemble_kwargs.get("adversarial_eps", 0.0)
+    ensemble = base["cls"](train.X.shape[1], **base["dim_out"], use_adversarial_training=eps > 0,
+                           **ensemble_kwargs)
+    trainer_kwargs = {k: v for k, v in options.items() if k in TRAINER_OPTIONS}
+    batch = trainer_kwargs.get("train_batch_size", 100)
+    steps = trainer_kwargs.get("train_num_epochs", 40) * math.ceil(len(train) / batch)
+    workers = min(ensemble.num_members, base["max_workers"] or ensemble.num_members)
+    per_worker = {"CPU": base["cpus_per_worker"], **({"GPU": 1} if base["use_gpu"] else {})}
+    trial_id = tune.get_context().get_trial_id()
+    trainer = Trainer(
+        ensemble, train, validation_dataset=validation, **trainer_kwargs,
+        save_every=max(1, math.ceil(steps / base["num_reports"])),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=base["use_gpu"],
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=trial_id, storage_path=base["trials_dir"],
+                             callbacks=[_tune_report_callback(ensemble.task, validation.y)]))
+    trainer.train()
+
+
+def _tune_report_callback(task, y_validation):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .distributed import EpochMetricsCallback
+
+    class EnsembleTuneReportCallback(TuneReportCallback):
+        """Reports the ENSEMBLE's validation metrics, formed from every worker's members, to Tune
+        at each checkpoint (Tune's own callback forwards only rank 0's numbers)."""
+
+        def __init__(self):
+            super().__init__()
+            self.metrics = EpochMetricsCallback(task, y_validation, history=None)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            for entry in self.metrics.entries(metrics, checkpoint):
+                if "val_nll" in entry:
+                    report = {k: v for k, v in entry.items() if not isinstance(v, dict)}
+                    report["mean_member_val_nll"] = statistics.fmean(entry["member_val_nll"].values())
+                    self._training_actor_item_queue.put(report)
+
+    return EnsembleTuneReportCallback()
+
+
+def m_curve(ensemble, X, y, *, num_subsets: int = 20, seed: int = 0) -> list[dict]:
+    """Validation metrics for every ensemble size 1..M from ONE trained ensemble of M members.
+
+    Members are i.i.d., so an ensemble of k members is a random k-subset of them. For each k, up to
+    `num_subsets` distinct subsets (all of them when there are fewer) are scored; each row has the
+    mean and standard deviation over subsets of the ensemble NLL (and RMSE or accuracy).
+    """
+    log_lik, points = ensemble.evaluate_members(X, y)
+    y = ensemble._check_y(y, len(X)).cpu()
+    ids = ensemble.member_ids
+    rng = random.Random(seed)
+    rows = []
+    for k in range(1, len(ids) + 1):
+        if math.comb(len(ids), k) <= num_subsets:
+            subsets = list(itertools.combinations(range(len(ids)), k))
+        else:
+            subsets = [tuple(rng.sample(range(len(ids)), k)) for _ in range(num_subsets)]
+        scores = [ensemble_validation_metrics(ensemble.task, [ids[i] for i in s], log_lik[list(s)],
+                                              points[list(s)], y) for s in subsets]
+        row = {"num_members": k, "num_subsets": len(subsets)}
+        for metric in ("val_nll", "val_rmse", "val_accuracy"):
+            if metric in scores[0]:
+                values = [s[metric] for s in scores]
+                row[f"{metric}_mean"] = statistics.fmean(values)
+                row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows

@@ -1,0 +1,105 @@
+"""Ray Tune sweeps over M and eps, through the job and the API: the table, ASHA, resume."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from ray_ensembles import DeepEnsemble, TensorDataset
+from ray_ensembles.sweep import tune_ensemble
+
+G = torch.Generator().manual_seed(0)
+X = torch.randn(200, 3, generator=G)
+Y = X[:, :1] * X[:, 1:2] + 0.1 * torch.randn(200, 1, generator=G)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def table_file(tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path_factory.mktemp("data") / "t.parquet"
+    pq.write_table(pa.table({"a": X[:, 0].numpy(), "b": X[:, 1].numpy(), "c": X[:, 2].numpy(),
+                             "y": Y[:, 0].numpy()}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(local_ray, table_file, tmp_path_factory):
+    import tune_ensemble as job
+    out = tmp_path_factory.mktemp("sweep")
+    job.main(["--data", str(table_file), "--target", "y", "--num-members", "1,2",
+              "--adversarial-eps", "0,0.01", "--epochs", "4", "--batch-size", "50", "--lr", "0.01",
+              "--hidden-dim", "16", "--num-reports", "2", "--cpus-per-worker", "0.25",
+              "--name", "grid", "--output", str(out)])
+    return out
+
+
+@pytest.mark.ray
+def test_a_four_trial_sweep_writes_the_table_and_the_best_ensemble(sweep):
+    rows = list(csv.DictReader((sweep / "trials.csv").open()))
+    assert len(rows) == 4
+    assert list(rows[0])[:3] == ["num_members", "adversarial_eps", "val_nll"]
+    assert {(r["num_members"], r["adversarial_eps"]) for r in rows} == \
+        {("1", "0.0"), ("1", "0.01"), ("2", "0.0"), ("2", "0.01")}
+    nll = [float(r["val_nll"]) for r in rows]
+    assert nll == sorted(nll) and all(math.isfinite(v) for v in nll)
+    assert all(r["training_iteration"] == "2" for r in rows)  # reports at each checkpoint
+    best = DeepEnsemble.load(sweep / "best_ensemble")
+    assert best.num_members == int(rows[0]["num_members"])
+    assert best.use_adversarial_training == (float(rows[0]["adversarial_eps"]) > 0)
+    assert (sweep / "val_nll_vs_m.png").stat().st_size > 5_000
+
+
+@pytest.mark.ray
+def test_a_finished_sweep_resumes_without_retraining(sweep, table_file):
+    runs = sweep / "runs"
+    before = {p: p.stat().st_mtime for p in runs.glob("grid/trials/*/ensemble/manifest.json")}
+    assert len(before) == 4
+    from ray_ensembles.data import read_table, table_to_dataset
+    train, validation = table_to_dataset(read_table(str(table_file)), "y").split(0.1, seed=0)
+    result = tune_ensemble(train, {"num_members": [1, 2], "adversarial_eps": [0.0, 0.01]},
+                           validation_dataset=validation, storage_path=runs, name="grid", resume=True,
+                           cpus_per_worker=0.25)
+    assert len(result.table) == 4
+    assert {p: p.stat().st_mtime for p in before} == before
+
+
+@pytest.mark.ray
+def test_asha_stops_a_poor_trial(local_ray, tmp_path):
+    # trials run one at a time, the good one first, so ASHA has a result to compare against
+    result = tune_ensemble(TensorDataset(X, Y), {"train_lr": [3e-2, 1e-6]}, scheduler="asha",
+                           num_reports=3, max_concurrent=1, storage_path=tmp_path, name="asha",
+                           ensemble_options={"num_members": 1, "hidden_dim": 16},
+                           trainer_options={"train_num_epochs": 6, "train_batch_size": 40},
+                           cpus_per_worker=0.5)
+    iterations = {row["train_lr"]: row["training_iteration"] for row in result.table}
+    assert iterations[3e-2] == 3 and iterations[1e-6] < 3
+    assert result.best_config == {"train_lr": 3e-2}
+
+
+@pytest.mark.ray
+def test_a_trial_larger_than_the_cluster_fails_before_any_trial(local_ray, tmp_path):
+    with pytest.raises(ValueError, match=r"largest trial.*'GPU': 4\} \(M=4 on 4 workers\).*'GPU': 0"):
+        tune_ensemble(TensorDataset(X, Y), {"num_members": [1, 4]}, use_gpu=True, cpus_per_worker=0.25,
+                      storage_path=tmp_path, name="big")
+    assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.ray
+def test_the_m_curve_mode_trains_one_ensemble_and_scores_its_subsets(local_ray, tmp_path):
+    import tune_ensemble as job
+    job.main(["--m-curve", "--smoke-test", "--cpus-per-worker", "0.5", "--output", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "m_curve.csv").open()))
+    assert [r["num_members"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["val_nll_std"]) == 0.0 and float(rows[0]["val_nll_std"]) >= 0.0
+    assert DeepEnsemble.load(tmp_path / "best_ensemble").num_members == 2
+    assert (tmp_path / "val_nll_vs_m.png").exists()
