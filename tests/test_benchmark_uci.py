@@ -1,0 +1,104 @@
+"""jobs/benchmark_uci.py: the protocol's units and statistics, and a quick real run."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import benchmark_uci as bench
+from conftest import REPO, require_data
+from ray_ensembles import DeepEnsemble
+
+CFG = {"num_members": 2, "hidden_dim": 16, "epochs": 5, "batch_size": 20, "lr": 1e-2, "seed": 0,
+       "adversarial_eps": 0.0, "tuned": False}
+
+
+def synthetic(n=120, scale=1.0, shift=0.0, constant_column=False):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 3))
+    if constant_column:
+        x[:, 2] = 7.0
+    y = x[:, 0] - 2 * x[:, 1] + 0.3 * rng.normal(size=n)
+    data = np.column_stack([x, scale * y + shift])
+    return data, [0, 1, 2], 3, (np.arange(100), np.arange(100, n))
+
+
+def test_scores_are_in_original_units_as_a_hand_computation_says():
+    """Standardising makes y and 1000 y + 5 the same problem: RMSE scales by 1000 and the NLL
+    shifts by exactly log(1000) (NLL_original = NLL_standardised + log std_y)."""
+    small = bench.run_split("s", 0, synthetic(), CFG)
+    large = bench.run_split("s", 0, synthetic(scale=1000.0, shift=5.0), CFG)
+    assert large["rmse"] == pytest.approx(1000 * small["rmse"], rel=1e-4)
+    assert large["nll"] - small["nll"] == pytest.approx(math.log(1000), abs=1e-4)
+    assert large["nll_mixture"] - small["nll_mixture"] == pytest.approx(math.log(1000), abs=1e-4)
+
+
+def test_standardisation_uses_the_training_rows_only(monkeypatch):
+    seen = []
+    original = DeepEnsemble.fit_normalization
+    monkeypatch.setattr(DeepEnsemble, "fit_normalization",
+                        lambda self, x, y=None: (seen.append((len(x), float(x[:, 0].mean()))), original(self, x, y))[1])
+    data, features, target, (train, test) = synthetic()
+    data[test, 0] += 1e4  # test rows far away: using them would move the statistics
+    bench.run_split("s", 0, (data, features, target, (train, test)), CFG)
+    assert seen == [(100, pytest.approx(float(data[train, 0].mean()), rel=1e-5))]
+
+
+def test_a_constant_feature_gives_finite_scores():
+    row = bench.run_split("s", 0, synthetic(constant_column=True), CFG)
+    assert all(math.isfinite(row[k]) for k in ("rmse", "nll", "nll_mixture"))
+
+
+def test_summary_has_std_and_standard_error():
+    rows = [{"rmse": v, "nll": v, "nll_mixture": v} for v in (1.0, 2.0, 3.0, 4.0)]
+    s = bench.summarize(rows)
+    assert s["nll_mean"] == 2.5 and s["nll_std"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
+    assert s["nll_stderr"] == pytest.approx(s["nll_std"] / 2)
+
+
+def test_energys_target_is_column_8():
+    data, features, target, splits = bench.load_uci(require_data("uci", "energy"))
+    assert target == 8 and features == list(range(8)) and data.shape == (768, 9) and len(splits) == 20
+    train, test = splits[0]
+    assert not set(train) & set(test) and len(train) + len(test) == 768
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-dir", "/nonexistent"], "'--data-dir'"),
+    (["--datasets", "bostonHousing,atlantis"], "'--datasets'.*atlantis"),
+    (["--splits", "0"], "'--splits'.*Got 0"),
+    (["--epochs", "0"], "'--epochs'.*Got 0"),
+])
+def test_bad_options_exit_with_one_line(argv, message, capsys):
+    if "--data-dir" not in argv:
+        argv = ["--data-dir", str(require_data("uci"))] + argv
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    import re
+    assert re.search(message, err), err
+
+
+@pytest.mark.ray
+def test_a_quick_run_writes_the_table(tmp_path):
+    require_data("uci", "bostonHousing")
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark_uci.py"), "--datasets",
+                           "bostonHousing,yacht", "--splits", "2", "--epochs", "3", "--num-workers", "2",
+                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, RAY_ADDRESS=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "uci.csv").open()))
+    assert [r["dataset"] for r in rows] == ["bostonHousing", "yacht"]
+    assert list(rows[0])[:10] == ["dataset", "n_splits", "rmse_mean", "rmse_std", "rmse_stderr",
+                                  "nll_mean", "nll_std", "nll_stderr", "nll_mixture_mean", "nll_mixture_std"]
+    assert "wall_s" in rows[0] and all(r["n_splits"] == "2" for r in rows)
+    assert all(math.isfinite(float(r[k])) for r in rows for k in ("rmse_mean", "nll_mean", "nll_stderr"))
+    # original units: Boston's RMSE is in $1000s (a few), not standardised units (below 1)
+    assert 1.5 < float(rows[0]["rmse_mean"]) < 15
+    table = (tmp_path / "uci.md").read_text()
+    assert "| Boston | 2 |" in table and "2.41 ± 0.25" in table
