@@ -95,6 +95,7 @@ def fit_on_ray(trainer):
     config = {
         "task": ensemble.task, "ensemble_config": ensemble.config,
         "member_ids": ensemble.member_ids, "normalization": ensemble.normalization_state(),
+        "member_factory": ensemble.member_factory,  # pickled by reference: workers import it
         "settings": dataclasses.asdict(trainer.settings), "use_gpu": bool(sc.use_gpu),
         "threads": max(1, int(_resources_per_worker(sc).get("CPU", 1))),
         # one copy in the object store; each worker fetches it once
@@ -175,7 +176,8 @@ def _worker_ensemble(config, member_ids):
     from .ensemble import DeepEnsemble, DeepEnsembleClassifier
 
     cls = DeepEnsemble if config["task"] == "regression" else DeepEnsembleClassifier
-    ensemble = cls(**config["ensemble_config"], num_members=len(member_ids), member_ids=member_ids)
+    ensemble = cls(**dict(config["ensemble_config"], member_factory=config["member_factory"]),
+                   num_members=len(member_ids), member_ids=member_ids)
     ensemble.load_normalization_state(config["normalization"])
     return ensemble
 

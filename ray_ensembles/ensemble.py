@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import storage
 from ._version import __version__
-from .members import ACTIVATIONS, StackedMLP, member_seed
+from .members import ACTIVATIONS, FactoryMembers, StackedMLP, member_seed
 from .predictions import CategoricalPrediction, GaussianMixturePrediction, MemberPrediction
 from .validation import as_float_tensor, as_label_tensor, check_choice, check_float, check_int
 
@@ -31,7 +31,7 @@ class _Ensemble(nn.Module):
 
     def __init__(self, *, dim_in, num_outputs, num_members, hidden_dim, depth, activation,
                  batch_norm, use_adversarial_training, adversarial_eps, seed, member_ids,
-                 config):
+                 member_factory, config):
         super().__init__()
         owner = type(self).__name__
         check_int(owner, "dim_in", dim_in, minimum=1)
@@ -53,9 +53,16 @@ class _Ensemble(nn.Module):
             raise ValueError(f"The 'member_ids' parameter of {owner} must be {num_members} distinct "
                              f"ids (num_members). Got {member_ids!r} instead.")
 
+        if member_factory is not None and not callable(member_factory):
+            raise TypeError(f"The 'member_factory' parameter of {owner} must be a callable returning an "
+                            f"nn.Module. Got {member_factory!r} instead.")
+        # the factory's name is recorded for people; loading needs the callable itself again
+        factory_name = None if member_factory is None else \
+            f"{getattr(member_factory, '__module__', '?')}:{getattr(member_factory, '__qualname__', repr(member_factory))}"
         self.config = dict(config, hidden_dim=hidden_dim, depth=depth, activation=activation,
                            batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,
-                           adversarial_eps=float(adversarial_eps), seed=seed)
+                           adversarial_eps=float(adversarial_eps), seed=seed, member_factory=factory_name)
+        self.member_factory = member_factory
         self.dim_in = dim_in
         self.use_adversarial_training = use_adversarial_training
         self.adversarial_eps = float(adversarial_eps)
@@ -63,15 +70,35 @@ class _Ensemble(nn.Module):
         self.member_ids = member_ids
         self.member_seeds = [member_seed(seed, m) for m in member_ids]
         self.feature_names: list[str] | None = None
-        self.members = StackedMLP(num_members, dim_in, num_outputs, hidden_dim, depth,
-                                  activation, batch_norm)
-        for i, s in enumerate(self.member_seeds):
-            self.members.reset_member(i, torch.Generator().manual_seed(s))
+        if member_factory is None:
+            self.members = StackedMLP(num_members, dim_in, num_outputs, hidden_dim, depth,
+                                      activation, batch_norm)
+            for i, s in enumerate(self.member_seeds):
+                self.members.reset_member(i, s)
+        else:
+            self.members = FactoryMembers(member_factory, self.member_seeds)
+            self._check_factory_output(num_outputs)
         # Identity until fit_normalization; x_range sets the FGSM step (eps * range per input).
         self.register_buffer("x_mean", torch.zeros(dim_in))
         self.register_buffer("x_std", torch.ones(dim_in))
         self.register_buffer("x_range", torch.ones(dim_in))
         self.normalization_fitted = False
+
+    @torch.no_grad()
+    def _check_factory_output(self, num_outputs):
+        net = self.members.nets[0]
+        was_training = net.training
+        net.eval()
+        out = self.members(torch.zeros(1, 2, self.dim_in))[0]
+        net.train(was_training)
+        if out.shape != (2, num_outputs):
+            raise ValueError(f"The 'member_factory' of {type(self).__name__} must build modules mapping "
+                             f"(B, {self.dim_in}) to (B, {num_outputs}). Got output shape "
+                             f"{tuple(out.shape)} for B=2 instead.")
+
+    def _init_kwargs(self) -> dict:
+        """Keyword arguments that rebuild this ensemble's architecture (with the factory itself)."""
+        return dict(self.config, member_factory=self.member_factory)
 
     @property
     def num_members(self) -> int:
@@ -171,7 +198,7 @@ class _Ensemble(nn.Module):
         if unknown:
             raise ValueError(f"The 'member_ids' parameter of subset must be ids of this ensemble "
                              f"{self.member_ids}. Got unknown ids {unknown} instead.")
-        new = type(self)(**self.config, num_members=len(member_ids), member_ids=list(member_ids))
+        new = type(self)(**self._init_kwargs(), num_members=len(member_ids), member_ids=list(member_ids))
         new.load_state_of(self)
         for j, m in enumerate(member_ids):
             new.members.load_member_state(j, self.members.member_state(index[m]))
@@ -227,8 +254,12 @@ class _Ensemble(nn.Module):
         return write_ensemble_directory(path, self, self.member_files())
 
     @classmethod
-    def load(cls, path, members: Sequence[int] | None = None, *, map_location="cpu"):
-        """Load a saved ensemble, or the subset of it with the given member ids."""
+    def load(cls, path, members: Sequence[int] | None = None, *, member_factory=None, map_location="cpu"):
+        """Load a saved ensemble, or the subset of it with the given member ids.
+
+        An ensemble of factory-built members needs the same `member_factory` again: the
+        manifest only names it, and loading never imports or runs code named in a file.
+        """
         path = Path(path)
         manifest = storage.read_manifest(path)
         if manifest["task"] != cls.task:
@@ -240,8 +271,13 @@ class _Ensemble(nn.Module):
         if unknown or not ids:
             raise ValueError(f"The 'members' parameter of {cls.__name__}.load must be a non-empty "
                              f"list of ids in {sorted(entries)}. Got {members!r} instead.")
+        saved_factory = manifest["config"].get("member_factory")
+        if saved_factory is not None and member_factory is None:
+            raise ValueError(f"{path} holds members built by the factory {saved_factory}; pass that "
+                             f"callable as {cls.__name__}.load(..., member_factory=...).")
         try:
-            ensemble = cls(**manifest["config"], num_members=len(ids), member_ids=ids)
+            ensemble = cls(**dict(manifest["config"], member_factory=member_factory),
+                           num_members=len(ids), member_ids=ids)
             ensemble.load_normalization_state(manifest["normalization"])
         except (TypeError, ValueError) as err:
             raise ValueError(f"The manifest in {path} does not describe a valid {cls.__name__}: "
@@ -285,13 +321,14 @@ class DeepEnsemble(_Ensemble):
     def __init__(self, dim_in: int, dim_out: int = 1, num_members: int = 5, hidden_dim: int = 50,
                  depth: int = 1, *, activation: str = "relu", batch_norm: bool = False,
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
-                 seed: int = 0, member_ids: Sequence[int] | None = None):
+                 seed: int = 0, member_ids: Sequence[int] | None = None,
+                 member_factory=None):
         check_int(type(self).__name__, "dim_out", dim_out, minimum=1)
         super().__init__(dim_in=dim_in, num_outputs=2 * dim_out, num_members=num_members,
                          hidden_dim=hidden_dim, depth=depth, activation=activation,
                          batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,
                          adversarial_eps=adversarial_eps, seed=seed, member_ids=member_ids,
-                         config={"dim_in": dim_in, "dim_out": dim_out})
+                         member_factory=member_factory, config={"dim_in": dim_in, "dim_out": dim_out})
         self.dim_out = dim_out
         self.register_buffer("y_mean", torch.zeros(dim_out))
         self.register_buffer("y_std", torch.ones(dim_out))
@@ -355,13 +392,14 @@ class DeepEnsembleClassifier(_Ensemble):
     def __init__(self, dim_in: int, num_classes: int, num_members: int = 5, hidden_dim: int = 200,
                  depth: int = 3, *, activation: str = "relu", batch_norm: bool = False,
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
-                 seed: int = 0, member_ids: Sequence[int] | None = None):
+                 seed: int = 0, member_ids: Sequence[int] | None = None,
+                 member_factory=None):
         check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
         super().__init__(dim_in=dim_in, num_outputs=num_classes, num_members=num_members,
                          hidden_dim=hidden_dim, depth=depth, activation=activation,
                          batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,
                          adversarial_eps=adversarial_eps, seed=seed, member_ids=member_ids,
-                         config={"dim_in": dim_in, "num_classes": num_classes})
+                         member_factory=member_factory, config={"dim_in": dim_in, "num_classes": num_classes})
         self.num_classes = num_classes
 
     def standardize_y(self, y):

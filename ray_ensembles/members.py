@@ -44,7 +44,7 @@ class StackedBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_members, 1, dim))
         self.register_buffer("running_var", torch.ones(num_members, 1, dim))
 
-    def reset_member(self, index: int, generator: torch.Generator):
+    def reset_member(self, index: int):
         with torch.no_grad():
             self.weight[index].fill_(1.0)
             self.bias[index].zero_()
@@ -84,15 +84,16 @@ class StackedMLP(nn.Module):
         self.norms = nn.ModuleList(
             StackedBatchNorm(num_members, hidden_dim) for _ in range(depth)) if batch_norm else None
 
-    def reset_member(self, index: int, generator: torch.Generator):
+    def reset_member(self, index: int, seed: int):
         """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for member `index` only."""
+        generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for w, b in zip(self.weights, self.biases):
                 bound = 1.0 / math.sqrt(w.shape[1])
                 w[index].copy_(torch.rand(w.shape[1:], generator=generator) * 2 * bound - bound)
                 b[index].copy_(torch.rand(b.shape[1:], generator=generator) * 2 * bound - bound)
             for norm in self.norms or ():
-                norm.reset_member(index, generator)
+                norm.reset_member(index)
 
     def forward(self, x):
         last = len(self.weights) - 1
@@ -104,20 +105,104 @@ class StackedMLP(nn.Module):
                 x = self.activation(x)
         return x
 
+    # The per-member interface the training loop uses (FactoryMembers has the same) -----------
+
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s parameters and buffers, without the member dimension."""
-        return {k: v[index].detach().clone() for k, v in self.state_dict().items()}
+        return self.member_view(index, self.state_dict())
+
+    def member_view(self, index: int, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Member `index`'s part of tensors named like this module's (e.g. Adam moments)."""
+        return {k: v[index].detach().clone() for k, v in named.items()}
+
+    def assemble(self, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The inverse of member_view: per-member tensors back into module-shaped ones."""
+        return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
+    def grad_norms(self) -> torch.Tensor:
+        """Each member's gradient norm, (M,)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        return torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+
+    def scale_grads(self, scale: torch.Tensor):
+        """Multiply member m's gradient by scale[m]."""
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.view(-1, *[1] * (p.grad.ndim - 1)))
 
     def load_member_state(self, index: int, state: dict[str, torch.Tensor]):
         own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"member state does not match the architecture: missing {missing}, "
-                             f"unexpected {unexpected}")
+        _check_state(own, state, lambda v: v.shape[1:])
         with torch.no_grad():
             for k, v in own.items():
-                if tuple(state[k].shape) != tuple(v.shape[1:]):
-                    raise ValueError(f"member state '{k}' has shape {tuple(state[k].shape)}, "
-                                     f"expected {tuple(v.shape[1:])}")
                 v[index].copy_(state[k])
+
+
+def _check_state(own: dict, state: dict, expected_shape):
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"member state does not match the architecture: missing {missing}, "
+                         f"unexpected {unexpected}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(expected_shape(v)):
+            raise ValueError(f"member state '{k}' has shape {tuple(state[k].shape)}, "
+                             f"expected {tuple(expected_shape(v))}")
+
+
+class FactoryMembers(nn.Module):
+    """Members built by a user's `nn.Module` factory, one module each, run in a loop.
+
+    Member m is built under torch.manual_seed(its seed), so its initialisation depends on
+    (seed, m) only. Each module maps (B, dim_in) to (B, outputs), or to a (mean, raw variance)
+    pair for regression. Input (M, B, dim_in), output (M, B, outputs).
+    """
+
+    def __init__(self, factory, seeds: list[int]):
+        super().__init__()
+        self.factory = factory
+        self.nets = nn.ModuleList(self._build(s) for s in seeds)
+
+    def _build(self, seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = self.factory()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"The 'member_factory' must return an nn.Module. Got {type(net).__name__} instead.")
+        return net
+
+    def reset_member(self, index: int, seed: int):
+        self.nets[index] = self._build(seed).to(next(self.nets[index].parameters()).device)
+
+    def forward(self, x):
+        outs = []
+        for net, xm in zip(self.nets, x):
+            out = net(xm)
+            outs.append(torch.cat(out, dim=-1) if isinstance(out, (tuple, list)) else out)
+        return torch.stack(outs)
+
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.nets[index].state_dict().items()}
+
+    def member_view(self, index: int, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefix = f"nets.{index}."
+        return {k[len(prefix):]: v.detach().clone() for k, v in named.items() if k.startswith(prefix)}
+
+    def assemble(self, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {f"nets.{i}.{k}": v for i, s in enumerate(states) for k, v in s.items()}
+
+    def grad_norms(self) -> torch.Tensor:
+        return torch.stack([
+            torch.stack([p.grad.square().sum() for p in net.parameters() if p.grad is not None]).sum().sqrt()
+            for net in self.nets])
+
+    def scale_grads(self, scale: torch.Tensor):
+        for net, factor in zip(self.nets, scale):
+            for p in net.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    def load_member_state(self, index: int, state: dict[str, torch.Tensor]):
+        own = self.nets[index].state_dict()
+        _check_state(own, state, lambda v: v.shape)
+        self.nets[index].load_state_dict(state)

@@ -127,11 +127,8 @@ class EnsembleFit:
     @torch.no_grad()
     def _clip_per_member(self, max_norm: float):
         """Clip each member's gradient norm on its own: one member's gradient never shrinks another's."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()  # (M,)
-        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.view(-1, *[1] * (g.ndim - 1)))
+        members = self.ensemble.members
+        members.scale_grads((max_norm / (members.grad_norms() + 1e-6)).clamp(max=1.0))
 
     def run(self, *, on_epoch_end: Callable[[int, torch.Tensor], None] | None = None,
             on_checkpoint: Callable[["EnsembleFit"], None] | None = None, progress: bool = False):
@@ -189,18 +186,16 @@ class EnsembleFit:
         trained when EMA is on, `adam.*` the optimiser moments.
         """
         members = self.ensemble.members
-        names = [n for n, _ in members.named_parameters()]
+        moments = {key: {name: self.optimizer.state[p][key] for name, p in members.named_parameters()
+                         if p in self.optimizer.state} for key in ("exp_avg", "exp_avg_sq")}
         files = {}
         for i, m in enumerate(self.ensemble.member_ids):
             predicting = self.ema.ema_model if self.ema is not None else members
             tensors = {f"model.{k}": v for k, v in predicting.member_state(i).items()}
             if self.ema is not None:
                 tensors.update({f"online.{k}": v for k, v in members.member_state(i).items()})
-            for name, p in zip(names, self.params):
-                state = self.optimizer.state.get(p)
-                if state:
-                    tensors[f"adam.exp_avg.{name}"] = state["exp_avg"][i]
-                    tensors[f"adam.exp_avg_sq.{name}"] = state["exp_avg_sq"][i]
+            for key, named in moments.items():
+                tensors.update({f"adam.{key}.{k}": v for k, v in members.member_view(i, named).items()})
             metadata = dict(self.ensemble.member_metadata(i), training=self.training_state(),
                             train_loss=float(self.last_finite_loss[i]))
             files[m] = (tensors, metadata)
@@ -240,11 +235,11 @@ class EnsembleFit:
             self.ema.step.fill_(training["ema_step"])
             self.ema.initted.fill_(training["ema_initted"])
         if self.step > 0:
-            state = {}
-            for j, (name, p) in enumerate(members.named_parameters()):
-                state[j] = {"step": torch.tensor(float(self.step)),
-                            "exp_avg": torch.stack([t[f"adam.exp_avg.{name}"] for t, _ in loaded]),
-                            "exp_avg_sq": torch.stack([t[f"adam.exp_avg_sq.{name}"] for t, _ in loaded])}
+            moments = {key: members.assemble([_strip(t, f"adam.{key}.") for t, _ in loaded])
+                       for key in ("exp_avg", "exp_avg_sq")}
+            state = {j: {"step": torch.tensor(float(self.step)), "exp_avg": moments["exp_avg"][name],
+                         "exp_avg_sq": moments["exp_avg_sq"][name]}
+                     for j, (name, _) in enumerate(members.named_parameters())}
             self.optimizer.load_state_dict({"state": state,
                                             "param_groups": self.optimizer.state_dict()["param_groups"]})
 

@@ -17,11 +17,10 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items):
-    """Tests are unit tests unless their module says `ray` or `e2e`."""
-    for item in items:
-        if not any(item.iter_markers(name=n) for n in ("ray", "e2e")):
-            item.add_marker(pytest.mark.unit)
+def pytest_itemcollected(item):
+    """Tests are unit tests unless their module or function says `ray` or `e2e`."""
+    if not any(item.get_closest_marker(n) for n in ("ray", "e2e")):
+        item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture
