@@ -30,8 +30,8 @@ class _Ensemble(nn.Module):
     task: ClassVar[str]
 
     def __init__(self, *, dim_in, num_outputs, num_members, hidden_dim, depth, activation,
-                 batch_norm, use_adversarial_training, adversarial_eps, seed, member_ids,
-                 member_factory, config):
+                 batch_norm, use_adversarial_training, adversarial_eps, perturbation, seed,
+                 member_ids, member_factory, config):
         super().__init__()
         owner = type(self).__name__
         check_int(owner, "dim_in", dim_in, minimum=1)
@@ -45,6 +45,7 @@ class _Ensemble(nn.Module):
             raise TypeError(f"The 'use_adversarial_training' parameter of {owner} must be a bool. "
                             f"Got {use_adversarial_training!r} instead.")
         check_float(owner, "adversarial_eps", adversarial_eps, minimum=0.0)
+        check_choice(owner, "perturbation", perturbation, {"fgsm", "random"})
         check_int(owner, "seed", seed, minimum=0)
         if member_ids is None:
             member_ids = list(range(num_members))
@@ -61,11 +62,13 @@ class _Ensemble(nn.Module):
             f"{getattr(member_factory, '__module__', '?')}:{getattr(member_factory, '__qualname__', repr(member_factory))}"
         self.config = dict(config, hidden_dim=hidden_dim, depth=depth, activation=activation,
                            batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,
-                           adversarial_eps=float(adversarial_eps), seed=seed, member_factory=factory_name)
+                           adversarial_eps=float(adversarial_eps), perturbation=perturbation, seed=seed,
+                           member_factory=factory_name)
         self.member_factory = member_factory
         self.dim_in = dim_in
         self.use_adversarial_training = use_adversarial_training
         self.adversarial_eps = float(adversarial_eps)
+        self.perturbation = perturbation
         self.seed = seed
         self.member_ids = member_ids
         self.member_seeds = [member_seed(seed, m) for m in member_ids]
@@ -146,21 +149,34 @@ class _Ensemble(nn.Module):
         y = self._check_y(y, x.shape[-2])
         return self.member_losses(self.standardize_x(x), self.standardize_y(y)).sum()
 
-    def member_losses(self, xs, ys):
+    def member_losses(self, xs, ys, step: int | None = None):
         """Per-member training loss (M,) on standardised inputs xs, (B, D) or (M, B, D).
 
         With adversarial training, member m minimises loss(x) + loss(x') with
         x' = x + eps * sign(grad_x loss_m(x)). The input gradient comes from autograd.grad, so no
         parameter's .grad is touched; summing member losses keeps each member's gradient its own.
+        `perturbation="random"` is the paper's control: a random sign instead of the gradient's,
+        drawn from (member seed, step).
         """
         xs = xs.expand(self.num_members, *xs.shape[-2:])
         if not (self.use_adversarial_training and self.adversarial_eps > 0):
             return self._member_nll(self.members(xs), ys)
+        if self.perturbation == "random":
+            x_adv = xs + self.adversarial_step * self._random_signs(xs.shape, step)
+            return self._member_nll(self.members(xs), ys) + self._member_nll(self.members(x_adv), ys)
         xs = xs.detach().clone().requires_grad_(True)
         clean = self._member_nll(self.members(xs), ys)
         (grad_x,) = torch.autograd.grad(clean.sum(), xs, retain_graph=True)
         x_adv = (xs + self.adversarial_step * grad_x.sign()).detach()
         return clean + self._member_nll(self.members(x_adv), ys)
+
+    def _random_signs(self, shape, step):
+        """(M, B, D) random +/-1, member m's from (its seed, step) when the step is known."""
+        if step is None:
+            return torch.randint(0, 2, shape, device=self.device) * 2.0 - 1.0
+        signs = [torch.randint(0, 2, shape[1:], generator=torch.Generator().manual_seed(
+                 member_seed(s, step, attempt=1))) for s in self.member_seeds]  # once per member per step
+        return torch.stack(signs).to(self.device) * 2.0 - 1.0
 
     # inference ----------------------------------------------------------------------------------
 
@@ -321,14 +337,14 @@ class DeepEnsemble(_Ensemble):
     def __init__(self, dim_in: int, dim_out: int = 1, num_members: int = 5, hidden_dim: int = 50,
                  depth: int = 1, *, activation: str = "relu", batch_norm: bool = False,
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
-                 seed: int = 0, member_ids: Sequence[int] | None = None,
+                 perturbation: str = "fgsm", seed: int = 0, member_ids: Sequence[int] | None = None,
                  member_factory=None):
         check_int(type(self).__name__, "dim_out", dim_out, minimum=1)
         super().__init__(dim_in=dim_in, num_outputs=2 * dim_out, num_members=num_members,
                          hidden_dim=hidden_dim, depth=depth, activation=activation,
                          batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,
-                         adversarial_eps=adversarial_eps, seed=seed, member_ids=member_ids,
-                         member_factory=member_factory, config={"dim_in": dim_in, "dim_out": dim_out})
+                         adversarial_eps=adversarial_eps, perturbation=perturbation, seed=seed,
+                         member_ids=member_ids, member_factory=member_factory, config={"dim_in": dim_in, "dim_out": dim_out})
         self.dim_out = dim_out
         self.register_buffer("y_mean", torch.zeros(dim_out))
         self.register_buffer("y_std", torch.ones(dim_out))
@@ -392,14 +408,14 @@ class DeepEnsembleClassifier(_Ensemble):
     def __init__(self, dim_in: int, num_classes: int, num_members: int = 5, hidden_dim: int = 200,
                  depth: int = 3, *, activation: str = "relu", batch_norm: bool = False,
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
-                 seed: int = 0, member_ids: Sequence[int] | None = None,
+                 perturbation: str = "fgsm", seed: int = 0, member_ids: Sequence[int] | None = None,
                  member_factory=None):
         check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
         super().__init__(dim_in=dim_in, num_outputs=num_classes, num_members=num_members,
                          hidden_dim=hidden_dim, depth=depth, activation=activation,
                          batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,
-                         adversarial_eps=adversarial_eps, seed=seed, member_ids=member_ids,
-                         member_factory=member_factory, config={"dim_in": dim_in, "num_classes": num_classes})
+                         adversarial_eps=adversarial_eps, perturbation=perturbation, seed=seed,
+                         member_ids=member_ids, member_factory=member_factory, config={"dim_in": dim_in, "num_classes": num_classes})
         self.num_classes = num_classes
 
     def standardize_y(self, y):

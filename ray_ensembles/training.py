@@ -103,7 +103,7 @@ class EnsembleFit:
         """One step for all members; returns their losses (M,)."""
         index = self._batch_index()
         with self.accelerator.autocast():
-            losses = self.ensemble.member_losses(self.xs[index], self.ys[index])  # (M,)
+            losses = self.ensemble.member_losses(self.xs[index], self.ys[index], step=self.step)  # (M,)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         losses = losses.detach()

@@ -202,3 +202,13 @@ def test_a_failed_save_leaves_the_previous_one_intact(saved, monkeypatch):
         DeepEnsemble(dim_in=2, num_members=3, hidden_dim=8, seed=99).save(path)
     assert torch.equal(DeepEnsemble.load(path)(X).mean, before)
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_random_sign_control_depends_on_member_and_step_only():
+    e = DeepEnsemble(dim_in=2, num_members=3, use_adversarial_training=True, perturbation="random")
+    xs, ys = torch.randn(10, 2), torch.randn(10, 1)
+    a, b, c = (e.member_losses(xs, ys, step=s) for s in (4, 4, 5))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(e.subset([2]).member_losses(xs, ys, step=4), a[2:])
+    fgsm = DeepEnsemble(dim_in=2, num_members=3, use_adversarial_training=True)
+    assert (fgsm.member_losses(xs, ys) >= a - 1e-6).all()  # the gradient's sign is the worst case, to first order
