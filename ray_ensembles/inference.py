@@ -1,0 +1,100 @@
+"""Batch predictions with uncertainty, for tables of any size.
+
+`BatchPredictor` loads an ensemble once and turns a pyarrow table of inputs into one of outputs:
+the input's other (id or key) columns, then `mean`, `variance`, `aleatoric`, `epistemic` and the
+bounds of the central interval (regression), or one probability per class, `entropy` and
+`mutual_information` (classification). Features are matched by the names stored with the
+ensemble, so column order and extra columns do not matter.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import storage
+from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+
+
+def fetch_ensemble_directory(path_or_uri: str) -> Path:
+    """A local directory holding the ensemble: the path itself, or a download of a URI."""
+    if "://" not in str(path_or_uri):
+        return Path(path_or_uri)
+    import pyarrow.fs
+    try:
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(path_or_uri)
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"The 'ensemble' parameter must be a local path or a URI that pyarrow.fs "
+                         f"supports. Got {path_or_uri!r} instead ({err}).") from None
+    local = Path(tempfile.mkdtemp(prefix="ensemble-"))
+    pyarrow.fs.copy_files(root, str(local), source_filesystem=filesystem)
+    return local
+
+
+def load_any(path_or_uri: str, map_location="cpu"):
+    """A saved DeepEnsemble or DeepEnsembleClassifier, whichever the manifest says."""
+    directory = fetch_ensemble_directory(path_or_uri)
+    task = storage.read_manifest(directory)["task"]
+    cls = DeepEnsembleClassifier if task == "classification" else DeepEnsemble
+    return cls.load(directory, map_location=map_location)
+
+
+def feature_columns(ensemble, column_names: list[str], features: list[str] | None = None) -> list[str]:
+    """The input columns to feed the ensemble, in its order; a clear error for missing ones."""
+    names = features or ensemble.feature_names
+    if names is None:
+        raise ValueError("The ensemble was saved without feature names; pass the feature columns "
+                         "in training order ('features').")
+    missing = [c for c in names if c not in column_names]
+    if missing:
+        raise ValueError(f"The data lacks the feature column(s) {missing} that the ensemble was "
+                         f"trained on (it has {column_names}).")
+    if len(names) != ensemble.dim_in:
+        raise ValueError(f"The ensemble takes {ensemble.dim_in} features. Got {len(names)} names instead.")
+    return list(names)
+
+
+def prediction_columns(ensemble, X: torch.Tensor, coverage: float = 0.9,
+                       batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Output columns for inputs X (B, D), in the target's original units."""
+    pred = ensemble.predict(X, batch_size=batch_size)
+    if ensemble.task == "classification":
+        columns = {f"prob_{c}": p.numpy() for c, p in enumerate(pred.probs.T)}
+        columns.update(entropy=pred.entropy[:, 0].numpy(),
+                       mutual_information=pred.mutual_information[:, 0].numpy(),
+                       predicted=pred.probs.argmax(-1).numpy())
+        return columns
+    lower, upper = pred.interval(coverage)
+    summaries = {"mean": pred.mean, "variance": pred.variance, "aleatoric": pred.aleatoric,
+                 "epistemic": pred.epistemic, f"lower_{coverage:g}": lower, f"upper_{coverage:g}": upper}
+    columns = {}
+    for name, values in summaries.items():
+        if values.shape[1] == 1:
+            columns[name] = values[:, 0].numpy()
+        else:
+            columns.update({f"{name}_{d}": values[:, d].numpy() for d in range(values.shape[1])})
+    return columns
+
+
+class BatchPredictor:
+    """Loads the ensemble once (per process or Ray actor); maps input tables to output tables."""
+
+    def __init__(self, ensemble_path: str, features: list[str] | None = None, coverage: float = 0.9,
+                 use_gpu: bool = False, keep: list[str] | None = None):
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.ensemble = load_any(ensemble_path, map_location=device).eval()
+        self.features, self.coverage, self.keep = features, coverage, keep
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        names = feature_columns(self.ensemble, table.column_names, self.features)
+        X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in names], 1).astype(np.float32)
+        if not np.isfinite(X).all():
+            raise ValueError(f"The feature columns {names} hold NaN, inf or missing values.")
+        keep = self.keep if self.keep is not None else [c for c in table.column_names if c not in names]
+        out = {c: table.column(c) for c in keep}
+        out.update(prediction_columns(self.ensemble, torch.from_numpy(X), self.coverage))
+        return pa.table(out)
