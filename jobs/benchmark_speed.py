@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Training-step speed against the peers and the machine's matmul peak, in ONE process.
+
+    python jobs/benchmark_speed.py               # UCI, protein and MNIST sizes, M = 5, +/- FGSM
+    python jobs/benchmark_speed.py --smoke-test  # seconds, for CI
+
+Implementations, each taking one optimiser step for M members on batches of 100:
+  ours      ray_ensembles' training step (EnsembleFit.train_step: stacked members, one fused Adam)
+  peer      deep-ensembles-pytorch 0.1.2's Trainer step (autocast, backward, clip, Adam, EMA)
+  loop      a naive loop over M nn.Modules with M Adam optimisers
+  vmap      torch.func.stack_module_state + functional_call + vmap, one Adam over the stack
+They run interleaved (A B C D A B C D ...) after a warm-up; the table has the median and the
+min-max time per step, samples x members per second, the ratio to ours, and the achieved GFLOP/s
+as a fraction of this machine's float32 matmul peak, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_ensembles import DeepEnsemble
+from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+
+# name: (dim_in, hidden layers, dim_out of the Gaussian head, training rows)
+SHAPES = {"uci": (13, [50], 1, 455), "protein": (9, [100], 1, 40_000), "mnist": (784, [200, 200, 200], 5, 60_000)}
+M, BATCH = 5, 100
+
+
+def matmul_peak(threads: int, n: int = 1024, reps: int = 10) -> float:
+    """float32 GFLOP/s of a large matmul with `threads` threads (best of reps)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(old)
+    return 2 * n ** 3 / best / 1e9
+
+
+def step_flops(dims: list[int], adversarial: bool) -> float:
+    """Matmul FLOPs of one step for all members: forward 2, backward 4 per multiply-add (x3),
+    FGSM about 7 forward passes' worth instead of 3."""
+    macs = sum(i * o for i, o in zip(dims[:-1], dims[1:]))
+    return 2 * macs * BATCH * M * (7 if adversarial else 3)
+
+
+def gaussian_nll(out):
+    mean, raw = out.chunk(2, dim=-1)
+    var = F.softplus(raw) + 1e-6
+    return mean, var
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, dims, adversarial, X, y):
+        self.ensemble = DeepEnsemble(dims[0], dims[-1] // 2, num_members=M, hidden_dim=dims[1], depth=len(dims) - 2,
+                                     use_adversarial_training=adversarial, seed=0)
+        self.ensemble.fit_normalization(X, y)
+        self.fit = EnsembleFit(self.ensemble, X, y, TrainSettings(batch_size=BATCH, num_steps=10 ** 9),
+                               make_accelerator(False, cpu=True))
+
+    def step(self):
+        return self.fit.train_step()
+
+
+class Loop:
+    """M separate modules, M optimisers, each member on its own batch (same rows as ours)."""
+    name = "loop"
+
+    def __init__(self, dims, adversarial, X, y, source: Ours):
+        self.adversarial, self.source = adversarial, source
+        self.nets = [nn.Sequential(*[layer for i, o in zip(dims[:-1], dims[1:]) for layer in (nn.Linear(i, o), nn.ReLU())][:-1])
+                     for _ in range(M)]
+        members = source.ensemble.members
+        with torch.no_grad():
+            for m, net in enumerate(self.nets):   # the same initial weights as ours
+                for k, linear in enumerate(net[::2]):
+                    linear.weight.copy_(members.weights[k][m].T)
+                    linear.bias.copy_(members.biases[k][m, 0])
+        self.opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in self.nets]
+        self.eps = source.ensemble.adversarial_step
+        self.steps = 0
+
+    def member_loss(self, net, x, y):
+        mean, var = gaussian_nll(net(x))
+        return (0.5 * (math.log(2 * math.pi) + var.log() + (y - mean) ** 2 / var)).sum(-1).mean()
+
+    def step(self):
+        fit = self.source.fit
+        saved = fit.step
+        fit.step = self.steps
+        index = fit._batch_index()   # the same rows ours uses at this step
+        fit.step = saved
+        self.steps += 1
+        losses = []
+        for m, (net, opt) in enumerate(zip(self.nets, self.opts)):
+            x, y = fit.xs[index[m]], fit.ys[index[m]]
+            if self.adversarial:
+                x = x.clone().requires_grad_(True)
+                clean = self.member_loss(net, x, y)
+                (g,) = torch.autograd.grad(clean, x, retain_graph=True)
+                loss = clean + self.member_loss(net, (x + self.eps * g.sign()).detach(), y)
+            else:
+                loss = self.member_loss(net, x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+
+class VMap(Loop):
+    """The same modules stacked with torch.func and run under vmap, one Adam over the stack."""
+    name = "vmap"
+
+    def __init__(self, dims, adversarial, X, y, source):
+        super().__init__(dims, adversarial, X, y, source)
+        from torch.func import functional_call, stack_module_state, vmap
+        self.params, self.buffers = stack_module_state(self.nets)
+        self.params = {k: v.detach().requires_grad_() for k, v in self.params.items()}
+        base = self.nets[0]
+
+        def one(params, buffers, x, y):
+            mean, var = gaussian_nll(functional_call(base, (params, buffers), (x,)))
+            return (0.5 * (math.log(2 * math.pi) + var.log() + (y - mean) ** 2 / var)).sum(-1).mean()
+
+        self.losses = vmap(one)
+        self.opt = torch.optim.Adam(self.params.values(), lr=1e-3, foreach=True)
+
+    def step(self):
+        fit = self.source.fit
+        saved, fit.step = fit.step, self.steps
+        index = fit._batch_index()
+        fit.step = saved
+        self.steps += 1
+        x, y = fit.xs[index], fit.ys[index]
+        if self.adversarial:
+            x = x.clone().requires_grad_(True)
+            clean = self.losses(self.params, self.buffers, x, y)
+            (g,) = torch.autograd.grad(clean.sum(), x, retain_graph=True)
+            losses = clean + self.losses(self.params, self.buffers, (x + self.eps * g.sign()).detach(), y)
+        else:
+            losses = self.losses(self.params, self.buffers, x, y)
+        self.opt.zero_grad()
+        losses.sum().backward()
+        self.opt.step()
+        return losses.detach()
+
+
+class Peer:
+    """deep-ensembles-pytorch's Trainer step. Its member: Linear layers with RMSNorm + SiLU and
+    separate mean / variance heads; depth chosen so that the matmul shapes equal ours. All its
+    members see the same batch, and its FGSM leaks into the weight gradients (its defects)."""
+    name = "peer"
+
+    def __init__(self, dims, adversarial, X, y):
+        from deep_ensembles_pytorch import DeepEnsemble as PeerEnsemble
+        from deep_ensembles_pytorch import TensorDataset as PeerData
+        from deep_ensembles_pytorch import Trainer as PeerTrainer
+        self.ensemble = PeerEnsemble(dims[0], dims[-1] // 2, num_members=M, hidden_dim=dims[1],
+                                     depth=len(dims) - 1, use_adversarial_training=adversarial)
+        make_accelerator(False, cpu=True)  # a fresh accelerate state for the peer's Accelerator
+        self.trainer = PeerTrainer(self.ensemble, PeerData(X, y), train_batch_size=BATCH,
+                                   train_num_steps=10 ** 9, results_folder="/tmp/peer-results")
+        self.batches = iter(self.trainer.dl)
+
+    def step(self):
+        t = self.trainer
+        try:
+            x, y = next(self.batches)
+        except StopIteration:
+            self.batches = iter(t.dl)
+            x, y = next(self.batches)
+        with t.accelerator.autocast():
+            loss = t.ensemble(x, y)
+        t.accelerator.backward(loss)
+        t.accelerator.clip_grad_norm_(t.ensemble.parameters(), 1.0)
+        t.opt.step()
+        t.opt.zero_grad()
+        t.ema.update()
+        return loss.detach()
+
+
+def check_same_losses(dims, adversarial, X, y, steps=3) -> float:
+    """Same init and batches: ours, the loop and vmap agree to float rounding (max relative gap)."""
+    ours = Ours(dims, adversarial, X, y)
+    others = [Loop(dims, adversarial, X, y, ours), VMap(dims, adversarial, X, y, ours)]
+    gap = 0.0
+    for _ in range(steps):
+        reference = ours.step()
+        for impl in others:
+            gap = max(gap, ((impl.step() - reference).abs() / reference.abs().clamp_min(1e-6)).max().item())
+    return gap
+
+
+def benchmark(shape, adversarial, reps, steps, include_peer):
+    dim_in, hidden, dim_out, rows = SHAPES[shape]
+    dims = [dim_in, *hidden, 2 * dim_out]
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(rows, dim_in, generator=g), torch.randn(rows, dim_out, generator=g)
+    ours = Ours(dims, adversarial, X, y)
+    impls = [ours, Loop(dims, adversarial, X, y, ours), VMap(dims, adversarial, X, y, ours)]
+    if include_peer:
+        impls.append(Peer(dims, adversarial, X, y))
+    times = {impl.name: [] for impl in impls}
+    for impl in impls:  # warm-up
+        for _ in range(3):
+            impl.step()
+    for _ in range(reps):
+        for impl in impls:  # interleaved, so drifts in machine load hit every implementation alike
+            start = time.perf_counter()
+            for _ in range(steps):
+                impl.step()
+            times[impl.name].append((time.perf_counter() - start) / steps)
+    flops = step_flops(dims, adversarial)
+    reference = statistics.median(times["ours"])
+    return [{"shape": shape, "fgsm": adversarial, "impl": name, "median_ms": 1e3 * statistics.median(ts),
+             "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
+             "samples_x_members_per_s": BATCH * M / statistics.median(ts),
+             "speedup_of_ours": statistics.median(ts) / reference,
+             "gflops": flops / statistics.median(ts) / 1e9} for name, ts in times.items()], check_same_losses(dims, adversarial, X, y)
+
+
+def inference(rows: int, reps: int) -> dict:
+    """Predictive mean and variance for `rows` rows at M=5 (UCI size): ours vs a per-member loop."""
+    X = torch.randn(rows, 13)
+    e = DeepEnsemble(13, 1, num_members=M, hidden_dim=50, seed=0).eval()
+    nets = [nn.Sequential(nn.Linear(13, 50), nn.ReLU(), nn.Linear(50, 2)) for _ in range(M)]
+    with torch.no_grad():
+        for m, net in enumerate(nets):
+            for k, linear in enumerate(net[::2]):
+                linear.weight.copy_(e.members.weights[k][m].T)
+                linear.bias.copy_(e.members.biases[k][m, 0])
+
+    @torch.no_grad()
+    def naive():
+        means, variances = [], []
+        for net in nets:
+            mean, var = gaussian_nll(net(X))
+            means.append(mean)
+            variances.append(var)
+        means, variances = torch.stack(means), torch.stack(variances)
+        return means.mean(0), (variances + means ** 2).mean(0) - means.mean(0) ** 2
+
+    def ours():
+        pred = e.predict(X)
+        return pred.mean, pred.variance
+
+    torch.testing.assert_close(ours()[0], naive()[0], rtol=1e-4, atol=1e-4)
+    times = {"ours": [], "loop": []}
+    for _ in range(reps):
+        for name, fn in (("ours", ours), ("loop", naive)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="uci,protein,mnist")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=20, help="steps per timed repetition")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output", default="outputs/benchmark_speed")
+    p.add_argument("--smoke-test", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke_test:
+        args.reps, args.steps, args.shapes = 2, 2, "uci"
+    torch.set_num_threads(args.threads)
+    try:
+        import deep_ensembles_pytorch  # noqa: F401
+        include_peer = True
+    except ImportError:
+        include_peer = False
+        print("deep-ensembles-pytorch is not installed (pip install -e '.[test]'): skipping the peer")
+
+    peak = {"1 thread": matmul_peak(1), f"{torch.get_num_threads()} threads": matmul_peak(torch.get_num_threads()),
+            "all threads": matmul_peak(max(1, torch.get_num_threads() if args.smoke_test else 2))}
+    rows, gaps = [], {}
+    for shape in args.shapes.split(","):
+        for adversarial in (False, True):
+            result, gap = benchmark(shape, adversarial, args.reps, args.steps, include_peer)
+            rows += result
+            gaps[f"{shape}{' +FGSM' if adversarial else ''}"] = gap
+    predict = inference(10_000 if args.smoke_test else 1_000_000, 2 if args.smoke_test else 5)
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s); "
+          f"float32 matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
+    print("\n| shape | FGSM | impl | ms/step (median, min-max) | samples x members / s | time vs ours | GFLOP/s | % of 1-thread peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {'yes' if r['fgsm'] else 'no'} | {r['impl']} | {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | "
+              f"{r['samples_x_members_per_s']:,.0f} | {r['speedup_of_ours']:.2f}x | {r['gflops']:.1f} | "
+              f"{100 * r['gflops'] / peak['1 thread']:.1f}% |")
+    print("\nSame init and batches, 3 steps: largest relative loss gap of loop and vmap to ours: " +
+          ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
+    print(f"Inference, {10_000 if args.smoke_test else 1_000_000:,} rows, M={M}: ours {predict['ours']:.3f} s, "
+          f"per-member loop {predict['loop']:.3f} s ({predict['loop'] / predict['ours']:.1f}x)")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "speed.json").write_text(json.dumps({"torch": torch.__version__, "threads": args.threads,
+                                                   "peak_gflops": peak, "rows": rows, "loss_gaps": gaps,
+                                                   "inference_s": predict}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
