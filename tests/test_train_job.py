@@ -84,3 +84,21 @@ def test_smoke_run_trains_saves_and_plots(tmp_path):
     assert sorted(metrics["metrics"]["members"]) == ["0", "1"]
     assert np.isfinite(metrics["metrics"]["val_nll"])
     assert DeepEnsemble.load(out / "ensemble").num_members == 2
+
+
+@pytest.mark.ray
+def test_a_classification_table_trains_through_the_job(tmp_path):
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=300), rng.normal(size=300)
+    pq.write_table(pa.table({"a": a, "b": b, "label": (a > 0).astype(np.int64) + (b > 0).astype(np.int64)}),
+                   tmp_path / "t.parquet")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--data", str(tmp_path / "t.parquet"),
+                           "--target", "label", "--task", "classification", "--num-members", "2", "--epochs", "15",
+                           "--lr", "0.01", "--output", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, RAY_ADDRESS=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["val_accuracy"] > 0.8
+    from ray_ensembles import DeepEnsembleClassifier
+    assert DeepEnsembleClassifier.load(out / "ensemble").feature_names == ["a", "b"]
