@@ -119,6 +119,11 @@ class StackedMLP(nn.Module):
         """The inverse of member_view: per-member tensors back into module-shaped ones."""
         return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
+    def zero_member_(self, index: int, named: dict[str, torch.Tensor]):
+        """Zero member `index`'s part of tensors named like this module's, in place."""
+        for v in named.values():
+            v[index].zero_()
+
     def grad_norms(self) -> torch.Tensor:
         """Each member's gradient norm, (M,)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -172,7 +177,14 @@ class FactoryMembers(nn.Module):
         return net
 
     def reset_member(self, index: int, seed: int):
-        self.nets[index] = self._build(seed).to(next(self.nets[index].parameters()).device)
+        # in place: an optimiser may hold the parameters
+        self.nets[index].load_state_dict(self._build(seed).state_dict())
+
+    def zero_member_(self, index: int, named: dict[str, torch.Tensor]):
+        prefix = f"nets.{index}."
+        for k, v in named.items():
+            if k.startswith(prefix):
+                v.zero_()
 
     def forward(self, x):
         outs = []

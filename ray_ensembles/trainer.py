@@ -10,7 +10,7 @@ from .data import TensorDataset
 from .ensemble import _Ensemble
 from .metrics import ensemble_validation_metrics
 from .training import EnsembleFit, TrainSettings, make_accelerator
-from .validation import check_float, check_int
+from .validation import check_choice, check_float, check_int
 
 
 class Trainer:
@@ -31,6 +31,7 @@ class Trainer:
                  max_grad_norm: float | None = None, ema_decay: float = 0.0,
                  ema_update_every: int = 10, amp: bool = False, results_folder="./results",
                  save_every: int = 1000, cpu: bool = False, progress: bool = False,
+                 on_divergence: str = "raise", max_restarts: int = 3,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
                  metrics_callback=None):
         owner = "Trainer"
@@ -61,6 +62,8 @@ class Trainer:
         check_float(owner, "ema_decay", ema_decay, minimum=0.0, below=1.0)
         check_int(owner, "ema_update_every", ema_update_every, minimum=1)
         check_int(owner, "save_every", save_every, minimum=1)
+        check_choice(owner, "on_divergence", on_divergence, {"raise", "restart"})
+        check_int(owner, "max_restarts", max_restarts, minimum=0)
         for name, value in [("amp", amp), ("cpu", cpu), ("progress", progress)]:
             if not isinstance(value, bool):
                 raise TypeError(f"The '{name}' parameter of Trainer must be a bool. Got {value!r} instead.")
@@ -79,7 +82,7 @@ class Trainer:
             weight_decay=float(weight_decay),
             max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
             ema_decay=float(ema_decay), ema_update_every=ema_update_every, amp=amp,
-            save_every=save_every)
+            save_every=save_every, on_divergence=on_divergence, max_restarts=max_restarts)
         self.results_folder = Path(results_folder)
         self.cpu = cpu
         self.progress = progress

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import storage
 from .ensemble import write_ensemble_directory
-from .members import epoch_permutations
+from .members import epoch_permutations, member_seed
 
 
 class MemberDivergedError(RuntimeError):
@@ -49,6 +49,8 @@ class TrainSettings:
     ema_update_every: int = 10
     amp: bool = False
     save_every: int = 1000
+    on_divergence: str = "raise"   # or "restart": re-initialise only that member, fresh seed
+    max_restarts: int = 3          # per member, with on_divergence="restart"
 
 
 def make_accelerator(amp: bool, cpu: bool) -> Accelerator:
@@ -86,6 +88,7 @@ class EnsembleFit:
         self.step = 0
         self._order, self._order_epoch = None, -1
         self.last_finite_loss = torch.full((ensemble.num_members,), float("nan"))
+        self.attempts = [0] * ensemble.num_members
 
     # the step -----------------------------------------------------------------------------------
 
@@ -107,7 +110,9 @@ class EnsembleFit:
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         losses = losses.detach()
-        self._check_finite(losses)
+        diverged = self._check_finite(losses)
+        if diverged:
+            self._restart_members(diverged)
         if self.settings.max_grad_norm is not None:
             self._clip_per_member(self.settings.max_grad_norm)
         self.optimizer.step()
@@ -116,13 +121,40 @@ class EnsembleFit:
         self.step += 1
         return losses
 
-    def _check_finite(self, losses):
+    def _check_finite(self, losses) -> list[int]:
+        """Indices of members whose loss is not finite; raises unless they may restart."""
         finite = torch.isfinite(losses).cpu()
-        if not finite.all():
-            i = int((~finite).nonzero()[0])
-            raise MemberDivergedError(self.ensemble.member_ids[i], self.step,
-                                      float(self.last_finite_loss[i]))
-        self.last_finite_loss = losses.cpu()
+        self.last_finite_loss = torch.where(finite, losses.cpu(), self.last_finite_loss)
+        bad = (~finite).nonzero()[:, 0].tolist()
+        for i in bad:
+            if self.settings.on_divergence != "restart" or self.attempts[i] >= self.settings.max_restarts:
+                raise MemberDivergedError(self.ensemble.member_ids[i], self.step,
+                                          float(self.last_finite_loss[i]))
+        return bad
+
+    @torch.no_grad()
+    def _restart_members(self, indices: list[int]):
+        """Re-initialise only these members, each from a fresh seed derived from
+        (seed, member id, attempt), with zeroed gradient and Adam moments. They train on for the
+        remaining steps; every other member's tensors are left untouched."""
+        members = self.ensemble.members
+        scale = torch.ones(self.ensemble.num_members, device=self.xs.device)
+        for i in indices:
+            self.attempts[i] += 1
+            seed = member_seed(self.ensemble.seed, self.ensemble.member_ids[i], self.attempts[i])
+            self.ensemble.member_seeds[i] = seed
+            members.reset_member(i, seed)
+            scale[i] = 0.0
+            for key in ("exp_avg", "exp_avg_sq"):
+                members.zero_member_(i, {name: self.optimizer.state[p][key] for name, p in
+                                         members.named_parameters() if p in self.optimizer.state})
+            if self.ema is not None:
+                self.ema.ema_model.load_member_state(i, members.member_state(i))
+        members.scale_grads(scale)
+        for p in members.parameters():  # 0 * NaN is NaN: clear the restarted members' gradients
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+        self._order_epoch = -1  # their data order follows their new seeds
 
     @torch.no_grad()
     def _clip_per_member(self, max_norm: float):

@@ -100,3 +100,48 @@ def test_classifier_members_are_independent_too(tmp_path):
     two, four = train(2), train(4)
     for i in range(2):
         assert_same_member(two, i, four, i)
+
+
+@pytest.mark.parametrize("factory", [None, "cnn"])
+def test_restart_re_initialises_only_the_diverged_member(toy_data, factory):
+    X, y = toy_data
+    X = X.repeat(1, 32) if factory else X  # 64 inputs: an 8x8 image for the factory members
+    kwargs = dict(dim_in=X.shape[1], num_members=3, seed=0, use_adversarial_training=True)
+    if factory:
+        from test_factory_members import small_cnn
+        kwargs["member_factory"] = lambda: torch.nn.Sequential(small_cnn()[:-1], torch.nn.Linear(64, 2))
+    else:
+        kwargs["hidden_dim"] = 8
+    settings = TrainSettings(batch_size=50, num_steps=12, ema_decay=0.9, ema_update_every=1,
+                             max_grad_norm=1.0, on_divergence="restart")
+
+    def run(poison):
+        e = DeepEnsemble(**kwargs)
+        fit = EnsembleFit(e, X, y, settings, make_accelerator(False, True))
+        for step in range(12):
+            if poison and step == 5:
+                with torch.no_grad():
+                    for p in (e.members.nets[1].parameters() if factory else [w[1] for w in e.members.weights]):
+                        p.fill_(float("nan"))
+            fit.train_step()
+        fit.finish()
+        return e, fit
+
+    clean, _ = run(False)
+    restarted, fit = run(True)
+    assert fit.attempts == [0, 1, 0]
+    assert restarted.member_seeds[1] == member_seed(0, 1, attempt=1) != clean.member_seeds[1]
+    assert all(torch.isfinite(v).all() for v in restarted.members.member_state(1).values())
+    for i in (0, 2):
+        assert_same_member(clean, i, restarted, i, atol=0)
+
+
+def test_restarts_are_bounded(toy_data):
+    X, y = toy_data
+    e = DeepEnsemble(dim_in=2, num_members=2, hidden_dim=8)
+    fit = EnsembleFit(e, X, y, TrainSettings(batch_size=50, num_steps=10, on_divergence="restart",
+                                             max_restarts=0), make_accelerator(False, True))
+    with torch.no_grad():
+        e.members.weights[0][1].fill_(float("nan"))
+    with pytest.raises(MemberDivergedError, match="Member 1 diverged at step 0"):
+        fit.train_step()
