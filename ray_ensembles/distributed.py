@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -107,7 +108,9 @@ def fit_on_ray(trainer):
     rc = trainer.run_config or RunConfig(
         name=f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
         storage_path=str(Path(trainer.results_folder).resolve()))
-    history = _History.remote()
+    # on the driver's node: a zero-CPU actor could land on a node that is later lost
+    history = _History.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     rc = dataclasses.replace(rc, callbacks=[*(rc.callbacks or []), EpochMetricsCallback(
         ensemble.task, None if validation is None else validation.y, history, trainer.metrics_callback)])
     try:
