@@ -65,7 +65,11 @@ def input_batches(filesystem, path: str, fmt: str, batch_size: int):
     """The input as a stream of pyarrow tables of at most batch_size rows."""
     if fmt == "parquet":
         dataset = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet")
-        for batch in dataset.to_batches(batch_size=batch_size):
+        # no read-ahead and no pre-buffering: with pyarrow's defaults the job's peak memory grew
+        # from 0.5 GiB at 1M rows to 1.4 GiB at 10M; without them it stays flat
+        options = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
+        for batch in dataset.to_batches(batch_size=batch_size, batch_readahead=0, fragment_readahead=0,
+                                        fragment_scan_options=options):
             yield pa.Table.from_batches([batch])
     else:
         reader = pyarrow.csv.open_csv(filesystem.open_input_stream(path),
