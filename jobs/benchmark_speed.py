@@ -271,6 +271,44 @@ def inference(rows: int, reps: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def ray_overhead(output: Path) -> dict:
+    """A 5-member UCI-sized fit (455 rows, 40 epochs) in-process vs on 2 Ray workers, with the
+    breakdown of the Ray run; and MNIST-sized members on 1 vs 2 workers with 1 thread each."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray_ensembles import TensorDataset, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(455, 13, generator=g), torch.randn(455, 1, generator=g)
+    options = dict(train_batch_size=BATCH, train_num_epochs=40, save_every=10 ** 9)
+    start = time.perf_counter()
+    Trainer(DeepEnsemble(13, 1, num_members=M, seed=0), TensorDataset(X, y), results_folder=output / "fit", **options).train()
+    in_process = time.perf_counter() - start
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer = Trainer(DeepEnsemble(13, 1, num_members=M, seed=0), TensorDataset(X, y), results_folder=output / "fit",
+                      scaling_config=ScalingConfig(num_workers=2), **options)
+    trainer.train()
+    on_ray = time.perf_counter() - start
+    result = {"in_process_s": in_process, "ray_start_s": ray_start, "ray_fit_s": on_ray,
+              "extra_s": ray_start + on_ray - in_process, **trainer.timings}
+
+    images = torch.randn(6000, 784, generator=g)
+    labels = torch.randint(0, 10, (6000,), generator=g)
+    from ray_ensembles import DeepEnsembleClassifier
+    for workers in (1, 2):
+        clf = DeepEnsembleClassifier(784, 10, num_members=4, hidden_dim=200, depth=3, seed=0)
+        t = Trainer(clf, TensorDataset(images, labels), train_batch_size=BATCH, train_num_epochs=5, save_every=10 ** 9,
+                    results_folder=output / "fit", scaling_config=ScalingConfig(num_workers=workers,
+                                                                                resources_per_worker={"CPU": 1}))
+        t.train()
+        result[f"mnist_training_s_{workers}_workers"] = t.timings["training_s"]
+    ray.shutdown()
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="uci,protein,mnist")
@@ -279,7 +317,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default="outputs/benchmark_speed")
     p.add_argument("--smoke-test", action="store_true")
+    p.add_argument("--ray", action="store_true", help="only the Ray overhead and 2-worker scaling")
     args = p.parse_args(argv)
+    if args.ray:
+        result = ray_overhead(Path(args.output))
+        print(json.dumps(result, indent=2))
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        (Path(args.output) / "ray_overhead.json").write_text(json.dumps(result, indent=2))
+        return
     if args.smoke_test:
         args.reps, args.steps, args.shapes = 2, 2, "uci"
     torch.set_num_threads(args.threads)

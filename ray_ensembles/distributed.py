@@ -113,6 +113,7 @@ def fit_on_ray(trainer):
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     rc = dataclasses.replace(rc, callbacks=[*(rc.callbacks or []), EpochMetricsCallback(
         ensemble.task, None if validation is None else validation.y, history, trainer.metrics_callback)])
+    started = time.time()
     try:
         result = DataParallelTrainer(_train_worker, train_loop_config=config,
                                      backend_config=BackendConfig(), scaling_config=sc,
@@ -123,10 +124,18 @@ def fit_on_ray(trainer):
         ray.kill(history)
     if result.checkpoint is None:
         raise RuntimeError(f"The Ray run {rc.name} finished without a checkpoint: {result.error}")
+    fit_done = time.time()
     with result.checkpoint.as_directory() as directory:
         member_metadata = assemble(directory, ensemble)
     trainer.checkpoint_path = _publish(ensemble, rc.storage_path, rc.name)
     trainer.run_name = rc.name
+    worker_timing = [meta["timing"] for meta in member_metadata.values()]
+    trainer.timings = {  # seconds; workers run in parallel, so their figures are maxima
+        "worker_start_s": max(t["started"] for t in worker_timing) - started,
+        "training_s": max(t["training_s"] for t in worker_timing),
+        "checkpoint_s": max(t["checkpoint_s"] for t in worker_timing),
+        "ray_train_total_s": fit_done - started,
+        "assembly_s": time.time() - fit_done}
     ensemble.eval()
     return member_metadata
 
@@ -204,6 +213,7 @@ def _train_worker(config):
         with checkpoint.as_directory() as directory:
             fit.restore(directory)
 
+    timing = {"started": time.time(), "checkpoint_s": 0.0}
     epochs = []  # per-epoch training losses since the last report
 
     def on_epoch_end(epoch, member_losses):
@@ -214,15 +224,18 @@ def _train_worker(config):
         # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so they go with checkpoints only.
         metrics = {"step": fit.step, "member_ids": member_ids, "epochs": list(epochs)}
         epochs.clear()
+        checkpoint_start = time.time()
+        timing["training_s"] = checkpoint_start - timing["started"] - timing["checkpoint_s"]
         with tempfile.TemporaryDirectory() as directory:
             for m, (tensors, meta) in fit.member_files().items():
-                storage.write_member_file(Path(directory), m, tensors, meta)
+                storage.write_member_file(Path(directory), m, tensors, dict(meta, timing=timing))
             if validation is not None:
                 log_lik, points = fit.evaluate(*validation)
                 for i, m in enumerate(member_ids):
                     (Path(directory) / storage.validation_filename(m)).write_bytes(
                         safetensors_save({"log_lik": log_lik[i].contiguous(), "points": points[i].contiguous()}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        timing["checkpoint_s"] += time.time() - checkpoint_start
         _maybe_crash(config["fault"], rank, fit.step)
 
     fit.run(on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint)

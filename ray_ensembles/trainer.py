@@ -92,6 +92,7 @@ class Trainer:
         self.checkpoint_path: Path | str | None = None
         self.run_name: str | None = None
         self.history: list[dict] = []  # per-epoch metrics of the last train()
+        self.timings: dict = {}  # on Ray: worker start, training, checkpoint and assembly seconds
         self.metrics: dict = {}
         self._fit: EnsembleFit | None = None
         if scaling_config is not None:
