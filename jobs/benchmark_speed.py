@@ -58,6 +58,18 @@ def step_flops(dims: list[int], adversarial: bool) -> float:
     return 2 * macs * BATCH * M * (7 if adversarial else 3)
 
 
+def unstacked(ensemble, dims) -> list[nn.Sequential]:
+    """One plain nn.Module per member of a stacked ensemble, with the same weights."""
+    nets = [nn.Sequential(*[layer for i, o in zip(dims[:-1], dims[1:]) for layer in (nn.Linear(i, o), nn.ReLU())][:-1])
+            for _ in range(ensemble.num_members)]
+    with torch.no_grad():
+        for m, net in enumerate(nets):
+            for k, linear in enumerate(net[::2]):
+                linear.weight.copy_(ensemble.members.weights[k][m].T)
+                linear.bias.copy_(ensemble.members.biases[k][m, 0])
+    return nets
+
+
 def gaussian_nll(out):
     mean, raw = out.chunk(2, dim=-1)
     var = F.softplus(raw) + 1e-6
@@ -84,14 +96,7 @@ class Loop:
 
     def __init__(self, dims, adversarial, X, y, source: Ours):
         self.adversarial, self.source = adversarial, source
-        self.nets = [nn.Sequential(*[layer for i, o in zip(dims[:-1], dims[1:]) for layer in (nn.Linear(i, o), nn.ReLU())][:-1])
-                     for _ in range(M)]
-        members = source.ensemble.members
-        with torch.no_grad():
-            for m, net in enumerate(self.nets):   # the same initial weights as ours
-                for k, linear in enumerate(net[::2]):
-                    linear.weight.copy_(members.weights[k][m].T)
-                    linear.bias.copy_(members.biases[k][m, 0])
+        self.nets = unstacked(source.ensemble, dims)   # the same initial weights as ours
         self.opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in self.nets]
         self.eps = source.ensemble.adversarial_step
         self.steps = 0
@@ -100,13 +105,17 @@ class Loop:
         mean, var = gaussian_nll(net(x))
         return (0.5 * (math.log(2 * math.pi) + var.log() + (y - mean) ** 2 / var)).sum(-1).mean()
 
-    def step(self):
+    def next_rows(self) -> torch.Tensor:
+        """(M, b) row indices: the same rows ours uses at this implementation's step."""
         fit = self.source.fit
-        saved = fit.step
-        fit.step = self.steps
-        index = fit._batch_index()   # the same rows ours uses at this step
+        saved, fit.step = fit.step, self.steps
+        index = fit._batch_index()
         fit.step = saved
         self.steps += 1
+        return index
+
+    def step(self):
+        fit, index = self.source.fit, self.next_rows()
         losses = []
         for m, (net, opt) in enumerate(zip(self.nets, self.opts)):
             x, y = fit.xs[index[m]], fit.ys[index[m]]
@@ -143,11 +152,7 @@ class VMap(Loop):
         self.opt = torch.optim.Adam(self.params.values(), lr=1e-3, foreach=True)
 
     def step(self):
-        fit = self.source.fit
-        saved, fit.step = fit.step, self.steps
-        index = fit._batch_index()
-        fit.step = saved
-        self.steps += 1
+        fit, index = self.source.fit, self.next_rows()
         x, y = fit.xs[index], fit.ys[index]
         if self.adversarial:
             x = x.clone().requires_grad_(True)
@@ -240,12 +245,7 @@ def inference(rows: int, reps: int) -> dict:
     """Predictive mean and variance for `rows` rows at M=5 (UCI size): ours vs a per-member loop."""
     X = torch.randn(rows, 13)
     e = DeepEnsemble(13, 1, num_members=M, hidden_dim=50, seed=0).eval()
-    nets = [nn.Sequential(nn.Linear(13, 50), nn.ReLU(), nn.Linear(50, 2)) for _ in range(M)]
-    with torch.no_grad():
-        for m, net in enumerate(nets):
-            for k, linear in enumerate(net[::2]):
-                linear.weight.copy_(e.members.weights[k][m].T)
-                linear.bias.copy_(e.members.biases[k][m, 0])
+    nets = unstacked(e, [13, 50, 2])
 
     @torch.no_grad()
     def naive():

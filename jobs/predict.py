@@ -28,6 +28,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from common import fail
 
+from ray_ensembles.data import filesystem_for
 from ray_ensembles.inference import BatchPredictor, feature_columns, load_any
 
 
@@ -48,12 +49,7 @@ def parse_args(argv=None):
 
 def open_input(path: str):
     """(filesystem, path, format) of the input, checked to exist."""
-    try:
-        filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-    except pa.ArrowInvalid:
-        if "://" in path:
-            raise ValueError(f"The '--data' option must be a local path or a URI that pyarrow.fs supports. Got {path!r} instead.") from None
-        filesystem, inner = pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
+    filesystem, inner = filesystem_for(path, "--data")
     info = filesystem.get_file_info(inner)
     if info.type == pyarrow.fs.FileType.NotFound:
         raise ValueError(f"The '--data' option names a file that does not exist. Got {path!r} instead.")

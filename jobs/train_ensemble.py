@@ -22,6 +22,7 @@ import torch
 from common import add_data_arguments, fail, load_data, num_classes
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
+from ray_ensembles.data import filesystem_for
 
 
 def parse_args(argv=None):
@@ -102,10 +103,7 @@ def run_config(args, output: Path):
 
     storage = args.storage_path or str((output / "runs").resolve())
     if args.name:
-        try:
-            filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
-        except Exception:
-            filesystem, root = pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
+        filesystem, root = filesystem_for(storage, "--storage-path")
         exists = filesystem.get_file_info(f"{root}/{args.name}").type != pyarrow.fs.FileType.NotFound
         if exists and not args.resume:
             raise ValueError(f"The '--name' option names a run that exists in {storage}; pass --resume "

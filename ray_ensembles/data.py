@@ -55,20 +55,29 @@ class TensorDataset:
                      for i in parts)
 
 
+def filesystem_for(path_or_uri: str, name: str = "data"):
+    """(pyarrow filesystem, path) for a local path or any URI pyarrow.fs understands
+    (s3://, gs://, hdfs://, file://); a clear error naming `name` for an unsupported scheme."""
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(str(path_or_uri))
+    except (pyarrow.ArrowInvalid, ValueError) as err:
+        if "://" in str(path_or_uri):
+            raise ValueError(f"The '{name}' parameter must be a local path or a URI that pyarrow.fs "
+                             f"supports. Got {path_or_uri!r} instead ({err}).") from None
+        return pyarrow.fs.LocalFileSystem(), str(Path(path_or_uri).resolve())
+
+
 def read_table(path_or_uri: str):
-    """A Parquet or CSV file (by extension) as a pyarrow Table, from a local path or any URI
-    pyarrow.fs understands (s3://, gs://, hdfs://, file://)."""
+    """A Parquet or CSV file (by extension) as a pyarrow Table, from a local path or a URI."""
+    import pyarrow
     import pyarrow.csv
     import pyarrow.fs
     import pyarrow.parquet
 
-    try:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(path_or_uri)
-    except (pyarrow.ArrowInvalid, ValueError) as err:
-        if "://" in str(path_or_uri):
-            raise ValueError(f"The 'data' parameter must be a local path or a URI that pyarrow.fs "
-                             f"supports. Got {path_or_uri!r} instead ({err}).") from None
-        filesystem, path = pyarrow.fs.LocalFileSystem(), str(Path(path_or_uri).resolve())
+    filesystem, path = filesystem_for(path_or_uri)
     info = filesystem.get_file_info(path)
     if info.type == pyarrow.fs.FileType.NotFound:
         raise ValueError(f"The 'data' parameter names a file that does not exist. Got {path_or_uri!r} instead.")

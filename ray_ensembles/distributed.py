@@ -26,7 +26,7 @@ from safetensors.torch import save as safetensors_save
 
 from . import storage
 from .metrics import ensemble_validation_metrics
-from .training import EnsembleFit, TrainSettings, make_accelerator
+from .training import EnsembleFit, TrainSettings, attach_validation, make_accelerator
 
 AUTOSCALING_ENV = "RAY_ENSEMBLES_AUTOSCALING"  # "1": the cluster grows on demand, skip the size check
 
@@ -160,8 +160,7 @@ def assemble(directory, ensemble) -> dict[int, dict]:
                 or meta.get("member_id") != m:
             raise ValueError(f"Member file {directory / storage.member_filename(m)} belongs to another "
                              f"ensemble (task {meta.get('task')}, config {meta.get('config')}).")
-        ensemble.members.load_member_state(
-            i, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        ensemble.members.load_member_state(i, storage.strip_prefix(tensors, "model."))
         ensemble.member_seeds[i] = meta["seed"]
         metadata[m] = meta
     steps = {meta["training"]["step"] for meta in metadata.values()}
@@ -293,13 +292,9 @@ class EpochMetricsCallback(ray.train.UserCallback):
                    for k, e in enumerate(metrics[0]["epochs"])]
         if self.y_validation is not None and checkpoint is not None:
             outputs = [safetensors_load(_read_bytes(checkpoint, storage.validation_filename(m))) for m in ids]
-            validation = ensemble_validation_metrics(
+            attach_validation(entries, metrics[0]["step"], ensemble_validation_metrics(
                 self.task, ids, torch.stack([o["log_lik"] for o in outputs]),
-                torch.stack([o["points"] for o in outputs]), self.y_validation)
-            if entries and entries[-1]["step"] == metrics[0]["step"]:
-                entries[-1].update(validation)
-            else:
-                entries.append({"step": metrics[0]["step"], **validation})
+                torch.stack([o["points"] for o in outputs]), self.y_validation))
         return entries
 
     def after_report(self, run_context, metrics, checkpoint):

@@ -300,7 +300,7 @@ class _Ensemble(nn.Module):
                              f"{err}") from None
         for i, m in enumerate(ids):
             tensors, _ = storage.read_member_file(path / entries[m]["file"], entries[m]["sha256"])
-            state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+            state = storage.strip_prefix(tensors, "model.")
             try:
                 ensemble.members.load_member_state(i, state)
             except ValueError as err:

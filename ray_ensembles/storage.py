@@ -46,6 +46,11 @@ def validation_filename(member_id: int) -> str:
     return f"validation_{member_id:03d}.safetensors"
 
 
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix` (e.g. "model."), with it removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

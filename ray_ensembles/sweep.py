@@ -122,8 +122,9 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     if resume and not name:
         raise ValueError("The 'resume' parameter of tune_ensemble needs the 'name' of the sweep. Got no name instead.")
     name = name or f"sweep-{os.urandom(3).hex()}"
-    storage = str(Path(storage_path or "tune_results").resolve()) if not (storage_path and "://" in str(storage_path)) \
-        else str(storage_path)
+    storage = str(storage_path or "tune_results")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
 
     # Each trial's workers plus its driver; the largest trial decides how many run at once.
     largest_m = _largest(space, "num_members", ensemble_options.get("num_members", 5))

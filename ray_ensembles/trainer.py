@@ -9,7 +9,7 @@ from . import storage
 from .data import TensorDataset
 from .ensemble import _Ensemble
 from .metrics import ensemble_validation_metrics
-from .training import EnsembleFit, TrainSettings, make_accelerator
+from .training import EnsembleFit, TrainSettings, attach_validation, make_accelerator
 from .validation import check_choice, check_float, check_int
 
 
@@ -117,12 +117,7 @@ class Trainer:
         """Emit the epochs since the last checkpoint, validation metrics on the one at `step`,
         to the history and the callback: the same entries, at the same points, as on Ray."""
         entries, self._pending_epochs = self._pending_epochs, []
-        if validation:
-            if entries and entries[-1]["step"] == step:
-                entries[-1].update(validation)
-            else:
-                entries.append({"step": step, **validation})
-        for entry in entries:
+        for entry in attach_validation(entries, step, validation):
             self.history.append(entry)
             if self.metrics_callback is not None:
                 self.metrics_callback(entry)

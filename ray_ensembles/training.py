@@ -53,6 +53,17 @@ class TrainSettings:
     max_restarts: int = 3          # per member, with on_divergence="restart"
 
 
+def attach_validation(entries: list[dict], step: int, validation: dict) -> list[dict]:
+    """Put validation metrics on the epoch entry that ended at `step`, or add an entry for a
+    checkpoint taken mid-epoch. The in-process and Ray paths report alike through this."""
+    if validation:
+        if entries and entries[-1]["step"] == step:
+            entries[-1].update(validation)
+        else:
+            entries.append({"step": step, **validation})
+    return entries
+
+
 def make_accelerator(amp: bool, cpu: bool) -> Accelerator:
     """An Accelerator for one process's device and mixed precision.
 
@@ -257,9 +268,9 @@ class EnsembleFit:
         members = self.ensemble.members
         online_prefix = "online." if self.ema is not None else "model."
         for i, (tensors, meta) in enumerate(loaded):
-            members.load_member_state(i, _strip(tensors, online_prefix))
+            members.load_member_state(i, storage.strip_prefix(tensors, online_prefix))
             if self.ema is not None:
-                self.ema.ema_model.load_member_state(i, _strip(tensors, "model."))
+                self.ema.ema_model.load_member_state(i, storage.strip_prefix(tensors, "model."))
             self.ensemble.member_seeds[i] = meta["seed"]
         training = loaded[0][1]["training"]
         self.step = training["step"]
@@ -267,7 +278,7 @@ class EnsembleFit:
             self.ema.step.fill_(training["ema_step"])
             self.ema.initted.fill_(training["ema_initted"])
         if self.step > 0:
-            moments = {key: members.assemble([_strip(t, f"adam.{key}.") for t, _ in loaded])
+            moments = {key: members.assemble([storage.strip_prefix(t, f"adam.{key}.") for t, _ in loaded])
                        for key in ("exp_avg", "exp_avg_sq")}
             state = {j: {"step": torch.tensor(float(self.step)), "exp_avg": moments["exp_avg"][name],
                          "exp_avg_sq": moments["exp_avg_sq"][name]}
@@ -275,6 +286,3 @@ class EnsembleFit:
             self.optimizer.load_state_dict({"state": state,
                                             "param_groups": self.optimizer.state_dict()["param_groups"]})
 
-
-def _strip(tensors: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
