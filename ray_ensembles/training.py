@@ -134,8 +134,12 @@ class EnsembleFit:
 
     def _check_finite(self, losses) -> list[int]:
         """Indices of members whose loss is not finite; raises unless they may restart."""
-        finite = torch.isfinite(losses).cpu()
-        self.last_finite_loss = torch.where(finite, losses.cpu(), self.last_finite_loss)
+        losses = losses.cpu()  # the step's one device sync
+        finite = torch.isfinite(losses)
+        if finite.all():  # the usual case: no per-member work on the hot path
+            self.last_finite_loss = losses
+            return []
+        self.last_finite_loss = torch.where(finite, losses, self.last_finite_loss)
         bad = (~finite).nonzero()[:, 0].tolist()
         for i in bad:
             if self.settings.on_divergence != "restart" or self.attempts[i] >= self.settings.max_restarts:
