@@ -26,6 +26,9 @@ from .ensemble import write_ensemble_directory
 from .members import epoch_permutations, member_seed
 
 
+GATHER_BYTES = 32 << 20  # rows gathered ahead for the coming steps
+
+
 class MemberDivergedError(RuntimeError):
     """A member's loss became NaN or inf."""
 
@@ -76,6 +79,51 @@ def make_accelerator(amp: bool, cpu: bool) -> Accelerator:
     return Accelerator(mixed_precision="bf16" if amp else "no", cpu=cpu)
 
 
+class StackedAdam:
+    """Adam over the members' parameters: one fused kernel call per step.
+
+    It calls the kernel torch.optim.Adam(fused=True) calls, so the arithmetic is the same. What it
+    drops is that class's per-step Python work (grouping tensors by device and dtype, hooks,
+    profiler ranges, lazy state), which at UCI size cost more than the kernel itself. Adam is
+    elementwise, so one call over the stack is M independent Adams.
+    """
+
+    def __init__(self, named_parameters, lr: float, weight_decay: float):
+        self.names, self.params = zip(*named_parameters)
+        self.moments = {key: [torch.zeros_like(p) for p in self.params] for key in ("exp_avg", "exp_avg_sq")}
+        self.lr, self.weight_decay = lr, weight_decay
+        # per parameter, as torch's Adam counts them: a parameter without a gradient skips a step
+        self.steps = [torch.zeros((), device=p.device) for p in self.params]
+
+    def named_moments(self, key: str) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.moments[key]))
+
+    def load_moments(self, moments: dict[str, dict[str, torch.Tensor]], step: int):
+        with torch.no_grad():
+            for key, named in moments.items():
+                for name, t in zip(self.names, self.moments[key]):
+                    t.copy_(named[name])
+        for t in self.steps:
+            t.fill_(step)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]  # a factory member may leave some unused
+        if not live:
+            return
+        pick = (lambda ts: [ts[i] for i in live]) if len(live) < len(self.params) else list
+        steps = pick(self.steps)
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(pick(self.params), [self.params[i].grad for i in live],
+                           pick(self.moments["exp_avg"]), pick(self.moments["exp_avg_sq"]), [],
+                           steps, amsgrad=False, lr=self.lr, beta1=0.9,
+                           beta2=0.999, weight_decay=self.weight_decay, eps=1e-8, maximize=False)
+
+
 class EnsembleFit:
     """Training state of the members held by one process: weights, Adam, EMA and step."""
 
@@ -88,37 +136,57 @@ class EnsembleFit:
         self.xs = ensemble.standardize_x(x.to(device))             # (N, D)
         self.ys = ensemble.standardize_y(ensemble._check_y(y, len(x)))  # (N, T) or (N,)
         self.steps_per_epoch = math.ceil(len(x) / settings.batch_size)
-        self.params = list(ensemble.members.parameters())
-        self.optimizer = torch.optim.Adam(self.params, lr=settings.lr,
-                                          weight_decay=settings.weight_decay, fused=True)
+        self.optimizer = StackedAdam(ensemble.members.named_parameters(), settings.lr, settings.weight_decay)
         self.ema = None
         if settings.ema_decay > 0:
             self.ema = EMA(ensemble.members, beta=settings.ema_decay, update_after_step=0,
                            update_every=settings.ema_update_every, include_online_model=False,
                            use_foreach=True)
         self.step = 0
-        self._order, self._order_epoch = None, -1
+        self._order, self._order_epoch, self._gathered = None, -1, None
+        self._row_bytes = (self.xs[0].numel() * self.xs.element_size()
+                           + self.ys[0].numel() * self.ys.element_size())
         self.last_finite_loss = torch.full((ensemble.num_members,), float("nan"))
         self.attempts = [0] * ensemble.num_members
 
     # the step -----------------------------------------------------------------------------------
 
-    def _batch_index(self) -> torch.Tensor:
-        """(M, b) row indices of every member's mini-batch at the current step."""
-        epoch, position = divmod(self.step, self.steps_per_epoch)
+    def batch_rows(self, step: int) -> torch.Tensor:
+        """(M, b) row indices of every member's mini-batch at `step`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        b = self.settings.batch_size
+        return self._epoch_order(epoch)[:, position * b:(position + 1) * b]
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._order_epoch:
             self._order = epoch_permutations(self.ensemble.member_seeds, epoch,
                                              len(self.xs)).to(self.xs.device)
-            self._order_epoch = epoch
-        b = self.settings.batch_size
-        return self._order[:, position * b:(position + 1) * b]
+            self._order_epoch, self._gathered = epoch, None
+        return self._order
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's mini-batch at the current step, (M, b, D) and (M, b, ...).
+
+        Rows are gathered for up to GATHER_BYTES worth of steps at once: a slice of that is one
+        cheap view per step, where a gather per step was two index ops.
+        """
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        order, b = self._epoch_order(epoch), self.settings.batch_size
+        steps_per_gather = max(1, GATHER_BYTES // (order.shape[0] * b * self._row_bytes))
+        first = position - position % steps_per_gather
+        if self._gathered is None or self._gathered[0] != first:
+            rows = order[:, first * b:(first + steps_per_gather) * b]
+            self._gathered = (first, self.xs[rows], self.ys[rows])
+        _, xs, ys = self._gathered
+        offset = (position - first) * b
+        return xs[:, offset:offset + b], ys[:, offset:offset + b]
 
     def train_step(self) -> torch.Tensor:
         """One step for all members; returns their losses (M,)."""
-        index = self._batch_index()
+        xs, ys = self._batch()
         with self.accelerator.autocast():
-            losses = self.ensemble.member_losses(self.xs[index], self.ys[index], step=self.step)  # (M,)
-        self.optimizer.zero_grad(set_to_none=True)
+            losses = self.ensemble.member_losses(xs, ys, step=self.step)  # (M,)
+        self.optimizer.zero_grad()
         losses.sum().backward()
         losses = losses.detach()
         diverged = self._check_finite(losses)
@@ -135,10 +203,10 @@ class EnsembleFit:
     def _check_finite(self, losses) -> list[int]:
         """Indices of members whose loss is not finite; raises unless they may restart."""
         losses = losses.cpu()  # the step's one device sync
-        finite = torch.isfinite(losses)
-        if finite.all():  # the usual case: no per-member work on the hot path
+        if math.isfinite(losses.sum()):  # the usual case: no per-member work on the hot path
             self.last_finite_loss = losses
             return []
+        finite = torch.isfinite(losses)
         self.last_finite_loss = torch.where(finite, losses, self.last_finite_loss)
         bad = (~finite).nonzero()[:, 0].tolist()
         for i in bad:
@@ -161,8 +229,7 @@ class EnsembleFit:
             members.reset_member(i, seed)
             scale[i] = 0.0
             for key in ("exp_avg", "exp_avg_sq"):
-                members.zero_member_(i, {name: self.optimizer.state[p][key] for name, p in
-                                         members.named_parameters() if p in self.optimizer.state})
+                members.zero_member_(i, self.optimizer.named_moments(key))
             if self.ema is not None:
                 self.ema.ema_model.load_member_state(i, members.member_state(i))
         members.scale_grads(scale)
@@ -233,8 +300,7 @@ class EnsembleFit:
         trained when EMA is on, `adam.*` the optimiser moments.
         """
         members = self.ensemble.members
-        moments = {key: {name: self.optimizer.state[p][key] for name, p in members.named_parameters()
-                         if p in self.optimizer.state} for key in ("exp_avg", "exp_avg_sq")}
+        moments = {key: self.optimizer.named_moments(key) for key in ("exp_avg", "exp_avg_sq")}
         files = {}
         for i, m in enumerate(self.ensemble.member_ids):
             predicting = self.ema.ema_model if self.ema is not None else members
@@ -282,11 +348,7 @@ class EnsembleFit:
             self.ema.step.fill_(training["ema_step"])
             self.ema.initted.fill_(training["ema_initted"])
         if self.step > 0:
-            moments = {key: members.assemble([storage.strip_prefix(t, f"adam.{key}.") for t, _ in loaded])
-                       for key in ("exp_avg", "exp_avg_sq")}
-            state = {j: {"step": torch.tensor(float(self.step)), "exp_avg": moments["exp_avg"][name],
-                         "exp_avg_sq": moments["exp_avg_sq"][name]}
-                     for j, (name, _) in enumerate(members.named_parameters())}
-            self.optimizer.load_state_dict({"state": state,
-                                            "param_groups": self.optimizer.state_dict()["param_groups"]})
+            self.optimizer.load_moments(
+                {key: members.assemble([storage.strip_prefix(t, f"adam.{key}.") for t, _ in loaded])
+                 for key in ("exp_avg", "exp_avg_sq")}, self.step)
 

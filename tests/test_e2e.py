@@ -1,17 +1,13 @@
 """A real local Ray head, a real `ray job submit`, and the head stopped by its own PID."""
 
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from common import local_ray_head
 from conftest import REPO
 from ray_ensembles import DeepEnsemble
 
@@ -19,46 +15,10 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ray_head(tmp_path):
-    """`ray start --head --block` under our control; never `ray stop`, which kills every Ray."""
-    dashboard, gcs = free_port(), free_port()
-    # `python` in a job's entrypoint resolves with the head's PATH: put this interpreter first
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = Path("/tmp") / f"rayens-{os.getpid()}-{gcs}"  # short: Ray's socket paths are length-limited
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
-         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or head.poll() is not None:
-                    pytest.fail("the Ray head did not start")
-                time.sleep(1)
+def ray_head():
+    with local_ray_head() as (address, env, _):
         yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # the head we started, by its PID, and its children
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
 
 
 def test_ray_job_submit_trains_and_saves_an_ensemble(ray_head, tmp_path):

@@ -117,3 +117,24 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(case, call, error, mess
     with pytest.raises(error, match=message):
         call()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stacked_adam_equals_torch_fused_adam_bit_for_bit():
+    """The loop's Adam calls torch's fused kernel without torch.optim's bookkeeping; a parameter
+    left without a gradient skips the step, as in torch.optim.Adam."""
+    from ray_ensembles.training import StackedAdam
+    g = torch.Generator().manual_seed(0)
+    ours = {name: torch.randn(3, 4, 5, generator=g, requires_grad=True) for name in ("a", "b")}
+    theirs = {k: v.detach().clone().requires_grad_() for k, v in ours.items()}
+    adam = StackedAdam(ours.items(), lr=1e-2, weight_decay=1e-3)
+    reference = torch.optim.Adam(theirs.values(), lr=1e-2, weight_decay=1e-3, fused=True)
+    for step in range(6):
+        grads = {k: torch.randn(3, 4, 5, generator=g) for k in ours}
+        for params in (ours, theirs):
+            for k, p in params.items():
+                p.grad = None if (k == "b" and step % 2) else grads[k].clone()
+        adam.step()
+        reference.step()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k])
+        assert torch.equal(adam.named_moments("exp_avg_sq")[k], reference.state[theirs[k]]["exp_avg_sq"])
