@@ -95,6 +95,7 @@ def main(argv=None):
     for k in range(args.sweeps):
         jobs[f"sweep{k}"] = [python, str(JOBS / "tune_ensemble.py"), *data, "--num-members", "2,3",
                              "--adversarial-eps", "0,0.01", "--epochs", str(args.epochs), "--seed", str(k),
+                             "--cpus-per-worker", "0.5",
                              "--output", str(out / f"sweep{k}"), "--name", f"load-sweep{k}"]
     jobs["predict"] = [python, str(JOBS / "predict.py"), "--ensemble", str(out / "small_ensemble"),
                        "--data", str(table), "--output", str(out / "predictions.parquet"),

@@ -117,16 +117,19 @@ def main(argv=None):
         import ray.data
         if not ray.is_initialized():
             ray.init()
-        # Ray Data's read and write tasks take a whole CPU each: actors that leave less than one
-        # free would starve them and hang the pipeline
-        cpus = min(args.cpus_per_worker, max(0.1, (ray.cluster_resources().get("CPU", 1) - 1) / args.num_workers))
+        # Read and write tasks ask for no CPU. The predicting actors hold theirs for the whole run,
+        # so a read that waited for a CPU could wait forever: behind them, and behind other jobs'
+        # tasks that wait in turn (seen in jobs/load_test.py with Tune trials beside this job).
+        # (Ray Data's V2 Parquet reader adds a file-listing task that always asks for one CPU.)
+        ray.data.DataContext.get_current().use_datasource_v2 = False
+        no_cpu = {"num_cpus": 0}
         read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv
-        dataset = read(args.data if "://" in args.data else path)
+        dataset = read(args.data if "://" in args.data else path, ray_remote_args=no_cpu)
         dataset = dataset.map_batches(BatchPredictor, fn_constructor_kwargs=dict(kwargs, ensemble_path=args.ensemble),
                                       batch_size=args.batch_size, batch_format="pyarrow",
-                                      concurrency=args.num_workers, num_cpus=cpus,
+                                      concurrency=args.num_workers, num_cpus=args.cpus_per_worker,
                                       num_gpus=1 if args.use_gpu else 0)
-        dataset.write_parquet(str(target))
+        dataset.write_parquet(str(target), ray_remote_args=no_cpu)
         rows = pq.ParquetDataset(str(target)).read(columns=[]).num_rows if local_output else -1
     if local_output:
         if final.exists():
