@@ -306,7 +306,7 @@ def ray_overhead(output: Path) -> dict:
     from ray_ensembles import DeepEnsembleClassifier
     for workers in (1, 2):
         clf = DeepEnsembleClassifier(784, 10, num_members=4, hidden_dim=200, depth=3, seed=0)
-        t = Trainer(clf, TensorDataset(images, labels), train_batch_size=BATCH, train_num_epochs=5, save_every=10 ** 9,
+        t = Trainer(clf, TensorDataset(images, labels), train_batch_size=BATCH, train_num_epochs=20, save_every=10 ** 9,
                     results_folder=output / "fit", scaling_config=ScalingConfig(num_workers=workers,
                                                                                 resources_per_worker={"CPU": 1}))
         t.train()

@@ -1,11 +1,13 @@
 """The coordinator and member placement, without starting Ray."""
 
+import os
+
 import pytest
 import torch
 from ray.train import RunConfig, ScalingConfig
 
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer, storage
-from ray_ensembles.distributed import assemble, assign_members
+from ray_ensembles.distributed import POLL_ENV, _env_default, assemble, assign_members
 from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
 
 X, Y = torch.randn(60, 2), torch.randn(60, 1)
@@ -68,3 +70,14 @@ def test_bad_ray_requests_fail_before_ray_starts(kwargs, error, message, tmp_pat
     with pytest.raises(error, match=message):
         Trainer(DeepEnsemble(dim_in=2, num_members=3), TensorDataset(X, Y), results_folder=tmp_path, **kwargs)
     assert not ray.is_initialized()
+
+
+def test_the_faster_controller_poll_is_set_for_the_fit_only_and_never_over_the_users(monkeypatch):
+    monkeypatch.delenv(POLL_ENV, raising=False)
+    with _env_default(POLL_ENV, "0.2"):
+        assert os.environ[POLL_ENV] == "0.2"
+    assert POLL_ENV not in os.environ
+    monkeypatch.setenv(POLL_ENV, "5")
+    with _env_default(POLL_ENV, "0.2"):
+        assert os.environ[POLL_ENV] == "5"
+    assert os.environ[POLL_ENV] == "5"
