@@ -75,7 +75,6 @@ def main(argv=None):
     p.add_argument("--workdir", default="outputs/benchmark_predict")
     p.add_argument("--batch-size", type=int, default=65536)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     e = DeepEnsemble(13, 1, num_members=5, hidden_dim=50, seed=0)
