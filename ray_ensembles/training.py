@@ -86,25 +86,47 @@ class StackedAdam:
     drops is that class's per-step Python work (grouping tensors by device and dtype, hooks,
     profiler ranges, lazy state), which at UCI size cost more than the kernel itself. Adam is
     elementwise, so one call over the stack is M independent Adams.
+
+    Step counts are kept per member, as M separate Adams would: a member restarted after
+    divergence starts its bias correction afresh. (With the stack's shared count, its first
+    hundred updates were up to 6x larger than a fresh Adam's.) While every member's count is the
+    same, the kernel runs on the stacked tensors; after a restart, on per-member views.
     """
 
-    def __init__(self, named_parameters, lr: float, weight_decay: float):
-        self.names, self.params = zip(*named_parameters)
-        self.moments = {key: [torch.zeros_like(p) for p in self.params] for key in ("exp_avg", "exp_avg_sq")}
+    KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+    def __init__(self, members, num_members: int, lr: float, weight_decay: float):
+        self.members = members
+        named = dict(members.named_parameters())
+        self.names, self.params = list(named), list(named.values())
+        # per member and parameter: (M,) for a stacked parameter, () for one a single member owns
+        steps = members.assemble([{k: torch.zeros((), device=v.device) for k, v in members.member_view(i, named).items()}
+                                  for i in range(num_members)])
+        self.state = {"exp_avg": [torch.zeros_like(p) for p in self.params],
+                      "exp_avg_sq": [torch.zeros_like(p) for p in self.params],
+                      "step": [steps[name] for name in self.names]}
         self.lr, self.weight_decay = lr, weight_decay
-        # per parameter, as torch's Adam counts them: a parameter without a gradient skips a step
-        self.steps = [torch.zeros((), device=p.device) for p in self.params]
+        self._counts_changed()
 
-    def named_moments(self, key: str) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.moments[key]))
+    def named_state(self, key: str) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.state[key]))
 
-    def load_moments(self, moments: dict[str, dict[str, torch.Tensor]], step: int):
+    def load_state(self, state: dict[str, dict[str, torch.Tensor]]):
         with torch.no_grad():
-            for key, named in moments.items():
-                for name, t in zip(self.names, self.moments[key]):
+            for key, named in state.items():
+                for name, t in zip(self.names, self.state[key]):
                     t.copy_(named[name])
-        for t in self.steps:
-            t.fill_(step)
+        self._counts_changed()
+
+    def reset_member(self, index: int):
+        """A fresh Adam for member `index` only: zero moments and step count."""
+        for key in self.KEYS:
+            self.members.zero_member_(index, self.named_state(key))
+        self._counts_changed()
+
+    def _counts_changed(self):
+        self._uniform = all(bool((s == s.flatten()[0]).all()) for s in self.state["step"])
+        self._first_counts = [s.flatten()[0] for s in self.state["step"]]  # views: always current
 
     def zero_grad(self):
         for p in self.params:
@@ -112,16 +134,22 @@ class StackedAdam:
 
     @torch.no_grad()
     def step(self):
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]  # a factory member may leave some unused
+        live = [j for j, p in enumerate(self.params) if p.grad is not None]  # a factory member may leave some unused
         if not live:
             return
-        pick = (lambda ts: [ts[i] for i in live]) if len(live) < len(self.params) else list
-        steps = pick(self.steps)
-        torch._foreach_add_(steps, 1)
-        torch._fused_adam_(pick(self.params), [self.params[i].grad for i in live],
-                           pick(self.moments["exp_avg"]), pick(self.moments["exp_avg_sq"]), [],
-                           steps, amsgrad=False, lr=self.lr, beta1=0.9,
-                           beta2=0.999, weight_decay=self.weight_decay, eps=1e-8, maximize=False)
+        exp_avg, exp_avg_sq, steps = (self.state[k] for k in self.KEYS)
+        torch._foreach_add_([steps[j] for j in live], 1)
+        if self._uniform:
+            tensors = [(self.params[j], self.params[j].grad, exp_avg[j], exp_avg_sq[j], self._first_counts[j])
+                       for j in live]
+        else:
+            tensors = [(self.params[j][i], self.params[j].grad[i], exp_avg[j][i], exp_avg_sq[j][i], steps[j][i])
+                       if steps[j].ndim else
+                       (self.params[j], self.params[j].grad, exp_avg[j], exp_avg_sq[j], steps[j])
+                       for j in live for i in range(len(steps[j]) if steps[j].ndim else 1)]
+        params, grads, exp_avgs, exp_avg_sqs, counts = map(list, zip(*tensors))
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], counts, amsgrad=False, lr=self.lr,
+                           beta1=0.9, beta2=0.999, weight_decay=self.weight_decay, eps=1e-8, maximize=False)
 
 
 class EnsembleFit:
@@ -136,7 +164,7 @@ class EnsembleFit:
         self.xs = ensemble.standardize_x(x.to(device))             # (N, D)
         self.ys = ensemble.standardize_y(ensemble._check_y(y, len(x)))  # (N, T) or (N,)
         self.steps_per_epoch = math.ceil(len(x) / settings.batch_size)
-        self.optimizer = StackedAdam(ensemble.members.named_parameters(), settings.lr, settings.weight_decay)
+        self.optimizer = StackedAdam(ensemble.members, ensemble.num_members, settings.lr, settings.weight_decay)
         self.ema = None
         if settings.ema_decay > 0:
             self.ema = EMA(ensemble.members, beta=settings.ema_decay, update_after_step=0,
@@ -190,13 +218,13 @@ class EnsembleFit:
         losses.sum().backward()
         losses = losses.detach()
         diverged = self._check_finite(losses)
-        if diverged:
-            self._restart_members(diverged)
         if self.settings.max_grad_norm is not None:
             self._clip_per_member(self.settings.max_grad_norm)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update()
+        if diverged:  # after the step: every update is elementwise, so NaN stayed in their own slices
+            self._restart_members(diverged)
         self.step += 1
         return losses
 
@@ -218,24 +246,17 @@ class EnsembleFit:
     @torch.no_grad()
     def _restart_members(self, indices: list[int]):
         """Re-initialise only these members, each from a fresh seed derived from
-        (seed, member id, attempt), with zeroed gradient and Adam moments. They train on for the
-        remaining steps; every other member's tensors are left untouched."""
+        (seed, member id, attempt), with a fresh Adam and EMA. They train on for the remaining
+        steps; every other member's tensors are left untouched."""
         members = self.ensemble.members
-        scale = torch.ones(self.ensemble.num_members, device=self.xs.device)
         for i in indices:
             self.attempts[i] += 1
             seed = member_seed(self.ensemble.seed, self.ensemble.member_ids[i], self.attempts[i])
             self.ensemble.member_seeds[i] = seed
             members.reset_member(i, seed)
-            scale[i] = 0.0
-            for key in ("exp_avg", "exp_avg_sq"):
-                members.zero_member_(i, self.optimizer.named_moments(key))
+            self.optimizer.reset_member(i)
             if self.ema is not None:
                 self.ema.ema_model.load_member_state(i, members.member_state(i))
-        members.scale_grads(scale)
-        for p in members.parameters():  # 0 * NaN is NaN: clear the restarted members' gradients
-            if p.grad is not None:
-                p.grad.nan_to_num_(0.0, 0.0, 0.0)
         self._order_epoch = -1  # their data order follows their new seeds
 
     @torch.no_grad()
@@ -297,17 +318,17 @@ class EnsembleFit:
         """Per member id: the tensors of its checkpoint file and its metadata.
 
         `model.*` holds the weights to predict with (EMA when on), `online.*` the weights being
-        trained when EMA is on, `adam.*` the optimiser moments.
+        trained when EMA is on, `adam.*` the optimiser's moments and step counts.
         """
         members = self.ensemble.members
-        moments = {key: self.optimizer.named_moments(key) for key in ("exp_avg", "exp_avg_sq")}
+        adam = {key: self.optimizer.named_state(key) for key in StackedAdam.KEYS}
         files = {}
         for i, m in enumerate(self.ensemble.member_ids):
             predicting = self.ema.ema_model if self.ema is not None else members
             tensors = {f"model.{k}": v for k, v in predicting.member_state(i).items()}
             if self.ema is not None:
                 tensors.update({f"online.{k}": v for k, v in members.member_state(i).items()})
-            for key, named in moments.items():
+            for key, named in adam.items():
                 tensors.update({f"adam.{key}.{k}": v for k, v in members.member_view(i, named).items()})
             metadata = dict(self.ensemble.member_metadata(i), training=self.training_state(),
                             train_loss=float(self.last_finite_loss[i]))
@@ -348,7 +369,7 @@ class EnsembleFit:
             self.ema.step.fill_(training["ema_step"])
             self.ema.initted.fill_(training["ema_initted"])
         if self.step > 0:
-            self.optimizer.load_moments(
+            self.optimizer.load_state(
                 {key: members.assemble([storage.strip_prefix(t, f"adam.{key}.") for t, _ in loaded])
-                 for key in ("exp_avg", "exp_avg_sq")}, self.step)
+                 for key in StackedAdam.KEYS})
 

@@ -119,22 +119,37 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(case, call, error, mess
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stacked_adam_equals_torch_fused_adam_bit_for_bit():
-    """The loop's Adam calls torch's fused kernel without torch.optim's bookkeeping; a parameter
-    left without a gradient skips the step, as in torch.optim.Adam."""
+def test_stacked_adam_is_torch_fused_adam_per_member_and_restarts_one_member_afresh():
+    """The loop's Adam calls torch's fused kernel without torch.optim's bookkeeping: bit-identical
+    to torch.optim.Adam(fused=True), also when a parameter has no gradient for a step. After
+    reset_member(1), member 1 follows a brand-new torch Adam while members 0 and 2 carry on."""
+    from ray_ensembles.members import StackedMLP
     from ray_ensembles.training import StackedAdam
     g = torch.Generator().manual_seed(0)
-    ours = {name: torch.randn(3, 4, 5, generator=g, requires_grad=True) for name in ("a", "b")}
-    theirs = {k: v.detach().clone().requires_grad_() for k, v in ours.items()}
-    adam = StackedAdam(ours.items(), lr=1e-2, weight_decay=1e-3)
+    members = StackedMLP(3, 4, 2, hidden_dim=5, depth=1)
+    for i in range(3):
+        members.reset_member(i, seed=i)
+    params = dict(members.named_parameters())
+    theirs = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    adam = StackedAdam(members, 3, lr=1e-2, weight_decay=1e-3)
     reference = torch.optim.Adam(theirs.values(), lr=1e-2, weight_decay=1e-3, fused=True)
-    for step in range(6):
-        grads = {k: torch.randn(3, 4, 5, generator=g) for k in ours}
-        for params in (ours, theirs):
-            for k, p in params.items():
-                p.grad = None if (k == "b" and step % 2) else grads[k].clone()
+    fresh, fresh_adam = None, None
+    for step in range(8):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        for named in (params, theirs):
+            for k, p in named.items():
+                p.grad = None if (k == "biases.0" and step % 3 == 1) else grads[k].clone()
+        if fresh is not None:
+            for k, p in fresh.items():
+                p.grad = theirs[k].grad[1].clone() if theirs[k].grad is not None else None
+            fresh_adam.step()
         adam.step()
         reference.step()
-    for k in ours:
-        assert torch.equal(ours[k], theirs[k])
-        assert torch.equal(adam.named_moments("exp_avg_sq")[k], reference.state[theirs[k]]["exp_avg_sq"])
+        if step == 3:  # restart member 1: from now on it must match a new Adam on its own weights
+            adam.reset_member(1)
+            fresh = {k: v[1].detach().clone().requires_grad_() for k, v in params.items()}
+            fresh_adam = torch.optim.Adam(fresh.values(), lr=1e-2, weight_decay=1e-3, fused=True)
+        for k in params:
+            for i in (0, 2):
+                assert torch.equal(params[k][i], theirs[k][i])
+            assert torch.equal(params[k][1], theirs[k][1] if fresh is None else fresh[k])
