@@ -112,6 +112,11 @@ class StackedAdam:
         return dict(zip(self.names, self.state[key]))
 
     def load_state(self, state: dict[str, dict[str, torch.Tensor]]):
+        missing = sorted({f"adam.{key}.*" for key in self.KEYS for name in self.names if name not in state[key]})
+        if missing:
+            raise ValueError(f"The checkpoint lacks the optimiser state {missing}, so training cannot resume "
+                             "from it (files from before per-member Adam step counts). It still loads "
+                             "as an ensemble.")
         with torch.no_grad():
             for key, named in state.items():
                 for name, t in zip(self.names, self.state[key]):

@@ -153,3 +153,23 @@ def test_stacked_adam_is_torch_fused_adam_per_member_and_restarts_one_member_afr
             for i in (0, 2):
                 assert torch.equal(params[k][i], theirs[k][i])
             assert torch.equal(params[k][1], theirs[k][1] if fresh is None else fresh[k])
+
+
+def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_data, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+    X, y = toy_data
+    settings = TrainSettings(batch_size=32, num_steps=10)
+    fit = EnsembleFit(make(), X, y, settings, make_accelerator(False, True))
+    fit.run()
+    fit.save_checkpoint(tmp_path / "new")
+    old = tmp_path / "old"  # member files as written before step counts were saved (no manifest)
+    old.mkdir()
+    for f in (tmp_path / "new").glob("member_*.safetensors"):
+        with safe_open(f, "pt") as member:
+            tensors = {k: member.get_tensor(k) for k in member.keys() if not k.startswith("adam.step.")}
+            save_file(tensors, old / f.name, metadata=member.metadata())
+    with pytest.raises(ValueError, match=r"lacks the optimiser state \['adam.step.\*'\]"):
+        EnsembleFit(make(), X, y, settings, make_accelerator(False, True)).restore(old)
+    EnsembleFit(make(), X, y, settings, make_accelerator(False, True)).restore(tmp_path / "new")
