@@ -29,6 +29,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from common import local_ray_head
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
@@ -107,7 +108,6 @@ def main(argv=None):
         idle_rss = tree_rss(head_process)
         start = time.time()
         ids = {name: submit(address, env, entrypoint) for name, entrypoint in jobs.items()}
-        from ray.job_submission import JobStatus, JobSubmissionClient
         client = JobSubmissionClient(address)
         status, finished, peak_rss, peak_used = {}, {}, idle_rss, 0
         while len(finished) < len(ids) and time.time() - start < args.timeout:
