@@ -2,7 +2,7 @@
 """Load test: many jobs at once on one small Ray head, with nothing lost and memory bounded.
 
     python jobs/load_test.py               # 16 members on 2 workers + 4 sweeps + Ray Data predict
-    python jobs/load_test.py --smoke-test  # 4 members + 2 sweeps + predict, for CI
+    python jobs/load_test.py --smoke-test  # 4 members + 2 sweeps + predict, about 3 minutes
 
 It starts its own local Ray head (2 CPUs, like this machine), submits every job with
 `ray job submit --no-wait`, and waits for all of them. The jobs compete for the same 2 CPUs:
