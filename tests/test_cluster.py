@@ -29,8 +29,11 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_removing_a_node_mid_run_loses_no_member(two_nodes, tmp_path):
+def test_removing_a_node_mid_run_loses_no_member(two_nodes, tmp_path, monkeypatch):
     cluster, second = two_nodes
+    # Each report waits for the controller's poll: 0.5 s makes the 15 checkpoints take at least
+    # 7 s, so the node goes while the run is still going.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # the reference stacks members as the two workers do ({0, 2} and {1, 3}): over 1,500 steps,
     # float rounding that differs between stack sizes can grow in a sensitive member
     references = {}
@@ -60,6 +63,7 @@ def test_removing_a_node_mid_run_loses_no_member(two_nodes, tmp_path):
     while not list((tmp_path / "runs" / "two-nodes").glob("checkpoint_*")):
         assert time.time() < deadline and run.is_alive()
         time.sleep(0.1)
+    assert run.is_alive(), "the run ended before the node could be removed"
     cluster.remove_node(second)  # its worker, and the members it trained, go with it
     run.join(timeout=300)
     assert not run.is_alive() and outcome == {"finished": True}, outcome

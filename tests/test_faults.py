@@ -21,7 +21,9 @@ def test_a_killed_driver_resumes_with_the_same_name_to_the_same_result(tmp_path)
     argv = [sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--epochs", "3000", "--save-every", "300",
             "--num-members", "2", "--num-workers", "1", "--storage-path", str(runs), "--name", "r",
             "--output", str(tmp_path / "out")]
-    env = dict(os.environ, RAY_ADDRESS="")
+    # Each report waits for the controller's poll: 0.5 s makes the ten checkpoints take at least
+    # 5 s, so the job is still running when the kill comes (with faster polls it could finish first).
+    env = dict(os.environ, RAY_ADDRESS="", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 120
