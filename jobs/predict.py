@@ -110,7 +110,7 @@ def main(argv=None):
     kwargs = dict(features=features, coverage=args.coverage, use_gpu=args.use_gpu, keep=keep)
     rows = 0
     if args.num_workers == 0:
-        predictor = BatchPredictor(args.ensemble, **kwargs)
+        predictor = BatchPredictor(ensemble, **kwargs)  # the one loaded above: read it once
         Path(target).mkdir(parents=True)
         writer = None
         for table in input_batches(filesystem, path, fmt, args.batch_size):
@@ -134,7 +134,7 @@ def main(argv=None):
         no_cpu = {"num_cpus": 0}
         read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv
         dataset = read(args.data if "://" in args.data else path, ray_remote_args=no_cpu)
-        dataset = dataset.map_batches(BatchPredictor, fn_constructor_kwargs=dict(kwargs, ensemble_path=args.ensemble),
+        dataset = dataset.map_batches(BatchPredictor, fn_constructor_kwargs=dict(kwargs, ensemble=args.ensemble),
                                       batch_size=args.batch_size, batch_format="pyarrow",
                                       concurrency=args.num_workers, num_cpus=args.cpus_per_worker,
                                       num_gpus=1 if args.use_gpu else 0)

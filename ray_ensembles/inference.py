@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from . import storage
+from .data import filesystem_for
 from .ensemble import DeepEnsemble, DeepEnsembleClassifier
 
 
@@ -25,11 +26,7 @@ def fetch_ensemble_directory(path_or_uri: str) -> Path:
     if "://" not in str(path_or_uri):
         return Path(path_or_uri)
     import pyarrow.fs
-    try:
-        filesystem, root = pyarrow.fs.FileSystem.from_uri(path_or_uri)
-    except pa.ArrowInvalid as err:
-        raise ValueError(f"The 'ensemble' parameter must be a local path or a URI that pyarrow.fs "
-                         f"supports. Got {path_or_uri!r} instead ({err}).") from None
+    filesystem, root = filesystem_for(path_or_uri, "ensemble")
     local = Path(tempfile.mkdtemp(prefix="ensemble-"))
     pyarrow.fs.copy_files(root, str(local), source_filesystem=filesystem)
     return local
@@ -81,12 +78,17 @@ def prediction_columns(ensemble, X: torch.Tensor, coverage: float = 0.9,
 
 
 class BatchPredictor:
-    """Loads the ensemble once (per process or Ray actor); maps input tables to output tables."""
+    """Holds the ensemble (loaded once per process or Ray actor); maps input tables to output tables.
 
-    def __init__(self, ensemble_path: str, features: list[str] | None = None, coverage: float = 0.9,
+    `ensemble`: a loaded ensemble, or the folder or URI of a saved one (how Ray actors get it).
+    """
+
+    def __init__(self, ensemble, features: list[str] | None = None, coverage: float = 0.9,
                  use_gpu: bool = False, keep: list[str] | None = None):
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.ensemble = load_any(ensemble_path, map_location=device).eval()
+        if isinstance(ensemble, (str, Path)):
+            ensemble = load_any(ensemble, map_location=device)
+        self.ensemble = ensemble.to(device).eval()
         self.features, self.coverage, self.keep = features, coverage, keep
 
     def __call__(self, table: pa.Table) -> pa.Table:

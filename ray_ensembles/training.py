@@ -144,14 +144,11 @@ class StackedAdam:
             return
         exp_avg, exp_avg_sq, steps = (self.state[k] for k in self.KEYS)
         torch._foreach_add_([steps[j] for j in live], 1)
-        if self._uniform:
-            tensors = [(self.params[j], self.params[j].grad, exp_avg[j], exp_avg_sq[j], self._first_counts[j])
-                       for j in live]
-        else:
-            tensors = [(self.params[j][i], self.params[j].grad[i], exp_avg[j][i], exp_avg_sq[j][i], steps[j][i])
-                       if steps[j].ndim else
-                       (self.params[j], self.params[j].grad, exp_avg[j], exp_avg_sq[j], steps[j])
-                       for j in live for i in range(len(steps[j]) if steps[j].ndim else 1)]
+        whole = [(self.params[j], self.params[j].grad, exp_avg[j], exp_avg_sq[j], steps[j]) for j in live]
+        if self._uniform:  # the whole stack in one call: every member's count is the first one's
+            tensors = [(*t[:4], self._first_counts[j]) for t, j in zip(whole, live)]
+        else:  # one view per member, each with its own count
+            tensors = [view for t in whole for view in (zip(*(x.unbind(0) for x in t)) if t[4].ndim else [t])]
         params, grads, exp_avgs, exp_avg_sqs, counts = map(list, zip(*tensors))
         torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], counts, amsgrad=False, lr=self.lr,
                            beta1=0.9, beta2=0.999, weight_decay=self.weight_decay, eps=1e-8, maximize=False)
@@ -177,8 +174,9 @@ class EnsembleFit:
                            use_foreach=True)
         self.step = 0
         self._order, self._order_epoch, self._gathered = None, -1, None
-        self._row_bytes = (self.xs[0].numel() * self.xs.element_size()
-                           + self.ys[0].numel() * self.ys.element_size())
+        step_bytes = ensemble.num_members * settings.batch_size * (
+            self.xs[0].numel() * self.xs.element_size() + self.ys[0].numel() * self.ys.element_size())
+        self._steps_per_gather = max(1, GATHER_BYTES // step_bytes)
         self.last_finite_loss = torch.full((ensemble.num_members,), float("nan"))
         self.attempts = [0] * ensemble.num_members
 
@@ -205,10 +203,9 @@ class EnsembleFit:
         """
         epoch, position = divmod(self.step, self.steps_per_epoch)
         order, b = self._epoch_order(epoch), self.settings.batch_size
-        steps_per_gather = max(1, GATHER_BYTES // (order.shape[0] * b * self._row_bytes))
-        first = position - position % steps_per_gather
+        first = position - position % self._steps_per_gather
         if self._gathered is None or self._gathered[0] != first:
-            rows = order[:, first * b:(first + steps_per_gather) * b]
+            rows = order[:, first * b:(first + self._steps_per_gather) * b]
             self._gathered = (first, self.xs[rows], self.ys[rows])
         _, xs, ys = self._gathered
         offset = (position - first) * b
