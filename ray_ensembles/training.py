@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from ema_pytorch import EMA
 from tqdm.auto import tqdm
 
@@ -73,6 +71,11 @@ def make_accelerator(amp: bool, cpu: bool) -> Accelerator:
     AMP means bfloat16 autocast: float16 would need a gradient scaler, and its single scale skips
     the step of EVERY member when one member overflows, coupling members.
     """
+    # imported here: the package is also imported where nothing trains (the prediction job, Ray
+    # Train's controller), and accelerate's import took a third of a second of their start-up
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     # Accelerate keeps one process-wide state that refuses a second precision setting; several
     # Trainers in one process (sweeps, tests) each need their own.
     AcceleratorState._reset_state(reset_partial_state=True)
