@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -17,14 +18,15 @@ class MemberPrediction:
     mean: torch.Tensor
     log_var: torch.Tensor
 
-    @property
+    @cached_property
     def variance(self):
         return self.log_var.exp()
 
 
 @dataclass(frozen=True)
 class GaussianMixturePrediction:
-    """Uniform mixture of M Gaussians, in the target's original units.
+    """Uniform mixture of M Gaussians, in the target's original units. Summaries are computed once,
+    when first read.
 
     `member_mean` and `member_variance` are (M, B, D). The summaries are (B, D):
     variance = aleatoric (mean of member variances) + epistemic (variance of member means), which
@@ -34,30 +36,30 @@ class GaussianMixturePrediction:
     member_mean: torch.Tensor
     member_variance: torch.Tensor
 
-    @property
+    @cached_property
     def _offsets(self):
         # Member means relative to member 0's: differences of nearby floats are exact, so the
         # spread keeps full precision even when |mean| is large (targets near 1e4 in float32).
         return self.member_mean - self.member_mean[:1]
 
-    @property
+    @cached_property
     def mean(self):
         return self.member_mean[0] + self._offsets.mean(0)
 
-    @property
+    @cached_property
     def aleatoric(self):
         return self.member_variance.mean(0)
 
-    @property
+    @cached_property
     def epistemic(self):
         offsets = self._offsets
         return (offsets - offsets.mean(0)).square().mean(0)
 
-    @property
+    @cached_property
     def variance(self):
         return self.aleatoric + self.epistemic
 
-    @property
+    @cached_property
     def stddev(self):
         return self.variance.sqrt()
 
@@ -89,21 +91,21 @@ class CategoricalPrediction:
 
     member_probs: torch.Tensor
 
-    @property
+    @cached_property
     def probs(self):
         return self.member_probs.mean(0)
 
-    @property
+    @cached_property
     def entropy(self):
         """Predictive entropy, (B, 1): total uncertainty."""
         return metrics.entropy(self.probs).unsqueeze(-1)
 
-    @property
+    @cached_property
     def variance(self):
         """The predictive entropy, (B, 1), under the name the deep-ensembles-pytorch API uses."""
         return self.entropy
 
-    @property
+    @cached_property
     def aleatoric(self):
         """Expected member entropy, (B, 1)."""
         return metrics.entropy(self.member_probs).mean(0).unsqueeze(-1)
