@@ -1,5 +1,6 @@
 """jobs/predict.py and the batch predictor: round trip, streaming, feature names, errors."""
 
+import json
 import os
 import re
 import subprocess
@@ -62,6 +63,47 @@ def test_it_streams_in_bounded_batches(saved):
     np.testing.assert_allclose(parquet.read().column("mean").to_numpy(), e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def write_row_groups(path, table, rows_per_group):
+    with pq.ParquetWriter(path, table.schema) as writer:
+        for start in range(0, table.num_rows, rows_per_group):
+            writer.write_table(table.slice(start, rows_per_group))
+
+
+def test_row_groups_are_predicted_in_parallel_into_files_in_input_order(saved, tmp_path):
+    e, root = saved
+    write_row_groups(tmp_path / "in.parquet", pq.read_table(root / "in.parquet"), 150)
+    out = tmp_path / "out"
+    job.main(["--ensemble", str(root / "ensemble"), "--data", str(tmp_path / "in.parquet"),
+              "--output", str(out), "--threads", "3", "--batch-size", "64"])
+    assert sorted(p.name for p in out.iterdir()) == [f"part-{i:05d}.parquet" for i in range(7)]
+    table = pq.read_table(out)
+    assert (table.column("id").to_numpy() == np.arange(1000)).all()
+    np.testing.assert_allclose(table.column("mean").to_numpy(), e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_only_repeating_columns_are_dictionary_encoded(saved):
+    _, root = saved
+    metadata = pq.ParquetFile(next(run(root).glob("*.parquet"))).metadata.row_group(0)
+    encodings = {metadata.column(i).path_in_schema: metadata.column(i).encodings for i in range(metadata.num_columns)}
+    assert any("DICTIONARY" in enc for enc in encodings["note"])  # one value, repeated
+    for distinct in ("id", "mean", "variance"):
+        assert not any("DICTIONARY" in enc for enc in encodings[distinct]), encodings[distinct]
+
+
+def test_a_failure_stops_the_job_and_leaves_no_output(saved, tmp_path, monkeypatch):
+    _, root = saved
+    table = pq.read_table(root / "in.parquet")
+    bad = table.set_column(table.column_names.index("a"), "a", pa.array([float("nan")] * 100 + [1.0] * 900))
+    write_row_groups(tmp_path / "in.parquet", bad, 100)
+    calls, predict = [], job.BatchPredictor.__call__
+    monkeypatch.setattr(job.BatchPredictor, "__call__", lambda self, t: calls.append(1) or predict(self, t))
+    with pytest.raises(ValueError, match="NaN"):
+        job.main(["--ensemble", str(root / "ensemble"), "--data", str(tmp_path / "in.parquet"),
+                  "--output", str(tmp_path / "out"), "--threads", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+    assert len(calls) < 5  # of 10 pieces: the rest were cancelled
+
+
 def test_csv_input_gives_the_same_predictions(saved, tmp_path):
     e, root = saved
     csv_path = tmp_path / "in.csv"
@@ -118,3 +160,12 @@ def test_ray_data_actors_give_the_same_output(saved):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pq.read_table(out).to_pandas().sort_values("id")
     np.testing.assert_allclose(table["mean"], e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_benchmark_runs_and_saves_its_figures(tmp_path):
+    import benchmark_predict
+
+    benchmark_predict.main(["--rows", "3000", "--workdir", str(tmp_path)])
+    [figures] = json.loads((tmp_path / "predict_speed.json").read_text())["runs"]
+    assert figures["rows"] == 3000 and figures["peak_rss_mib"] > 0 and figures["speedup_vs_naive"] > 0
+    assert pq.read_table(tmp_path / "pred_3000").num_rows == 3000
