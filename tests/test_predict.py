@@ -81,6 +81,16 @@ def test_row_groups_are_predicted_in_parallel_into_files_in_input_order(saved, t
     np.testing.assert_allclose(table.column("mean").to_numpy(), e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_uris_for_input_and_output(saved, tmp_path, monkeypatch):
+    e, root = saved
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    job.main(["--ensemble", f"file://{root / 'ensemble'}", "--data", f"file://{root / 'in.parquet'}",
+              "--output", f"file://{tmp_path / 'out'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    np.testing.assert_allclose(pq.read_table(tmp_path / "out").column("mean").to_numpy(), e(X).mean[:, 0].numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_only_repeating_columns_are_dictionary_encoded(saved):
     _, root = saved
     metadata = pq.ParquetFile(next(run(root).glob("*.parquet"))).metadata.row_group(0)
