@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -47,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=65536)
     p.add_argument("--num-workers", type=int, default=0, help="Ray Data actors (0: stream in this process)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="without --num-workers: pieces of the input predicted at once (default: the CPUs)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="without --num-workers: pieces of the input predicted at once (default: torch's threads)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--features", default=None, help="feature columns, if the ensemble has no names")
     p.add_argument("--keep-columns", default=None, help="input columns to copy (default: all non-features)")
