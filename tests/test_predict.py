@@ -81,6 +81,18 @@ def test_row_groups_are_predicted_in_parallel_into_files_in_input_order(saved, t
     np.testing.assert_allclose(table.column("mean").to_numpy(), e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_folder_of_files_is_read_in_name_order(saved, tmp_path):
+    e, root = saved
+    table = pq.read_table(root / "in.parquet")
+    (tmp_path / "in").mkdir()
+    for name, start, length in (("part-b", 400, 300), ("part-a", 0, 400), ("part-c", 700, 300)):
+        pq.write_table(table.slice(start, length), tmp_path / "in" / f"{name}.parquet")
+    job.main(["--ensemble", str(root / "ensemble"), "--data", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    out = pq.read_table(tmp_path / "out")
+    assert (out.column("id").to_numpy() == np.arange(1000)).all()
+    np.testing.assert_allclose(out.column("mean").to_numpy(), e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_uris_for_input_and_output(saved, tmp_path, monkeypatch):
     e, root = saved
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
