@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,9 @@ def main(argv=None):
     p.add_argument("--output", default="outputs/load_test")
     p.add_argument("--smoke-test", action="store_true")
     args = p.parse_args(argv)
+    # SIGTERM (a CI timeout, `kill`) ends the run through SystemExit, so the head it started is
+    # stopped too: Python runs no `finally` blocks on an unhandled SIGTERM
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.smoke_test:
         args.members, args.sweeps, args.rows, args.epochs = 4, 2, 2_000, 1
     out = Path(args.output).resolve()
