@@ -65,12 +65,12 @@ def open_input(path: str):
     return filesystem, inner, fmt
 
 
-def input_pieces(filesystem, path: str, fmt: str) -> list:
-    """The input as independent pieces, in order: each Parquet row group of each file, or the
-    whole CSV file. Pieces are predicted in parallel, each into its own output file."""
-    if fmt == "csv":
+def input_pieces(dataset) -> list:
+    """The input as independent pieces, in order: each row group of each file of a Parquet
+    dataset, or None, the whole CSV file, when `dataset` is None. Pieces are predicted in
+    parallel, each into its own output file."""
+    if dataset is None:
         return [None]
-    dataset = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet")
     return [group for fragment in dataset.get_fragments() for group in fragment.split_by_row_group()]
 
 
@@ -79,9 +79,10 @@ def input_pieces(filesystem, path: str, fmt: str) -> list:
 NO_READ_AHEAD = dict(batch_readahead=0, fragment_scan_options=pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False))
 
 
-def piece_batches(piece, filesystem, path: str, fmt: str, batch_size: int):
-    """One piece of the input as a stream of pyarrow tables of at most batch_size rows."""
-    if fmt == "parquet":
+def piece_batches(piece, filesystem, path: str, batch_size: int):
+    """One piece of the input (None: the CSV file at `path`) as a stream of pyarrow tables of at
+    most batch_size rows."""
+    if piece is not None:
         for batch in piece.to_batches(batch_size=batch_size, **NO_READ_AHEAD):
             yield pa.Table.from_batches([batch])
     else:
@@ -92,12 +93,11 @@ def piece_batches(piece, filesystem, path: str, fmt: str, batch_size: int):
                 yield pa.Table.from_batches([batch.slice(start, batch_size)])
 
 
-def first_rows(filesystem, path: str, fmt: str, rows: int = 10_000) -> pa.Table:
+def first_rows(dataset, filesystem, path: str, rows: int = 10_000) -> pa.Table:
     """The input's first rows (at most `rows`), for its schema and the output's encodings."""
-    if fmt == "parquet":
-        dataset = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet")
+    if dataset is not None:
         return dataset.scanner(fragment_readahead=0, **NO_READ_AHEAD).head(rows)
-    return next(piece_batches(None, filesystem, path, fmt, rows))
+    return next(piece_batches(None, filesystem, path, rows))
 
 
 def dictionary_columns(sample: pa.Table) -> list[str]:
@@ -148,7 +148,9 @@ def main(argv=None):
         ensemble = load_any(args.ensemble)  # a clear error for a missing or damaged ensemble
         filesystem, path, fmt = open_input(args.data)
         features = args.features.split(",") if args.features else None
-        sample = first_rows(filesystem, path, fmt)
+        # opened once: listing a folder and reading its footers is I/O, on S3 a round trip each
+        dataset = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet") if fmt == "parquet" else None
+        sample = first_rows(dataset, filesystem, path)
         features = feature_columns(ensemble, sample.column_names, features)
         keep = args.keep_columns.split(",") if args.keep_columns else None
     except ValueError as err:
@@ -163,9 +165,8 @@ def main(argv=None):
     try:
         if args.num_workers == 0:
             predictor = BatchPredictor(ensemble, **kwargs)  # the one loaded above: read it once
-            read = functools.partial(piece_batches, filesystem=filesystem, path=path, fmt=fmt,
-                                     batch_size=args.batch_size)
-            rows = predict_pieces(predictor, input_pieces(filesystem, path, fmt), read, target,
+            read = functools.partial(piece_batches, filesystem=filesystem, path=path, batch_size=args.batch_size)
+            rows = predict_pieces(predictor, input_pieces(dataset), read, target,
                                   use_dictionary, args.threads)
         else:
             rows = predict_on_ray_data(args, kwargs, path, fmt, target, use_dictionary)
