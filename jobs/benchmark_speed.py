@@ -3,6 +3,7 @@
 
     python jobs/benchmark_speed.py               # UCI, protein and MNIST sizes, M = 5, +/- FGSM
     python jobs/benchmark_speed.py --smoke-test  # seconds, for CI
+    python jobs/benchmark_speed.py --device cuda # the same table on a GPU
 
 Implementations, each taking one optimiser step for M members on batches of 100:
   ours      ray_ensembles' training step (EnsembleFit.train_step: stacked members, one fused Adam)
@@ -10,6 +11,9 @@ Implementations, each taking one optimiser step for M members on batches of 100:
   peer      deep-ensembles-pytorch 0.1.2's Trainer step (autocast, backward, clip, Adam, EMA)
   loop      a naive loop over M nn.Modules with M Adam optimisers
   vmap      torch.func.stack_module_state + functional_call + vmap, one Adam over the stack
+On a GPU, ours replays each step's forward and backward from a CUDA graph (the default), and also:
+  ours-eager   ours with cuda_graphs=False: every kernel launched from Python
+  peer-amp     the peer with its amp=True (float16 autocast and a gradient scaler)
 They run interleaved (A B C D A B C D ...) after a warm-up; the table has the median and the
 min-max time per step, samples x members per second, the ratio to ours, and the achieved GFLOP/s
 as a fraction of this machine's float32 matmul peak, measured in the same run.
@@ -37,19 +41,27 @@ SHAPES = {"uci": (13, [50], 1, 455), "protein": (9, [100], 1, 40_000), "mnist": 
 M, BATCH = 5, 100
 
 
-def matmul_peak(threads: int, n: int = 1024, reps: int = 10) -> float:
-    """float32 GFLOP/s of a large matmul with `threads` threads (best of reps)."""
+def matmul_peak(threads: int, n: int = 1024, reps: int = 10, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a large matmul with `threads` threads (best of reps)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
     best = math.inf
     for _ in range(reps):
+        sync(device)
         start = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - start)
     torch.set_num_threads(old)
     return 2 * n ** 3 / best / 1e9
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def step_flops(dims: list[int], adversarial: bool) -> float:
@@ -80,13 +92,14 @@ def gaussian_nll(out):
 class Ours:
     name = "ours"
     amp = False
+    graphs = True
 
-    def __init__(self, dims, adversarial, X, y):
+    def __init__(self, dims, adversarial, X, y, device="cpu"):
         self.ensemble = DeepEnsemble(dims[0], dims[-1] // 2, num_members=M, hidden_dim=dims[1], depth=len(dims) - 2,
                                      use_adversarial_training=adversarial, seed=0)
         self.ensemble.fit_normalization(X, y)
-        self.fit = EnsembleFit(self.ensemble, X, y, TrainSettings(batch_size=BATCH, num_steps=10 ** 9, amp=self.amp),
-                               make_accelerator(self.amp, cpu=True))
+        settings = TrainSettings(batch_size=BATCH, num_steps=10 ** 9, amp=self.amp, cuda_graphs=self.graphs)
+        self.fit = EnsembleFit(self.ensemble, X, y, settings, make_accelerator(self.amp, cpu=torch.device(device).type == "cpu"))
 
     def step(self):
         return self.fit.train_step()
@@ -99,13 +112,19 @@ class OursAMP(Ours):
     amp = True
 
 
+class OursEager(Ours):
+    """ours without CUDA graphs (`Trainer(cuda_graphs=False)`): every kernel launched from Python."""
+    name = "ours-eager"
+    graphs = False
+
+
 class Loop:
     """M separate modules, M optimisers, each member on its own batch (same rows as ours)."""
     name = "loop"
 
     def __init__(self, dims, adversarial, X, y, source: Ours):
         self.adversarial, self.source = adversarial, source
-        self.nets = unstacked(source.ensemble, dims)   # the same initial weights as ours
+        self.nets = [net.to(source.fit.xs.device) for net in unstacked(source.ensemble, dims)]  # ours' initial weights
         self.opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in self.nets]
         self.eps = source.ensemble.adversarial_step
         self.steps = 0
@@ -177,15 +196,20 @@ class Peer:
     separate mean / variance heads; depth chosen so that the matmul shapes equal ours. All its
     members see the same batch, and its FGSM leaks into the weight gradients (its defects)."""
     name = "peer"
+    amp = False
 
-    def __init__(self, dims, adversarial, X, y):
+    def __init__(self, dims, adversarial, X, y, device="cpu"):
         from deep_ensembles_pytorch import DeepEnsemble as PeerEnsemble
         from deep_ensembles_pytorch import TensorDataset as PeerData
         from deep_ensembles_pytorch import Trainer as PeerTrainer
+        from accelerate.state import AcceleratorState, PartialState
         self.ensemble = PeerEnsemble(dims[0], dims[-1] // 2, num_members=M, hidden_dim=dims[1],
                                      depth=len(dims) - 1, use_adversarial_training=adversarial)
-        make_accelerator(False, cpu=True)  # a fresh accelerate state for the peer's Accelerator
-        self.trainer = PeerTrainer(self.ensemble, PeerData(X, y), train_batch_size=BATCH,
+        # a fresh accelerate state on our device: the peer's own Accelerator() takes that device
+        # (else any GPU it sees) and sets its own precision
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState(cpu=torch.device(device).type == "cpu")
+        self.trainer = PeerTrainer(self.ensemble, PeerData(X, y), train_batch_size=BATCH, amp=self.amp,
                                    train_num_steps=10 ** 9, results_folder="/tmp/peer-results")
         self.batches = iter(self.trainer.dl)
 
@@ -206,10 +230,20 @@ class Peer:
         return loss.detach()
 
 
-def check_same_losses(dims, adversarial, X, y, steps=3) -> float:
-    """Same init and batches: ours, the loop and vmap agree to float rounding (max relative gap)."""
-    ours = Ours(dims, adversarial, X, y)
+class PeerAMP(Peer):
+    """The peer's amp=True: float16 autocast with a gradient scaler (on a GPU; on a CPU it runs
+    float32, so the CPU table leaves it out)."""
+    name = "peer-amp"
+    amp = True
+
+
+def check_same_losses(dims, adversarial, X, y, device, steps=20) -> float:
+    """Same init and batches: ours, the loop, vmap (and on a GPU ours without CUDA graphs) agree
+    to float rounding (max relative gap)."""
+    ours = Ours(dims, adversarial, X, y, device)
     others = [Loop(dims, adversarial, X, y, ours), VMap(dims, adversarial, X, y, ours)]
+    if torch.device(device).type == "cuda":
+        others.append(OursEager(dims, adversarial, X, y, device))
     gap = 0.0
     for _ in range(steps):
         reference = ours.step()
@@ -218,25 +252,31 @@ def check_same_losses(dims, adversarial, X, y, steps=3) -> float:
     return gap
 
 
-def benchmark(shape, adversarial, reps, steps, include_peer):
+def benchmark(shape, adversarial, reps, steps, include_peer, device="cpu"):
     dim_in, hidden, dim_out, rows = SHAPES[shape]
     dims = [dim_in, *hidden, 2 * dim_out]
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(rows, dim_in, generator=g), torch.randn(rows, dim_out, generator=g)
-    ours = Ours(dims, adversarial, X, y)
-    impls = [ours, OursAMP(dims, adversarial, X, y), Loop(dims, adversarial, X, y, ours),
+    ours = Ours(dims, adversarial, X, y, device)
+    impls = [ours, OursAMP(dims, adversarial, X, y, device), Loop(dims, adversarial, X, y, ours),
              VMap(dims, adversarial, X, y, ours)]
     if include_peer:
-        impls.append(Peer(dims, adversarial, X, y))
+        impls.append(Peer(dims, adversarial, X, y, device))
+    if torch.device(device).type == "cuda":
+        impls.append(OursEager(dims, adversarial, X, y, device))
+        if include_peer:
+            impls.append(PeerAMP(dims, adversarial, X, y, device))
     times = {impl.name: [] for impl in impls}
-    for impl in impls:  # warm-up
-        for _ in range(3):
+    for impl in impls:  # warm-up (long enough for the CUDA graphs' captures)
+        for _ in range(max(steps, 3)):
             impl.step()
     for _ in range(reps):
         for impl in impls:  # interleaved, so drifts in machine load hit every implementation alike
+            sync(device)
             start = time.perf_counter()
             for _ in range(steps):
                 impl.step()
+            sync(device)
             times[impl.name].append((time.perf_counter() - start) / steps)
     flops = step_flops(dims, adversarial)
     reference = statistics.median(times["ours"])
@@ -244,14 +284,35 @@ def benchmark(shape, adversarial, reps, steps, include_peer):
              "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
              "samples_x_members_per_s": BATCH * M / statistics.median(ts),
              "speedup_of_ours": statistics.median(ts) / reference,
-             "gflops": flops / statistics.median(ts) / 1e9} for name, ts in times.items()], check_same_losses(dims, adversarial, X, y)
+             "gflops": flops / statistics.median(ts) / 1e9} for name, ts in times.items()], \
+        check_same_losses(dims, adversarial, X, y, device)
 
 
-def inference(rows: int, reps: int) -> dict:
+def profile_step(impl, steps: int = 50) -> dict:
+    """Where a GPU step's time goes: kernels launched, their summed GPU time, and the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(20):  # past the CUDA graphs' captures
+        impl.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            impl.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"impl": impl.name, "kernels_per_step": len(kernels) / steps,
+            "kernel_us_per_step": sum(e.time_range.elapsed_us() for e in kernels) / steps,
+            "wall_us_per_step_profiled": 1e6 * wall / steps}
+
+
+def inference(rows: int, reps: int, device="cpu") -> dict:
     """Predictive mean and variance for `rows` rows at M=5 (UCI size): ours vs a per-member loop."""
-    X = torch.randn(rows, 13)
+    X = torch.randn(rows, 13, device=device)
     e = DeepEnsemble(13, 1, num_members=M, hidden_dim=50, seed=0).eval()
-    nets = unstacked(e, [13, 50, 2])
+    nets = [net.to(device) for net in unstacked(e, [13, 50, 2])]
+    e.to(device)
 
     @torch.no_grad()
     def naive():
@@ -271,8 +332,10 @@ def inference(rows: int, reps: int) -> dict:
     times = {"ours": [], "loop": []}
     for _ in range(reps):
         for name, fn in (("ours", ours), ("loop", naive)):
+            sync(device)
             start = time.perf_counter()
             fn()
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -321,6 +384,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--steps", type=int, default=20, help="steps per timed repetition")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--output", default="outputs/benchmark_speed")
     p.add_argument("--smoke-test", action="store_true")
     p.add_argument("--ray", action="store_true", help="only the Ray overhead and 2-worker scaling")
@@ -331,6 +395,9 @@ def main(argv=None):
         Path(args.output).mkdir(parents=True, exist_ok=True)
         (Path(args.output) / "ray_overhead.json").write_text(json.dumps(result, indent=2))
         return
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("The '--device' option is 'cuda', but torch sees no GPU.")
     if args.smoke_test:
         args.reps, args.steps, args.shapes = 2, 2, "uci"
     torch.set_num_threads(args.threads)
@@ -341,33 +408,48 @@ def main(argv=None):
         include_peer = False
         print("deep-ensembles-pytorch is not installed (pip install -e '.[test]'): skipping the peer")
 
-    peak = {"1 thread": matmul_peak(1), f"{torch.get_num_threads()} threads": matmul_peak(torch.get_num_threads()),
-            "all threads": matmul_peak(max(1, torch.get_num_threads() if args.smoke_test else 2))}
+    if gpu:
+        peak = {"float32": matmul_peak(1, 8192, device="cuda"),
+                "bfloat16": matmul_peak(1, 8192, device="cuda", dtype=torch.bfloat16)}
+        reference, machine = "float32", torch.cuda.get_device_name()
+    else:
+        peak = {"1 thread": matmul_peak(1), f"{torch.get_num_threads()} threads": matmul_peak(torch.get_num_threads()),
+                "all threads": matmul_peak(max(1, torch.get_num_threads() if args.smoke_test else 2))}
+        reference, machine = "1 thread", f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
     rows, gaps = [], {}
     for shape in args.shapes.split(","):
         for adversarial in (False, True):
-            result, gap = benchmark(shape, adversarial, args.reps, args.steps, include_peer)
+            result, gap = benchmark(shape, adversarial, args.reps, args.steps, include_peer, args.device)
             rows += result
             gaps[f"{shape}{' +FGSM' if adversarial else ''}"] = gap
-    predict = inference(10_000 if args.smoke_test else 1_000_000, 2 if args.smoke_test else 5)
+    inference_rows = 10_000 if args.smoke_test else 1_000_000
+    predict = inference(inference_rows, 2 if args.smoke_test else 5, args.device)
+    profiles = []
+    if gpu:
+        dims, X, y = [13, 50, 2], torch.randn(455, 13), torch.randn(455, 1)
+        profiles = [profile_step(cls(dims, False, X, y, "cuda")) for cls in (OursEager, Ours)]
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s); "
-          f"float32 matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
-    print("\n| shape | FGSM | impl | ms/step (median, min-max) | samples x members / s | time vs ours | GFLOP/s | % of 1-thread peak |")
+    print(f"torch {torch.__version__}, {machine}; matmul peak: "
+          + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items()))
+    print(f"\n| shape | FGSM | impl | ms/step (median, min-max) | samples x members / s | time vs ours | GFLOP/s | % of {reference} peak |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {'yes' if r['fgsm'] else 'no'} | {r['impl']} | {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | "
               f"{r['samples_x_members_per_s']:,.0f} | {r['speedup_of_ours']:.2f}x | {r['gflops']:.1f} | "
-              f"{100 * r['gflops'] / peak['1 thread']:.1f}% |")
-    print("\nSame init and batches, 3 steps: largest relative loss gap of loop and vmap to ours: " +
+              f"{100 * r['gflops'] / peak[reference]:.2f}% |")
+    print(f"\nSame init and batches, 20 steps: largest relative loss gap to ours of loop, vmap{' and ours-eager' if gpu else ''}: " +
           ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
-    print(f"Inference, {10_000 if args.smoke_test else 1_000_000:,} rows, M={M}: ours {predict['ours']:.3f} s, "
-          f"per-member loop {predict['loop']:.3f} s ({predict['loop'] / predict['ours']:.1f}x)")
+    print(f"Inference, {inference_rows:,} rows, M={M}: ours {predict['ours']:.4f} s, "
+          f"per-member loop {predict['loop']:.4f} s ({predict['loop'] / predict['ours']:.1f}x)")
+    for prof in profiles:
+        print(f"Profile, UCI size, {prof['impl']}: {prof['kernels_per_step']:.0f} kernels per step, "
+              f"{prof['kernel_us_per_step']:.0f} us of them on the GPU, {prof['wall_us_per_step_profiled']:.0f} us wall")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "speed.json").write_text(json.dumps({"torch": torch.__version__, "threads": args.threads,
-                                                   "peak_gflops": peak, "rows": rows, "loss_gaps": gaps,
-                                                   "inference_s": predict}, indent=2))
+    (output / "speed.json").write_text(json.dumps({"torch": torch.__version__, "machine": machine, "threads": args.threads,
+                                                   "device": args.device, "peak_gflops": peak, "rows": rows,
+                                                   "loss_gaps": gaps, "inference_s": predict,
+                                                   "profiles": profiles}, indent=2))
 
 
 if __name__ == "__main__":

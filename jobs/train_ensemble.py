@@ -40,6 +40,7 @@ def parse_args(argv=None):
     train.add_argument("--batch-size", type=int, default=None, help="default 20 on the toy, else 100")
     train.add_argument("--lr", type=float, default=None, help="default 0.01 on the toy, else 0.001")
     train.add_argument("--ema-decay", type=float, default=0.0)
+    train.add_argument("--amp", action="store_true", help="bfloat16 autocast (on GPUs)")
     train.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
     ray_opts = p.add_argument_group("Ray")
     ray_opts.add_argument("--num-workers", type=int, default=None,
@@ -117,15 +118,18 @@ def run_config(args, output: Path):
 
 def report(trainer, output: Path):
     metrics = trainer.metrics
-    print(f"\n{'member':>6} {'seed':>20} {'train loss':>11} {'val NLL':>9}")
+    print(f"\n{'member':>6} {'seed':>20} {'train loss':>11} {'val NLL':>9}  worker, device (Ray's GPU ids)")
     for i, (m, row) in enumerate(metrics["members"].items()):
+        where = trainer.placement[m]
+        gpus = f" ({','.join(where['gpu_ids'])})" if where["gpu_ids"] else ""
         print(f"{m:>6} {trainer.ensemble.member_seeds[i]:>20} {row['train_loss']:>11.4f} "
-              f"{row.get('val_nll', float('nan')):>9.4f}")
+              f"{row.get('val_nll', float('nan')):>9.4f}  {where['rank']}, {where['device']}{gpus}")
     summary = {k: v for k, v in metrics.items() if k != "members"}
     if summary:
         print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     (output / "metrics.json").write_text(json.dumps(
-        {"metrics": metrics, "history": trainer.history, "checkpoint": str(trainer.checkpoint_path)},
+        {"metrics": metrics, "history": trainer.history, "placement": trainer.placement,
+         "timings": trainer.timings, "checkpoint": str(trainer.checkpoint_path)},
         indent=2, default=str))
 
 
@@ -158,7 +162,7 @@ def main(argv=None):
         if not ray.is_initialized():
             ray.init()  # joins RAY_ADDRESS (set by `ray job submit`) or starts a local Ray
         trainer = Trainer(ensemble, train, train_batch_size=args.batch_size, train_lr=args.lr,
-                          train_num_epochs=args.epochs, ema_decay=args.ema_decay,
+                          train_num_epochs=args.epochs, ema_decay=args.ema_decay, amp=args.amp,
                           save_every=args.save_every, validation_dataset=validation,
                           scaling_config=scaling(args), run_config=run_config(args, output))
         trainer.train()

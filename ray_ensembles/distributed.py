@@ -134,6 +134,7 @@ def fit_on_ray(trainer):
         member_metadata = assemble(directory, ensemble)
     trainer.checkpoint_path = _publish(ensemble, rc.storage_path, rc.name)
     trainer.run_name = rc.name
+    trainer.placement = {m: meta["placement"] for m, meta in member_metadata.items()}
     worker_timing = [meta["timing"] for meta in member_metadata.values()]
     trainer.timings = {  # seconds; workers run in parallel, so their figures are maxima
         "worker_start_s": max(t["started"] for t in worker_timing) - started,
@@ -231,6 +232,9 @@ def _train_worker(config):
             fit.restore(directory)
 
     timing = {"started": time.time(), "checkpoint_s": 0.0}
+    # the GPU ids are Ray's (the node's numbering); inside the worker its one GPU is cuda:0
+    placement = {"rank": rank, "device": str(fit.ensemble.device),
+                 "gpu_ids": [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]}
     epochs = []  # per-epoch training losses since the last report
 
     def on_epoch_end(epoch, member_losses):
@@ -245,7 +249,7 @@ def _train_worker(config):
         timing["training_s"] = checkpoint_start - timing["started"] - timing["checkpoint_s"]
         with tempfile.TemporaryDirectory() as directory:
             for m, (tensors, meta) in fit.member_files().items():
-                storage.write_member_file(Path(directory), m, tensors, dict(meta, timing=timing))
+                storage.write_member_file(Path(directory), m, tensors, dict(meta, timing=timing, placement=placement))
             if validation is not None:
                 log_lik, points = fit.evaluate(*validation)
                 for i, m in enumerate(member_ids):

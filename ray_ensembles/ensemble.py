@@ -23,7 +23,10 @@ from .validation import as_float_tensor, as_label_tensor, check_choice, check_fl
 
 _LOG_2PI = math.log(2 * math.pi)
 VARIANCE_FLOOR = 1e-6  # the paper's: variance = softplus(raw) + 1e-6
-PREDICT_CHUNK_ROWS = 8192  # rows per forward pass at inference; bounds memory, keeps matmuls large
+PREDICT_CHUNK_ROWS = 8192  # rows per forward pass at inference on a CPU: bounds memory, keeps matmuls large
+# On a GPU a pass is mostly kernel launches, so passes are as large as this much activation memory
+# allows: 8192-row chunks made 1M rows 15x slower than a per-member loop on an H200.
+PREDICT_CHUNK_BYTES_GPU = 512 << 20
 
 
 def _mean_and_variance(out):
@@ -193,6 +196,9 @@ class _Ensemble(nn.Module):
         time on the ensemble's device; `summarize` maps raw outputs (M, b, outputs) to member-first
         tensors, which come back concatenated over rows on x's device."""
         x = self._check_x(x, allow_members=False, move=False)
+        if batch_size is None and self.device.type != "cpu":
+            widest = max(self.dim_in, self.config["hidden_dim"])
+            batch_size = max(PREDICT_CHUNK_ROWS, PREDICT_CHUNK_BYTES_GPU // (4 * self.num_members * widest))
         batch_size = check_int("predict", "batch_size", batch_size or PREDICT_CHUNK_ROWS, minimum=1)
         was_training = self.training
         self.eval()

@@ -100,7 +100,7 @@ class StackedMLP(nn.Module):
     def forward(self, x):
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            if w.shape[2] < w.shape[1] and not torch.is_grad_enabled():
+            if w.shape[2] < w.shape[1] and w.device.type == "cpu" and not torch.is_grad_enabled():
                 # Few outputs (the Gaussian head's 2, 10 classes): at inference MKL's batched
                 # matmul runs 2-3x faster with the weight column-major, which this small copy
                 # gives. Not in training, where the copy's backward made MNIST-sized steps slower.

@@ -30,7 +30,7 @@ class Trainer:
                  train_num_epochs: int | None = None, weight_decay: float = 0.0,
                  max_grad_norm: float | None = None, ema_decay: float = 0.0,
                  ema_update_every: int = 10, amp: bool = False, results_folder="./results",
-                 save_every: int = 1000, cpu: bool = False, progress: bool = False,
+                 save_every: int = 1000, cpu: bool = False, cuda_graphs: bool = True, progress: bool = False,
                  on_divergence: str = "raise", max_restarts: int = 3,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
                  metrics_callback=None):
@@ -64,7 +64,7 @@ class Trainer:
         check_int(owner, "save_every", save_every, minimum=1)
         check_choice(owner, "on_divergence", on_divergence, {"raise", "restart"})
         check_int(owner, "max_restarts", max_restarts, minimum=0)
-        for name, value in [("amp", amp), ("cpu", cpu), ("progress", progress)]:
+        for name, value in [("amp", amp), ("cpu", cpu), ("cuda_graphs", cuda_graphs), ("progress", progress)]:
             if not isinstance(value, bool):
                 raise TypeError(f"The '{name}' parameter of Trainer must be a bool. Got {value!r} instead.")
         if validation_dataset is not None:
@@ -81,7 +81,7 @@ class Trainer:
             batch_size=batch_size, lr=float(train_lr), num_steps=train_num_steps,
             weight_decay=float(weight_decay),
             max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
-            ema_decay=float(ema_decay), ema_update_every=ema_update_every, amp=amp,
+            ema_decay=float(ema_decay), ema_update_every=ema_update_every, amp=amp, cuda_graphs=cuda_graphs,
             save_every=save_every, on_divergence=on_divergence, max_restarts=max_restarts)
         self.results_folder = Path(results_folder)
         self.cpu = cpu
@@ -93,6 +93,7 @@ class Trainer:
         self.run_name: str | None = None
         self.history: list[dict] = []  # per-epoch metrics of the last train()
         self.timings: dict = {}  # on Ray: worker start, training, checkpoint and assembly seconds
+        self.placement: dict = {}  # on Ray: member id -> the worker rank, device and GPU ids that trained it
         self.metrics: dict = {}
         self._fit: EnsembleFit | None = None
         if scaling_config is not None:

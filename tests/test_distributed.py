@@ -59,6 +59,8 @@ def test_same_ensemble_in_process_on_one_worker_and_one_worker_per_member(worker
     assert_same_ensemble(base, e)
     assert trainer.metrics["val_nll"] == pytest.approx(base_trainer.metrics["val_nll"], rel=1e-5)
     assert set(trainer.metrics["members"]) == {0, 1, 2}
+    # members go round-robin to the workers, and each says where it was trained
+    assert trainer.placement == {m: {"rank": m % workers, "device": "cpu", "gpu_ids": []} for m in range(3)}
     # the same history, with validation at the checkpoints, reaches the driver
     assert [h["step"] for h in trainer.history] == [h["step"] for h in base_trainer.history]
     assert trainer.history[-1]["val_nll"] == pytest.approx(base_trainer.history[-1]["val_nll"], rel=1e-5)
