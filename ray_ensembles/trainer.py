@@ -18,7 +18,9 @@ class Trainer:
 
     Length: `train_num_steps` or `train_num_epochs` (one epoch = ceil(N / batch) steps of every
     member). `ema_decay=0` turns EMA off (the paper uses none); with EMA, predictions after
-    training use the EMA weights. `amp` means bfloat16 autocast. Checkpoints are ensemble
+    training use the EMA weights. `amp` means bfloat16 autocast. On a GPU, `cuda_graphs` replays
+    each step's forward and backward pass from a CUDA graph (same results; set it False to launch
+    every kernel eagerly, for example to profile). Checkpoints are ensemble
     directories `results_folder/checkpoint-<milestone>` written every `save_every` steps and at
     the end; `load(milestone)` resumes from one exactly.
 

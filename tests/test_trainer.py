@@ -108,6 +108,8 @@ BAD_INPUTS = [
      ValueError, "'dataset'.*dim_in=2.*Got 4"),
     ("steps and epochs", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), train_num_steps=5, train_num_epochs=5),
      ValueError, "one of 'train_num_steps' and 'train_num_epochs'"),
+    ("cuda_graphs not a bool", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), cuda_graphs="yes"), TypeError,
+     "'cuda_graphs'.*bool.*'yes'"),
 ]
 
 
