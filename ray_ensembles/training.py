@@ -28,6 +28,12 @@ GATHER_BYTES = 32 << 20  # rows gathered ahead for the coming steps
 EAGER_RUNS_BEFORE_CAPTURE = 3  # of each batch shape; CUDA graph capture needs warmed-up kernels
 
 
+def _gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t[rows] for a 2-D index: index_select copies whole rows, twice as fast on a CPU as
+    advanced indexing (MNIST-sized rows)."""
+    return t.index_select(0, rows.flatten()).view(*rows.shape, *t.shape[1:])
+
+
 class MemberDivergedError(RuntimeError):
     """A member's loss became NaN or inf."""
 
@@ -216,7 +222,7 @@ class EnsembleFit:
         first = position - position % self._steps_per_gather
         if self._gathered is None or self._gathered[0] != first:
             rows = order[:, first * b:(first + self._steps_per_gather) * b]
-            self._gathered = (first, self.xs[rows], self.ys[rows])
+            self._gathered = (first, _gather_rows(self.xs, rows), _gather_rows(self.ys, rows))
         _, xs, ys = self._gathered
         offset = (position - first) * b
         return xs[:, offset:offset + b], ys[:, offset:offset + b]
