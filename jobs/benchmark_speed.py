@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from common import fail
 
 from ray_ensembles import DeepEnsemble
 from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
@@ -397,7 +398,7 @@ def main(argv=None):
         return
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
-        raise SystemExit("The '--device' option is 'cuda', but torch sees no GPU.")
+        fail("The '--device' option is 'cuda', but torch sees no GPU.")
     if args.smoke_test:
         args.reps, args.steps, args.shapes = 2, 2, "uci"
     torch.set_num_threads(args.threads)
