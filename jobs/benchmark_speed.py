@@ -100,7 +100,7 @@ class Ours:
                                      use_adversarial_training=adversarial, seed=0)
         self.ensemble.fit_normalization(X, y)
         settings = TrainSettings(batch_size=BATCH, num_steps=10 ** 9, amp=self.amp, cuda_graphs=self.graphs)
-        self.fit = EnsembleFit(self.ensemble, X, y, settings, make_accelerator(self.amp, cpu=torch.device(device).type == "cpu"))
+        self.fit = EnsembleFit(self.ensemble, X, y, settings, make_accelerator(cpu=torch.device(device).type == "cpu"))
 
     def step(self):
         return self.fit.train_step()

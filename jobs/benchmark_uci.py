@@ -89,7 +89,7 @@ def train_ensemble(X, y, cfg, on_epoch_end=None) -> DeepEnsemble:
     ensemble.fit_normalization(X, y)
     settings = TrainSettings(batch_size=cfg["batch_size"], lr=cfg["lr"],
                              num_steps=cfg["epochs"] * math.ceil(len(X) / cfg["batch_size"]))
-    fit = EnsembleFit(ensemble, X, y, settings, make_accelerator(False, cpu=True))
+    fit = EnsembleFit(ensemble, X, y, settings, make_accelerator(cpu=True))
     fit.run(on_epoch_end=on_epoch_end and (lambda epoch, _: on_epoch_end(epoch, ensemble)))
     return ensemble
 

@@ -225,7 +225,7 @@ def _train_worker(config):
         validation = tuple(torch.from_numpy(a.copy()) for a in ray.get(config["validation"]))
     settings = TrainSettings(**config["settings"])
     fit = EnsembleFit(_worker_ensemble(config, member_ids), x, y, settings,
-                      make_accelerator(settings.amp, cpu=not config["use_gpu"]))
+                      make_accelerator(cpu=not config["use_gpu"]))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:

@@ -105,7 +105,7 @@ class Trainer:
     # in-process ---------------------------------------------------------------------------------
 
     def _new_fit(self) -> EnsembleFit:
-        accelerator = make_accelerator(self.settings.amp, cpu=self.cpu)
+        accelerator = make_accelerator(cpu=self.cpu)
         return EnsembleFit(self.ensemble, self.dataset.X, self.dataset.y, self.settings, accelerator)
 
     def milestone_path(self, milestone: int) -> Path:

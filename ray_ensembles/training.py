@@ -74,21 +74,17 @@ def attach_validation(entries: list[dict], step: int, validation: dict) -> list[
     return entries
 
 
-def make_accelerator(amp: bool, cpu: bool) -> Accelerator:
-    """An Accelerator for one process's device and mixed precision.
-
-    AMP means bfloat16 autocast: float16 would need a gradient scaler, and its single scale skips
-    the step of EVERY member when one member overflows, coupling members.
-    """
+def make_accelerator(cpu: bool) -> Accelerator:
+    """An Accelerator for one process's device (AMP is the loop's own autocast: `TrainSettings.amp`)."""
     # imported here: the package is also imported where nothing trains (the prediction job, Ray
     # Train's controller), and accelerate's import took a third of a second of their start-up
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    # Accelerate keeps one process-wide state that refuses a second precision setting; several
-    # Trainers in one process (sweeps, tests) each need their own.
+    # Accelerate keeps one process-wide state that refuses a second device or precision setting;
+    # several Trainers in one process (sweeps, tests, the benchmark's peer) each need their own.
     AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision="bf16" if amp else "no", cpu=cpu)
+    return Accelerator(cpu=cpu)
 
 
 class StackedAdam:
@@ -243,6 +239,8 @@ class EnsembleFit:
 
     def _forward_backward(self, xs, ys) -> torch.Tensor:
         """Every member's loss (M,) and gradient, clipped per member when asked."""
+        # AMP is bfloat16 autocast: float16 would need a gradient scaler, and its single scale
+        # skips the step of EVERY member when one member overflows, coupling members.
         # No cache of bfloat16 weights: it must not outlive a graph capture, and without it the
         # gradients of a weight's several uses (FGSM's passes) are summed in float32, not bfloat16,
         # so the eager and the graphed step compute the same thing.
@@ -261,7 +259,7 @@ class EnsembleFit:
         Python, which a replay does at once: 5-9x faster steps on an H200. Each shape first runs
         eagerly on a side stream, as capture requires. Adam stays outside the graph, after the
         finiteness check, as on the eager path."""
-        key = (tuple(xs.shape), tuple(ys.shape))
+        key = tuple(xs.shape)  # ys's shape follows from it
         captured = self._graphs.get(key)
         if captured is None:
             self._eager_runs[key] = self._eager_runs.get(key, 0) + 1

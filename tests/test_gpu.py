@@ -50,7 +50,7 @@ def test_cuda_graphs_give_the_eager_members_through_a_restart(amp):
         e.fit_normalization(X, Y)
         settings = TrainSettings(batch_size=32, num_steps=100, lr=3e-3, max_grad_norm=1.0, ema_decay=0.9,
                                  ema_update_every=1, amp=amp, cuda_graphs=graphs, on_divergence="restart")
-        fit = EnsembleFit(e, X, Y, settings, make_accelerator(amp, cpu=False))
+        fit = EnsembleFit(e, X, Y, settings, make_accelerator(cpu=False))
         while fit.step < settings.num_steps:
             if fit.step == 70:
                 with torch.no_grad():
@@ -100,15 +100,19 @@ def test_a_member_is_the_same_alone_or_in_an_ensemble_on_the_gpu(on_gpu, tmp_pat
         torch.testing.assert_close(v, together.members.member_state(2)[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_the_prediction_job_runs_on_the_gpu(on_gpu, tmp_path):
-    e = on_gpu[0]
+def assert_the_prediction_job_matches(e, tmp_path, *options):
+    """jobs/predict.py --use-gpu on X, with `options`, gives e(X)."""
     e.save(tmp_path / "ensemble")
     pq.write_table(pa.table({"id": np.arange(len(X)), **{c: X[:, i].numpy() for i, c in enumerate("abc")}}),
                    tmp_path / "in.parquet")
     job.main(["--ensemble", str(tmp_path / "ensemble"), "--data", str(tmp_path / "in.parquet"),
-              "--output", str(tmp_path / "out"), "--use-gpu"])
-    out = pq.read_table(tmp_path / "out").to_pandas()
+              "--output", str(tmp_path / "out"), "--use-gpu", *options])
+    out = pq.read_table(tmp_path / "out").to_pandas().sort_values("id")
     np.testing.assert_allclose(out["mean"], e(X).mean[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_prediction_job_runs_on_the_gpu(on_gpu, tmp_path):
+    assert_the_prediction_job_matches(on_gpu[0], tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +140,4 @@ def test_one_worker_per_gpu_gives_the_in_process_members(local_ray, on_gpu, tmp_
 
 @pytest.mark.ray
 def test_the_prediction_job_puts_each_ray_data_actor_on_a_gpu(local_ray, on_gpu, tmp_path):
-    e = on_gpu[0]
-    e.save(tmp_path / "ensemble")
-    pq.write_table(pa.table({"id": np.arange(len(X)), **{c: X[:, i].numpy() for i, c in enumerate("abc")}}),
-                   tmp_path / "in.parquet")
-    job.main(["--ensemble", str(tmp_path / "ensemble"), "--data", str(tmp_path / "in.parquet"),
-              "--output", str(tmp_path / "out"), "--use-gpu", "--num-workers", "1", "--batch-size", "100"])
-    out = pq.read_table(tmp_path / "out").to_pandas().sort_values("id")
-    np.testing.assert_allclose(out["mean"], e(X).mean[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+    assert_the_prediction_job_matches(on_gpu[0], tmp_path, "--num-workers", "1", "--batch-size", "100")

@@ -78,7 +78,7 @@ def test_a_nan_member_changes_no_other_member():
 def test_divergence_stops_with_the_member_step_and_last_loss(toy_data, tmp_path):
     X, y = toy_data
     e = DeepEnsemble(dim_in=2, num_members=3, hidden_dim=8, seed=0)
-    fit = EnsembleFit(e, X, y, TrainSettings(batch_size=50, num_steps=10), make_accelerator(False, True))
+    fit = EnsembleFit(e, X, y, TrainSettings(batch_size=50, num_steps=10), make_accelerator(cpu=True))
     fit.train_step()
     with torch.no_grad():
         e.members.biases[-1][2].fill_(float("inf"))
@@ -117,7 +117,7 @@ def test_restart_re_initialises_only_the_diverged_member(toy_data, factory):
 
     def run(poison):
         e = DeepEnsemble(**kwargs)
-        fit = EnsembleFit(e, X, y, settings, make_accelerator(False, True))
+        fit = EnsembleFit(e, X, y, settings, make_accelerator(cpu=True))
         for step in range(12):
             if poison and step == 5:
                 with torch.no_grad():
@@ -140,7 +140,7 @@ def test_restarts_are_bounded(toy_data):
     X, y = toy_data
     e = DeepEnsemble(dim_in=2, num_members=2, hidden_dim=8)
     fit = EnsembleFit(e, X, y, TrainSettings(batch_size=50, num_steps=10, on_divergence="restart",
-                                             max_restarts=0), make_accelerator(False, True))
+                                             max_restarts=0), make_accelerator(cpu=True))
     with torch.no_grad():
         e.members.weights[0][1].fill_(float("nan"))
     with pytest.raises(MemberDivergedError, match="Member 1 diverged at step 0"):

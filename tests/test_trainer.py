@@ -163,7 +163,7 @@ def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_dat
     from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
     X, y = toy_data
     settings = TrainSettings(batch_size=32, num_steps=10)
-    fit = EnsembleFit(make(), X, y, settings, make_accelerator(False, True))
+    fit = EnsembleFit(make(), X, y, settings, make_accelerator(cpu=True))
     fit.run()
     fit.save_checkpoint(tmp_path / "new")
     old = tmp_path / "old"  # member files as written before step counts were saved (no manifest)
@@ -173,5 +173,5 @@ def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_dat
             tensors = {k: member.get_tensor(k) for k in member.keys() if not k.startswith("adam.step.")}
             save_file(tensors, old / f.name, metadata=member.metadata())
     with pytest.raises(ValueError, match=r"lacks the optimiser state \['adam.step.\*'\]"):
-        EnsembleFit(make(), X, y, settings, make_accelerator(False, True)).restore(old)
-    EnsembleFit(make(), X, y, settings, make_accelerator(False, True)).restore(tmp_path / "new")
+        EnsembleFit(make(), X, y, settings, make_accelerator(cpu=True)).restore(old)
+    EnsembleFit(make(), X, y, settings, make_accelerator(cpu=True)).restore(tmp_path / "new")
