@@ -9,6 +9,7 @@ ensemble, so column order and extra columns do not matter.
 
 from __future__ import annotations
 
+import ctypes
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,24 @@ import torch
 from . import storage
 from .data import filesystem_for
 from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+
+
+def reuse_freed_memory():
+    """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
+
+    Prediction allocates and frees the same few-MiB activations for every chunk of rows. glibc
+    unmaps such blocks when they are freed (or trims them off the heap), so every chunk faults
+    its memory back in, page by page: in a 10M-row job that was 1.3-2.2 s of system time and
+    ~300k page faults. Serving blocks up to 32 MiB from the heap, and trimming it only past
+    64 MiB free, made the job 20-25% faster for ~50 MiB more peak memory. A no-op without glibc.
+    """
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.mallopt(m_trim_threshold, 64 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def fetch_ensemble_directory(path_or_uri: str) -> Path:
@@ -85,6 +104,7 @@ class BatchPredictor:
 
     def __init__(self, ensemble, features: list[str] | None = None, coverage: float = 0.9,
                  use_gpu: bool = False, keep: list[str] | None = None):
+        reuse_freed_memory()  # a predictor owns its process: the job's, or a Ray Data actor
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if isinstance(ensemble, (str, Path)):
             ensemble = load_any(ensemble, map_location=device)
@@ -93,7 +113,9 @@ class BatchPredictor:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         names = feature_columns(self.ensemble, table.column_names, self.features)
-        X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in names], 1).astype(np.float32)
+        # one copy: feature-major rows are contiguous copies of the columns, and astype keeps
+        # float32 columns as they are (a row-major stack and a copying astype took 2x as long)
+        X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in names]).astype(np.float32, copy=False).T
         if not np.isfinite(X).all():
             raise ValueError(f"The feature columns {names} hold NaN, inf or missing values.")
         keep = self.keep if self.keep is not None else [c for c in table.column_names if c not in names]
