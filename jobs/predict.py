@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -139,6 +140,9 @@ def predict_pieces(predictor, pieces, read, write_to: str, use_dictionary: list[
 
 
 def main(argv=None):
+    # The imports made ~200k objects that live until exit. Frozen, no full collection walks them
+    # again, including the interpreter's own ones at exit: 0.35 s of a 10M-row job's 4.5 s.
+    gc.freeze()
     args = parse_args(argv)
     try:
         if args.batch_size < 1 or args.num_workers < 0 or args.threads < 1 or not 0 < args.coverage < 1:
