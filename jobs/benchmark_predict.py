@@ -5,18 +5,27 @@
 
 For each size it writes the table (in row groups, never whole in memory), runs the prediction job
 in a child process, and samples that process's resident memory. Peak memory that does not grow
-with the rows shows that the job streams. It also times a naive per-member loop on 1,000,000 rows
-held in memory, as the baseline.
+with the rows shows that the job streams.
+
+Two baselines, both a naive per-member loop (each member's nn.Sequential over all rows in turn,
+with torch's threads):
+- the naive job: the same work as the job, from the same file to the same columns, run and timed
+  the same way (a child process, from Python's start to its exit): read the whole table, loop,
+  summarise, write. Its output is checked against the job's.
+- the naive loop's compute alone, on 1,000,000 rows already in memory, timed in this process:
+  a bound that leaves out the start-up, reading and writing that the job's time includes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import psutil
@@ -39,12 +48,10 @@ def write_table(path: Path, rows: int, chunk: int = 1_000_000):
             writer.write_table(pa.table(cols, schema=schema))
 
 
-def run_job(ensemble: Path, data: Path, output: Path, extra: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB of the job and its children)."""
+def run_job(command: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB of the process and its children) of one run of a Python script."""
     start = time.perf_counter()
-    proc = psutil.Popen([sys.executable, str(Path(__file__).with_name("predict.py")), "--ensemble", str(ensemble),
-                         "--data", str(data), "--output", str(output), *extra],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = psutil.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     while proc.poll() is None:
         try:
@@ -58,15 +65,54 @@ def run_job(ensemble: Path, data: Path, output: Path, extra: list[str]) -> tuple
     return time.perf_counter() - start, peak / 2 ** 20
 
 
+def member_nets(ensemble) -> list[torch.nn.Module]:
+    """The ensemble's members as the separate nn.Sequential models a naive loop runs."""
+    nets = []
+    for m in range(ensemble.num_members):
+        net = torch.nn.Sequential(torch.nn.Linear(13, 50), torch.nn.ReLU(), torch.nn.Linear(50, 2))
+        for linear, w, b in zip(net[::2], ensemble.members.weights, ensemble.members.biases):
+            linear.weight.data.copy_(w[m].T)
+            linear.bias.data.copy_(b[m, 0])
+        nets.append(net)
+    return nets
+
+
+@torch.no_grad()
+def naive_columns(ensemble, nets, X: torch.Tensor, coverage: float = 0.9) -> dict[str, np.ndarray]:
+    """The job's regression columns from a loop over the members, each on all of X."""
+    outs = torch.stack([net((X - ensemble.x_mean) / ensemble.x_std) for net in nets])
+    means = outs[..., 0] * ensemble.y_std + ensemble.y_mean
+    variances = (torch.nn.functional.softplus(outs[..., 1]) + 1e-6) * ensemble.y_std ** 2
+    mean, aleatoric, epistemic = means.mean(0), variances.mean(0), means.var(0, correction=0)
+    half = NormalDist().inv_cdf(0.5 + coverage / 2) * (aleatoric + epistemic).sqrt()
+    return {"mean": mean, "variance": aleatoric + epistemic, "aleatoric": aleatoric, "epistemic": epistemic,
+            f"lower_{coverage:g}": mean - half, f"upper_{coverage:g}": mean + half}
+
+
+def naive_job(ensemble_dir: str, data: str, output: str):
+    """What one writes without the job: read the whole table, run the loop, write the columns."""
+    gc.freeze()  # as the job does, so the two differ in their work, not in the interpreter's exit
+    ensemble = DeepEnsemble.load(ensemble_dir)
+    table = pq.read_table(data)
+    X = torch.from_numpy(np.stack([table.column(f).to_numpy() for f in FEATURES], 1))
+    columns = naive_columns(ensemble, member_nets(ensemble), X)
+    pq.write_table(pa.table({"id": table.column("id")} | {k: v.numpy() for k, v in columns.items()}), output)
+
+
 def naive_rows_per_second(ensemble, rows: int = 1_000_000) -> float:
-    X = torch.randn(rows, 13)
-    nets = [torch.nn.Sequential(torch.nn.Linear(13, 50), torch.nn.ReLU(), torch.nn.Linear(50, 2)) for _ in range(5)]
+    """The naive loop's compute alone, on rows already in memory."""
+    X, nets = torch.randn(rows, 13), member_nets(ensemble)
     start = time.perf_counter()
-    with torch.no_grad():
-        outs = torch.stack([net((X - ensemble.x_mean) / ensemble.x_std) for net in nets])
-        mean, var = outs[..., :1], torch.nn.functional.softplus(outs[..., 1:]) + 1e-6
-        mean.mean(0), (var + mean ** 2).mean(0) - mean.mean(0) ** 2
+    naive_columns(ensemble, nets, X)
     return rows / (time.perf_counter() - start)
+
+
+def max_difference(job_output: Path, naive_output: Path) -> float:
+    """The largest absolute difference between the two outputs' prediction columns."""
+    job, naive = pq.read_table(job_output), pq.read_table(naive_output)
+    assert job.column("id").equals(naive.column("id")), "the job and the naive job hold different rows"
+    return max(float(np.abs(job.column(c).to_numpy() - naive.column(c).to_numpy()).max())
+               for c in naive.column_names if c != "id")
 
 
 def main(argv=None):
@@ -74,7 +120,10 @@ def main(argv=None):
     p.add_argument("--rows", default="1000000,10000000")
     p.add_argument("--workdir", default="outputs/benchmark_predict")
     p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument("--naive-job", nargs=3, metavar=("ENSEMBLE", "DATA", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.naive_job:
+        return naive_job(*args.naive_job)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     e = DeepEnsemble(13, 1, num_members=5, hidden_dim=50, seed=0)
@@ -88,12 +137,22 @@ def main(argv=None):
         data = work / f"table_{rows}.parquet"
         if not data.exists():
             write_table(data, rows)
-        naive = naive_rows_per_second(e)
-        seconds, peak = run_job(work / "ensemble", data, work / f"pred_{rows}", ["--batch-size", str(args.batch_size)])
-        results.append({"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mib": peak,
-                        "naive_rows_per_s": naive, "speedup_vs_naive": rows / seconds / naive})
-        print(f"{rows:>12,} rows: {seconds:7.1f} s, {rows / seconds:>12,.0f} rows/s, peak RSS {peak:,.0f} MiB; "
-              f"naive loop {naive:,.0f} rows/s (compute only): {rows / seconds / naive:.1f}x", flush=True)
+        output, naive_output = work / f"pred_{rows}", work / f"naive_{rows}.parquet"
+        naive_seconds, naive_peak = run_job([__file__, "--naive-job", str(work / "ensemble"), str(data), str(naive_output)])
+        seconds, peak = run_job([str(Path(__file__).with_name("predict.py")), "--ensemble", str(work / "ensemble"),
+                                 "--data", str(data), "--output", str(output), "--batch-size", str(args.batch_size)])
+        compute = naive_rows_per_second(e)
+        difference = max_difference(output, naive_output)
+        naive_output.unlink()
+        run = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mib": peak,
+               "naive_job_seconds": naive_seconds, "naive_job_peak_rss_mib": naive_peak,
+               "speedup_vs_naive_job": naive_seconds / seconds, "naive_compute_rows_per_s": compute,
+               "speedup_vs_naive_compute": rows / seconds / compute, "max_difference": difference}
+        results.append(run)
+        print(f"{rows:>12,} rows: job {seconds:5.1f} s ({rows / seconds:>10,.0f} rows/s, peak RSS {peak:,.0f} MiB); "
+              f"naive job {naive_seconds:5.1f} s (peak RSS {naive_peak:,.0f} MiB): {run['speedup_vs_naive_job']:.1f}x; "
+              f"naive compute alone {compute:,.0f} rows/s: {run['speedup_vs_naive_compute']:.1f}x; "
+              f"outputs differ by {difference:.1e}", flush=True)
     (work / "predict_speed.json").write_text(json.dumps({"runs": results}, indent=2))
 
 
