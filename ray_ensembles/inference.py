@@ -26,10 +26,11 @@ def reuse_freed_memory():
     """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
 
     Prediction allocates and frees the same few-MiB activations for every chunk of rows. glibc
-    unmaps such blocks when they are freed (or trims them off the heap), so every chunk faults
-    its memory back in, page by page: in a 10M-row job that was 1.3-2.2 s of system time and
-    ~300k page faults. Serving blocks up to 32 MiB from the heap, and trimming it only past
-    64 MiB free, made the job 20-25% faster for ~50 MiB more peak memory. A no-op without glibc.
+    gives large freed blocks back to the kernel (unmapped, or trimmed off the heap's top), and its
+    adaptive thresholds did not stop that here: every chunk faulted its memory in again, page by
+    page, ~300k page faults and 1.3-2.2 s of system time in a 10M-row job. Serving blocks up to
+    32 MiB from the heap, and trimming it only past 64 MiB free, made the job 20-25% faster for
+    ~50 MiB more peak memory. A no-op without glibc.
     """
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     try:

@@ -218,9 +218,8 @@ class EnsembleFit:
 
         Rows are gathered for up to GATHER_BYTES worth of steps at once: a slice of that is one
         cheap view per step, where a gather per step was two index ops. Each block is written
-        into the last one's memory. A fresh block was a fresh mapping from glibc's malloc
-        (freed blocks of one size keep going back to the kernel), page-faulted in anew: at
-        MNIST size 25 ms every 21 steps, a tenth of the step's time.
+        into the last one's memory: glibc mapped every fresh block anew, and faulting its pages in
+        took 25 ms every 21 MNIST-sized steps, a tenth of the step's time.
         """
         epoch, position = divmod(self.step, self.steps_per_epoch)
         order, b = self._epoch_order(epoch), self.settings.batch_size
