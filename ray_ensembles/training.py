@@ -29,14 +29,10 @@ GATHER_BYTES = 32 << 20  # rows gathered ahead for the coming steps
 EAGER_RUNS_BEFORE_CAPTURE = 3  # of each batch shape; CUDA graph capture needs warmed-up kernels
 
 
-def _gather_rows(t: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """t[rows] for a 2-D index, written into `out` when it has that shape. index_select copies
-    whole rows, twice as fast on a CPU as advanced indexing (MNIST-sized rows)."""
-    shape = (*rows.shape, *t.shape[1:])
-    if out is None or out.shape != shape:
-        out = t.new_empty(shape)
-    torch.index_select(t, 0, rows.flatten(), out=out.view(-1, *t.shape[1:]))
-    return out
+def _gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t[rows] for a 2-D index: index_select copies whole rows, twice as fast on a CPU as
+    advanced indexing (MNIST-sized rows)."""
+    return t.index_select(0, rows.flatten()).view(*rows.shape, *t.shape[1:])
 
 
 class MemberDivergedError(RuntimeError):
@@ -185,8 +181,7 @@ class EnsembleFit:
                            update_every=settings.ema_update_every, include_online_model=False,
                            use_foreach=True)
         self.step = 0
-        self._order, self._order_epoch = None, -1
-        self._block_first, self._block_xs, self._block_ys = -1, None, None
+        self._order, self._order_epoch, self._gathered = None, -1, None
         step_bytes = ensemble.num_members * settings.batch_size * (
             self.xs[0].numel() * self.xs.element_size() + self.ys[0].numel() * self.ys.element_size())
         self._steps_per_gather = max(1, GATHER_BYTES // step_bytes)
@@ -210,27 +205,24 @@ class EnsembleFit:
         if epoch != self._order_epoch:
             self._order = epoch_permutations(self.ensemble.member_seeds, epoch,
                                              len(self.xs)).to(self.xs.device)
-            self._order_epoch, self._block_first = epoch, -1
+            self._order_epoch, self._gathered = epoch, None
         return self._order
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every member's mini-batch at the current step, (M, b, D) and (M, b, ...).
 
         Rows are gathered for up to GATHER_BYTES worth of steps at once: a slice of that is one
-        cheap view per step, where a gather per step was two index ops. Each block is written
-        into the last one's memory: glibc mapped every fresh block anew, and faulting its pages in
-        took 25 ms every 21 MNIST-sized steps, a tenth of the step's time.
+        cheap view per step, where a gather per step was two index ops.
         """
         epoch, position = divmod(self.step, self.steps_per_epoch)
         order, b = self._epoch_order(epoch), self.settings.batch_size
         first = position - position % self._steps_per_gather
-        if self._block_first != first:
+        if self._gathered is None or self._gathered[0] != first:
             rows = order[:, first * b:(first + self._steps_per_gather) * b]
-            self._block_xs = _gather_rows(self.xs, rows, out=self._block_xs)
-            self._block_ys = _gather_rows(self.ys, rows, out=self._block_ys)
-            self._block_first = first
+            self._gathered = (first, _gather_rows(self.xs, rows), _gather_rows(self.ys, rows))
+        _, xs, ys = self._gathered
         offset = (position - first) * b
-        return self._block_xs[:, offset:offset + b], self._block_ys[:, offset:offset + b]
+        return xs[:, offset:offset + b], ys[:, offset:offset + b]
 
     def train_step(self) -> torch.Tensor:
         """One step for all members; returns their losses (M,)."""
