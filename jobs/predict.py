@@ -199,8 +199,8 @@ def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dict
     # (Ray Data's V2 Parquet reader adds a file-listing task that always asks for one CPU.)
     # Asking for no CPU also lifts Ray's limit on how many run at once, so they are capped at
     # one per actor: uncapped, a 10M-row job on 2 actors started 26 worker processes and took
-    # 74 s; capped, 28 s. Parquet is read without read-ahead here too: with Ray's, the read
-    # task of a 30M-row file held 3.6 GiB, and all the job's processes 6.2 GiB (3.8 without).
+    # 63-74 s; capped, 24-28 s. Parquet is read without read-ahead here too: with Ray's, the read
+    # task of a 30M-row file held 3.6 GiB, and all the job's processes 6.2 GiB (3.9 without).
     ray.data.DataContext.get_current().use_datasource_v2 = False
     io_tasks = dict(num_cpus=0, concurrency=args.num_workers)
     source = args.data if "://" in args.data else path
