@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Throughput and peak memory of jobs/predict.py on a large 13-feature Parquet table, M = 5.
 
-    python jobs/benchmark_predict.py --rows 1000000,10000000
+    python jobs/benchmark_predict.py [--rows 1000000,10000000,30000000] [--ray-workers 2]
 
 For each size it writes the table (in row groups, never whole in memory), runs the prediction job
-in a child process, and samples that process's resident memory. Peak memory that does not grow
-with the rows shows that the job streams.
+in a child process, and samples the memory of that process and its children. Peak memory that
+does not grow with the rows shows that the job streams. With --ray-workers it also runs the job
+on that many Ray Data actors; there the memory reported is the proportional set size (PSS)
+summed over the job's processes, since they share the object store's pages.
 
 Two baselines, both a naive per-member loop (each member's nn.Sequential over all rows in turn,
 with torch's threads):
@@ -50,21 +52,23 @@ def write_table(path: Path, rows: int, chunk: int = 1_000_000):
             writer.write_table(pa.table(cols, schema=schema))
 
 
-def run_job(command: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB of the process and its children) of one run of a Python script."""
+def run_job(command: list[str]) -> tuple[float, float, float]:
+    """(seconds, peak RSS, peak PSS) of one run of a Python script; memory in MiB, summed over
+    the process and its children."""
     start = time.perf_counter()
     proc = psutil.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
         try:
-            rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
-            peak = max(peak, rss)
+            memory = [p.memory_full_info() for p in [proc, *proc.children(recursive=True)]]
+            peak_rss = max(peak_rss, sum(m.rss for m in memory))
+            peak_pss = max(peak_pss, sum(m.pss for m in memory))
         except psutil.Error:
             pass
         time.sleep(0.05)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.read().decode()[-2000:])
-    return time.perf_counter() - start, peak / 2 ** 20
+    return time.perf_counter() - start, peak_rss / 2 ** 20, peak_pss / 2 ** 20
 
 
 def member_nets(ensemble) -> list[torch.nn.Module]:
@@ -122,6 +126,7 @@ def main(argv=None):
     p.add_argument("--rows", default="1000000,10000000,30000000")
     p.add_argument("--workdir", default="outputs/benchmark_predict")
     p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument("--ray-workers", type=int, default=0, help="also run the job on this many Ray Data actors")
     p.add_argument("--naive-job", nargs=3, metavar=("ENSEMBLE", "DATA", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.naive_job:
@@ -140,22 +145,28 @@ def main(argv=None):
         if not data.exists():
             write_table(data, rows)
         output, naive_output = work / f"pred_{rows}", work / f"naive_{rows}.parquet"
-        seconds, peak = run_job([str(Path(__file__).with_name("predict.py")), "--ensemble", str(work / "ensemble"),
-                                 "--data", str(data), "--output", str(output), "--batch-size", str(args.batch_size)])
+        job = [str(Path(__file__).with_name("predict.py")), "--ensemble", str(work / "ensemble"),
+               "--data", str(data), "--batch-size", str(args.batch_size)]
+        seconds, peak, _ = run_job([*job, "--output", str(output)])
         compute = naive_rows_per_second(e)
         run = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mib": peak,
                "naive_compute_rows_per_s": compute, "speedup_vs_naive_compute": rows / seconds / compute}
         line = (f"{rows:>12,} rows: job {seconds:5.1f} s ({rows / seconds:>10,.0f} rows/s, peak RSS {peak:,.0f} MiB); "
                 f"naive compute alone {compute:,.0f} rows/s: {run['speedup_vs_naive_compute']:.1f}x")
         if rows <= NAIVE_JOB_MAX_ROWS:
-            naive_seconds, naive_peak = run_job([__file__, "--naive-job", str(work / "ensemble"), str(data),
-                                                 str(naive_output)])
+            naive_seconds, naive_peak, _ = run_job([__file__, "--naive-job", str(work / "ensemble"), str(data),
+                                                    str(naive_output)])
             run.update(naive_job_seconds=naive_seconds, naive_job_peak_rss_mib=naive_peak,
                        speedup_vs_naive_job=naive_seconds / seconds,
                        max_difference=max_difference(output, naive_output))
             naive_output.unlink()
             line += (f"; naive job {naive_seconds:5.1f} s (peak RSS {naive_peak:,.0f} MiB): "
                      f"{run['speedup_vs_naive_job']:.1f}x; outputs differ by {run['max_difference']:.1e}")
+        if args.ray_workers:
+            ray_seconds, _, ray_pss = run_job([*job, "--output", str(work / f"ray_{rows}"),
+                                               "--num-workers", str(args.ray_workers)])
+            run.update(ray_workers=args.ray_workers, ray_seconds=ray_seconds, ray_peak_pss_mib=ray_pss)
+            line += f"; on {args.ray_workers} Ray Data actors {ray_seconds:5.1f} s (peak PSS {ray_pss:,.0f} MiB)"
         results.append(run)
         print(line, flush=True)
     (work / "predict_speed.json").write_text(json.dumps({"runs": results}, indent=2))

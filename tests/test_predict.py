@@ -184,11 +184,15 @@ def test_ray_data_actors_give_the_same_output(saved):
     np.testing.assert_allclose(table["mean"], e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_benchmark_runs_and_saves_its_figures(tmp_path):
+def test_the_benchmark_runs_and_saves_its_figures(tmp_path, monkeypatch):
     import benchmark_predict
 
-    benchmark_predict.main(["--rows", "3000", "--workdir", str(tmp_path)])
+    monkeypatch.setenv("RAY_ADDRESS", "")  # its Ray run starts its own local instance
+
+    benchmark_predict.main(["--rows", "3000", "--workdir", str(tmp_path), "--ray-workers", "1"])
     [figures] = json.loads((tmp_path / "predict_speed.json").read_text())["runs"]
+    assert figures["ray_seconds"] > 0 and figures["ray_peak_pss_mib"] > 0
+    assert pq.read_table(tmp_path / "ray_3000").num_rows == 3000
     assert figures["rows"] == 3000 and figures["peak_rss_mib"] > 0 and figures["speedup_vs_naive_job"] > 0
     assert figures["max_difference"] < 1e-4
     assert pq.read_table(tmp_path / "pred_3000").num_rows == 3000
