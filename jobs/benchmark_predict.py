@@ -84,7 +84,7 @@ def member_nets(ensemble) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def naive_columns(ensemble, nets, X: torch.Tensor, coverage: float = 0.9) -> dict[str, np.ndarray]:
+def naive_columns(ensemble, nets, X: torch.Tensor, coverage: float = 0.9) -> dict[str, torch.Tensor]:
     """The job's regression columns from a loop over the members, each on all of X."""
     outs = torch.stack([net((X - ensemble.x_mean) / ensemble.x_std) for net in nets])
     means = outs[..., 0] * ensemble.y_std + ensemble.y_mean

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, MemberDivergedError, TensorDataset, Trainer
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, MemberDivergedError, TensorDataset, Trainer, training
 from ray_ensembles.members import epoch_permutations, member_seed
-from ray_ensembles import training
 from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
 
 SETTINGS = dict(train_batch_size=32, train_num_steps=40, train_lr=3e-3, max_grad_norm=0.5,
