@@ -35,9 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from benchmark_speed import unstacked
+
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
 
 FEATURES = [f"f{i}" for i in range(13)]
+DIMS = [13, 50, 2]  # the members: 13 features -> 50 -> mean and variance
 # The naive job holds the whole table and a member's activations in memory: 6.7 GiB at 10M rows.
 NAIVE_JOB_MAX_ROWS = 10_000_000
 
@@ -71,18 +74,6 @@ def run_job(command: list[str]) -> tuple[float, float, float]:
     return time.perf_counter() - start, peak_rss / 2 ** 20, peak_pss / 2 ** 20
 
 
-def member_nets(ensemble) -> list[torch.nn.Module]:
-    """The ensemble's members as the separate nn.Sequential models a naive loop runs."""
-    nets = []
-    for m in range(ensemble.num_members):
-        net = torch.nn.Sequential(torch.nn.Linear(13, 50), torch.nn.ReLU(), torch.nn.Linear(50, 2))
-        for linear, w, b in zip(net[::2], ensemble.members.weights, ensemble.members.biases):
-            linear.weight.data.copy_(w[m].T)
-            linear.bias.data.copy_(b[m, 0])
-        nets.append(net)
-    return nets
-
-
 @torch.no_grad()
 def naive_columns(ensemble, nets, X: torch.Tensor, coverage: float = 0.9) -> dict[str, torch.Tensor]:
     """The job's regression columns from a loop over the members, each on all of X."""
@@ -101,13 +92,13 @@ def naive_job(ensemble_dir: str, data: str, output: str):
     ensemble = DeepEnsemble.load(ensemble_dir)
     table = pq.read_table(data)
     X = torch.from_numpy(np.stack([table.column(f).to_numpy() for f in FEATURES], 1))
-    columns = naive_columns(ensemble, member_nets(ensemble), X)
+    columns = naive_columns(ensemble, unstacked(ensemble, DIMS), X)
     pq.write_table(pa.table({"id": table.column("id")} | {k: v.numpy() for k, v in columns.items()}), output)
 
 
 def naive_rows_per_second(ensemble, rows: int = 1_000_000) -> float:
     """The naive loop's compute alone, on rows already in memory."""
-    X, nets = torch.randn(rows, 13), member_nets(ensemble)
+    X, nets = torch.randn(rows, DIMS[0]), unstacked(ensemble, DIMS)
     start = time.perf_counter()
     naive_columns(ensemble, nets, X)
     return rows / (time.perf_counter() - start)
@@ -133,7 +124,7 @@ def main(argv=None):
         return naive_job(*args.naive_job)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    e = DeepEnsemble(13, 1, num_members=5, hidden_dim=50, seed=0)
+    e = DeepEnsemble(DIMS[0], 1, num_members=5, hidden_dim=DIMS[1], seed=0)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2000, 13, generator=g)
     Trainer(e, TensorDataset(X, X[:, :1] * 2 + torch.randn(2000, 1, generator=g), feature_names=FEATURES),
