@@ -52,6 +52,60 @@ def load_data(args, allow_no_validation: bool = True):
     return dataset.split(args.validation_fraction, seed=args.seed)
 
 
+def add_console_arguments(parser, tracking: bool = True):
+    out = parser.add_argument_group("console and tracking")
+    out.add_argument("--verbose", action="store_true", help="Ray's own INFO logs on the console too")
+    out.add_argument("--quiet", action="store_true", help="print only the final table")
+    out.add_argument("--json", action="store_true", help="print only the metrics, as one JSON object")
+    if tracking:
+        out.add_argument("--mlflow-tracking-uri", default=None,
+                         help="log to MLflow: a server URL, sqlite:///file.db or a local folder")
+        out.add_argument("--mlflow-experiment", default="ray_ensembles")
+        out.add_argument("--tensorboard-dir", default=None, help="write TensorBoard event files here")
+
+
+def say(args, *lines):
+    """Print unless --quiet or --json: the header and notes a person reads."""
+    if not (args.quiet or args.json):
+        print(*lines, sep="\n", flush=True)
+
+
+def start_ray(args) -> str:
+    """Join RAY_ADDRESS (set by `ray job submit`) or a running cluster, else start a local Ray;
+    returns a line saying which, with its resources.
+
+    Unless --verbose, Ray's INFO logs stay in its log files (the session folder, the dashboard),
+    and a Ray this job starts runs without Ray Train's preemption watcher: nothing drains the
+    nodes of a local instance, and the watcher's start and shutdown print two internal errors.
+    """
+    import ray
+
+    dashboard = None
+    if not ray.is_initialized():
+        if not args.verbose:
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # reaches only a Ray started here
+        context = ray.init(logging_config=ray.LoggingConfig(log_level="INFO" if args.verbose else "WARNING"))
+        dashboard = context.dashboard_url
+    have = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    return (f"Ray at {ray.get_runtime_context().gcs_address}"
+            + (f" (dashboard http://{dashboard})" if dashboard else "")
+            + f": {nodes} node{'s' * (nodes != 1)}, {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs")
+
+
+def loggers(args, run_name: str | None = None) -> list:
+    """The experiment trackers the options ask for (ray_ensembles.tracking)."""
+    from ray_ensembles.tracking import MLflowLogger, TensorBoardLogger
+
+    chosen = []
+    if args.mlflow_tracking_uri:
+        chosen.append(MLflowLogger(args.mlflow_tracking_uri, experiment_name=args.mlflow_experiment,
+                                   run_name=run_name))
+    if args.tensorboard_dir:
+        chosen.append(TensorBoardLogger(args.tensorboard_dir))
+    return chosen
+
+
 def num_classes(*datasets) -> int:
     return max(2, max(int(d.y.max()) for d in datasets if d is not None) + 1)
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import shutil
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +35,7 @@ import pyarrow.dataset
 import pyarrow.fs
 import pyarrow.parquet as pq
 import torch
-from common import fail
+from common import add_console_arguments, fail, say, start_ray
 
 from ray_ensembles.data import filesystem_for
 from ray_ensembles.inference import BatchPredictor, feature_columns, load_any
@@ -53,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--features", default=None, help="feature columns, if the ensemble has no names")
     p.add_argument("--keep-columns", default=None, help="input columns to copy (default: all non-features)")
     p.add_argument("--coverage", type=float, default=0.9)
+    add_console_arguments(p, tracking=False)
     return p.parse_args(argv)
 
 
@@ -167,8 +170,11 @@ def main(argv=None):
     target = str(final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")) if local_output else args.output
     kwargs = dict(features=features, coverage=args.coverage, use_gpu=args.use_gpu, keep=keep)
     use_dictionary = dictionary_columns(sample)
+    started = time.perf_counter()
     try:
         if args.num_workers == 0:
+            say(args, f"predicting {args.data} with the {ensemble.num_members} members of {args.ensemble}, "
+                      f"in this process ({args.threads} piece{'s' * (args.threads != 1)} at a time)")
             predictor = BatchPredictor(ensemble, **kwargs)  # the one loaded above: read it once
             read = functools.partial(piece_batches, filesystem=filesystem, path=path, batch_size=args.batch_size)
             rows = predict_pieces(predictor, input_pieces(dataset), read, target,
@@ -183,16 +189,20 @@ def main(argv=None):
         if final.exists():
             shutil.rmtree(final)
         Path(target).rename(final)
-    print(f"wrote {rows if rows >= 0 else 'all'} rows of predictions to {args.output}")
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"rows": rows if rows >= 0 else None, "output": args.output, "seconds": seconds}))
+    else:
+        print(f"wrote {rows if rows >= 0 else 'all'} rows of predictions to {args.output} in {seconds:.1f} s")
 
 
 def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dictionary: list[str]) -> int:
     """The prediction as Ray Data `map_batches` on --num-workers actors; the rows written, or -1
     when the output is a URI (not counted)."""
-    import ray
     import ray.data
-    if not ray.is_initialized():
-        ray.init()
+    say(args, start_ray(args), f"predicting {args.data} on {args.num_workers} Ray Data actor"
+                               f"{'s' * (args.num_workers != 1)}{' (one GPU each)' if args.use_gpu else ''}")
+    ray.data.DataContext.get_current().enable_progress_bars = not (args.quiet or args.json)
     # Read and write tasks ask for no CPU. The predicting actors hold theirs for the whole run,
     # so a read that waited for a CPU could wait forever: behind them, and behind other jobs'
     # tasks that wait in turn (seen in jobs/load_test.py with Tune trials beside this job).

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from common import add_data_arguments, fail, load_data, num_classes
+from common import add_console_arguments, add_data_arguments, fail, load_data, loggers, num_classes, say, start_ray
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 from ray_ensembles.data import filesystem_for
+from ray_ensembles.distributed import assign_members
 
 
 def parse_args(argv=None):
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     ray_opts.add_argument("--max-failures", type=int, default=0, help="worker failures to survive")
     p.add_argument("--output", default="outputs/train_ensemble", help="where the ensemble, metrics and plot go")
     p.add_argument("--smoke-test", action="store_true", help="a few seconds of training, for CI")
+    add_console_arguments(p)
     return p.parse_args(argv)
 
 
@@ -100,7 +102,7 @@ def scaling(args):
 
 def run_config(args, output: Path):
     import pyarrow.fs
-    from ray.train import FailureConfig, RunConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig
 
     storage = args.storage_path or str((output / "runs").resolve())
     if args.name:
@@ -113,11 +115,30 @@ def run_config(args, output: Path):
             raise ValueError(f"The '--resume' option needs an existing run; {storage} has none "
                              f"called {args.name!r}.")
     return RunConfig(name=args.name, storage_path=storage,
-                     failure_config=FailureConfig(max_failures=args.max_failures))
+                     failure_config=FailureConfig(max_failures=args.max_failures),
+                     logging_config=LoggingConfig(log_level="INFO" if args.verbose else "WARNING"))
 
 
-def report(trainer, output: Path):
+def placement(trainer) -> str:
+    """Which worker trains which members, on what."""
+    sc = trainer.scaling_config
+    groups = assign_members(trainer.ensemble.member_ids, sc.num_workers)
+    per_worker = ", ".join(f"{v:g} {k}" for k, v in sc._resources_per_worker_not_none.items())
+    return (f"training {trainer.ensemble.num_members} members for {trainer.settings.num_steps} steps "
+            f"on {sc.num_workers} Ray Train worker{'s' * (sc.num_workers != 1)} ({per_worker} each): "
+            + " | ".join(",".join(map(str, g)) for g in groups))
+
+
+def report(trainer, output: Path, args):
     metrics = trainer.metrics
+    summary = {"metrics": metrics, "history": trainer.history, "placement": trainer.placement,
+               "timings": trainer.timings, "checkpoint": str(trainer.checkpoint_path),
+               "ensemble": str(output / "ensemble")}
+    (output / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        print(json.dumps({k: summary[k] for k in ("metrics", "placement", "timings", "checkpoint", "ensemble")},
+                         default=str))
+        return
     print(f"\n{'member':>6} {'seed':>20} {'train loss':>11} {'val NLL':>9}  worker, device (Ray's GPU ids)")
     for i, (m, row) in enumerate(metrics["members"].items()):
         where = trainer.placement[m]
@@ -127,10 +148,6 @@ def report(trainer, output: Path):
     summary = {k: v for k, v in metrics.items() if k != "members"}
     if summary:
         print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-    (output / "metrics.json").write_text(json.dumps(
-        {"metrics": metrics, "history": trainer.history, "placement": trainer.placement,
-         "timings": trainer.timings, "checkpoint": str(trainer.checkpoint_path)},
-        indent=2, default=str))
 
 
 def plot_toy(ensemble, train: TensorDataset, path: Path):
@@ -158,22 +175,23 @@ def main(argv=None):
     output = Path(args.output)
     try:
         ensemble, train, validation = build(args)
-        import ray
-        if not ray.is_initialized():
-            ray.init()  # joins RAY_ADDRESS (set by `ray job submit`) or starts a local Ray
+        where = start_ray(args)
         trainer = Trainer(ensemble, train, train_batch_size=args.batch_size, train_lr=args.lr,
                           train_num_epochs=args.epochs, ema_decay=args.ema_decay, amp=args.amp,
                           save_every=args.save_every, validation_dataset=validation,
-                          scaling_config=scaling(args), run_config=run_config(args, output))
+                          scaling_config=scaling(args), run_config=run_config(args, output),
+                          progress=not (args.quiet or args.json), loggers=loggers(args, args.name))
+        say(args, where, placement(trainer))
         trainer.train()
     except (ValueError, TypeError) as err:
         fail(str(err))
     output.mkdir(parents=True, exist_ok=True)
     ensemble.save(output / "ensemble")
-    report(trainer, output)
+    report(trainer, output, args)
     if args.data is None:
         plot_toy(ensemble, train, output / "toy.png")
-    print(f"saved the ensemble to {output / 'ensemble'} (run checkpoint: {trainer.checkpoint_path})")
+    if not args.json:
+        print(f"saved the ensemble to {output / 'ensemble'} (run checkpoint: {trainer.checkpoint_path})")
 
 
 if __name__ == "__main__":

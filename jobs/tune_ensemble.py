@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 from pathlib import Path
 
-from common import add_data_arguments, fail, load_data, num_classes
+from common import add_console_arguments, add_data_arguments, fail, load_data, num_classes, say, start_ray
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, Trainer
 from ray_ensembles.sweep import m_curve, normalize_param_space, tune_ensemble
@@ -55,6 +56,7 @@ def parse_args(argv=None):
                    help="train ONE ensemble of max(--num-members) per eps and score member subsets")
     p.add_argument("--output", default="outputs/tune_ensemble")
     p.add_argument("--smoke-test", action="store_true")
+    add_console_arguments(p)
     return p.parse_args(argv)
 
 
@@ -116,25 +118,42 @@ def run_sweep(args, space, train, validation, output: Path):
         scheduler=None if args.scheduler == "none" else args.scheduler, num_reports=args.num_reports,
         max_concurrent=args.max_concurrent, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
         storage_path=args.storage_path or str((output / "runs").resolve()), name=args.name,
-        resume=args.resume, seed=args.seed)
+        resume=args.resume, seed=args.seed, progress=not (args.quiet or args.json),
+        callbacks=tracking_callbacks(args))
     output.mkdir(parents=True, exist_ok=True)
     first = ["num_members", "adversarial_eps", "val_nll"]
     write_csv(result.table, output / "trials.csv", first)
-    print_table(result.table, first + [c for c in ("train_lr", "val_rmse", "val_accuracy", "training_iteration")
-                                       if c in result.table[0]])
+    if args.json:
+        print(json.dumps({"trials": result.table, "best_config": result.best_config,
+                          "best_ensemble": str(output / "best_ensemble")}, default=str))
+    else:
+        print_table(result.table, first + [c for c in ("train_lr", "val_rmse", "val_accuracy", "training_iteration")
+                                           if c in result.table[0]])
     series = {}
     for r in result.table:
         if r.get("val_nll") is not None:
             series.setdefault(r["adversarial_eps"], []).append((r["num_members"], r["val_nll"]))
     plot(series, output / "val_nll_vs_m.png")
     shutil.copytree(result.best_ensemble_path, output / "best_ensemble", dirs_exist_ok=True)
-    print(f"best: {result.best_config} -> {output / 'best_ensemble'}")
+    say(args, f"best: {result.best_config} -> {output / 'best_ensemble'}")
+
+
+def tracking_callbacks(args) -> list:
+    """Ray Tune's own MLflow logger: one MLflow run per trial, with its config and reports.
+    (Tune's TensorBoard event files are in each trial's folder under --storage-path already.)"""
+    if not args.mlflow_tracking_uri:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray_ensembles.tracking import file_store_uri
+
+    return [MLflowLoggerCallback(tracking_uri=file_store_uri(args.mlflow_tracking_uri),
+                                 experiment_name=args.mlflow_experiment, save_artifact=False)]
 
 
 def run_m_curve(args, train, validation, output: Path):
     """One ensemble of max(M) members per eps, through the same Ray Trainer path."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
 
     m_max = max(args.num_members)
     rows, series, errors, best = [], {}, {}, None
@@ -146,11 +165,12 @@ def run_m_curve(args, train, validation, output: Path):
         workers = max(1, min(m_max, int(ray.cluster_resources().get("GPU" if args.use_gpu else "CPU", 1)
                                         / (1 if args.use_gpu else args.cpus_per_worker))))
         Trainer(ensemble, train, train_batch_size=args.batch_size, train_lr=args.lr[0],
-                train_num_epochs=args.epochs,
+                train_num_epochs=args.epochs, progress=not (args.quiet or args.json),
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=args.use_gpu,
                                              resources_per_worker={"CPU": args.cpus_per_worker,
                                                                    **({"GPU": 1} if args.use_gpu else {})}),
-                run_config=RunConfig(storage_path=args.storage_path or str((output / "runs").resolve()))).train()
+                run_config=RunConfig(storage_path=args.storage_path or str((output / "runs").resolve()),
+                                     logging_config=LoggingConfig(log_level="INFO" if args.verbose else "WARNING"))).train()
         for row in m_curve(ensemble, validation.X, validation.y, seed=args.seed):
             rows.append({"adversarial_eps": eps, **row})
             series.setdefault(eps, []).append((row["num_members"], row["val_nll_mean"]))
@@ -159,7 +179,10 @@ def run_m_curve(args, train, validation, output: Path):
             best = (rows[-1]["val_nll_mean"], ensemble)
     output.mkdir(parents=True, exist_ok=True)
     write_csv(rows, output / "m_curve.csv", ["num_members", "adversarial_eps", "val_nll_mean", "val_nll_std"])
-    print_table(rows, ["num_members", "adversarial_eps", "val_nll_mean", "val_nll_std", "num_subsets"])
+    if args.json:
+        print(json.dumps({"m_curve": rows}))
+    else:
+        print_table(rows, ["num_members", "adversarial_eps", "val_nll_mean", "val_nll_std", "num_subsets"])
     plot(series, output / "val_nll_vs_m.png", errors)
     best[1].save(output / "best_ensemble")
 
@@ -170,9 +193,7 @@ def main(argv=None):
     try:
         space = resolve(args)
         train, validation = load_data(args, allow_no_validation=False)
-        import ray
-        if not ray.is_initialized():
-            ray.init()
+        say(args, start_ray(args))
         if args.m_curve:
             run_m_curve(args, train, validation, output)
         else:

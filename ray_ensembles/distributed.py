@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import os
+import statistics
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +31,7 @@ from safetensors.torch import save as safetensors_save
 
 from . import storage
 from .metrics import ensemble_validation_metrics
+from .progress import REPORT_EVERY_S, EnsembleProgress, Every
 from .training import EnsembleFit, TrainSettings, attach_validation, make_accelerator
 
 AUTOSCALING_ENV = "RAY_ENSEMBLES_AUTOSCALING"  # "1": the cluster grows on demand, skip the size check
@@ -85,7 +90,7 @@ def check_cluster_resources(scaling_config):
 
 def fit_on_ray(trainer):
     """Train `trainer.ensemble` on Ray Train workers, then assemble and save it."""
-    from ray.train import BackendConfig, RunConfig
+    from ray.train import BackendConfig, LoggingConfig, RunConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     ensemble, sc = trainer.ensemble, trainer.scaling_config
@@ -108,25 +113,30 @@ def fit_on_ray(trainer):
         "validation": None if validation is None else ray.put((validation.X.numpy(), validation.y.numpy())),
         "fault": getattr(trainer, "_fault_injection", None),
     }
-    # A reused name silently resumes an old run, so a fresh run gets a unique one.
+    # A reused name silently resumes an old run, so a fresh run gets a unique one. Ray Train's
+    # own INFO lines (each report, each checkpoint) go to its log files, not the console.
     rc = trainer.run_config or RunConfig(
         name=f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        storage_path=str(Path(trainer.results_folder).resolve()))
+        storage_path=str(Path(trainer.results_folder).resolve()),
+        logging_config=LoggingConfig(log_level="WARNING"))
     # on the driver's node: a zero-CPU actor could land on a node that is later lost
-    history = _History.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+    channel = RunChannel.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    config.update(channel=channel, log_level=rc.logging_config.log_level)
     rc = dataclasses.replace(rc, callbacks=[*(rc.callbacks or []), EpochMetricsCallback(
-        ensemble.task, None if validation is None else validation.y, history, trainer.metrics_callback)])
+        ensemble.task, None if validation is None else validation.y, channel)])
     started = time.time()
+    follower = _Follower(trainer, channel)
     try:
         with _env_default(POLL_ENV, POLL_DEFAULT_S):  # the driver's value reaches the controller
             result = DataParallelTrainer(_train_worker, train_loop_config=config,
                                          backend_config=BackendConfig(), scaling_config=sc,
                                          run_config=rc).fit()
-        # after a restart, replayed steps are reported again: keep the last report of each
-        trainer.history = list({h["step"]: h for h in ray.get(history.get.remote())}.values())
     finally:
-        ray.kill(history)
+        try:
+            follower.stop()
+        finally:
+            ray.kill(channel)
     if result.checkpoint is None:
         raise RuntimeError(f"The Ray run {rc.name} finished without a checkpoint: {result.error}")
     fit_done = time.time()
@@ -214,6 +224,10 @@ def _worker_ensemble(config, member_ids):
 
 def _train_worker(config):
     """Runs on each Ray Train worker: the shared loop plus reporting."""
+    # Ray Train 2.60 logs every report in full at INFO through a logger named by its file path,
+    # which the run's LoggingConfig does not reach: that logger gets the run's level
+    from ray.train.v2._internal.execution import context as train_context
+    logging.getLogger(train_context.__file__).setLevel(config["log_level"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     member_ids = assign_members(config["member_ids"], context.get_world_size())[rank]
@@ -242,24 +256,43 @@ def _train_worker(config):
 
     def on_checkpoint(fit):
         # Reports are rare on purpose: each waits for the controller's poll (POLL_ENV), so they
-        # go with checkpoints only.
-        metrics = {"step": fit.step, "member_ids": member_ids, "epochs": list(epochs)}
-        epochs.clear()
+        # go with checkpoints only. The epochs travel in the checkpoint, not in the report's
+        # metrics, which Ray Train logs in full.
         checkpoint_start = time.time()
         timing["training_s"] = checkpoint_start - timing["started"] - timing["checkpoint_s"]
         with tempfile.TemporaryDirectory() as directory:
             for m, (tensors, meta) in fit.member_files().items():
                 storage.write_member_file(Path(directory), m, tensors, dict(meta, timing=timing, placement=placement))
+            (Path(directory) / storage.epochs_filename(rank)).write_text(json.dumps(epochs))
+            epochs.clear()
             if validation is not None:
                 log_lik, points = fit.evaluate(*validation)
                 for i, m in enumerate(member_ids):
                     (Path(directory) / storage.validation_filename(m)).write_bytes(
                         safetensors_save({"log_lik": log_lik[i].contiguous(), "points": points[i].contiguous()}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            ray.train.report({"step": fit.step, "member_ids": member_ids},
+                             checkpoint=ray.train.Checkpoint.from_directory(directory))
         timing["checkpoint_s"] += time.time() - checkpoint_start
         _maybe_crash(config["fault"], rank, fit.step)
 
-    fit.run(on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint)
+    fit.run(on_epoch_end=on_epoch_end, on_checkpoint=on_checkpoint,
+            on_step=progress_sender(config["channel"], rank, settings.num_steps))
+
+
+def progress_sender(channel, rank: int, num_steps: int):
+    """A worker's `on_step`: its step and running losses to the driver's channel, every
+    REPORT_EVERY_S and at the last step. Not a Ray Train report, which would wait for the
+    controller's poll: a message that nothing waits on, so a step costs one clock read."""
+    tick = Every(REPORT_EVERY_S)
+
+    def on_step(fit):
+        last = fit.step == num_steps
+        if tick() or last:
+            sent = channel.progress.remote(rank, fit.step, fit.ensemble.num_members, fit.running_loss().tolist())
+            if last:
+                ray.get(sent)  # in before the run ends, so the driver's last poll sees it
+
+    return on_step
 
 
 def _maybe_crash(fault, rank, step):
@@ -272,17 +305,58 @@ def _maybe_crash(fault, rank, step):
 
 
 @ray.remote(num_cpus=0)
-class _History:
-    """Carries per-epoch metrics from the Ray Train controller back to the driver."""
+class RunChannel:
+    """The driver's mailbox for one run: each worker's latest progress (a message every few
+    seconds), and the history entries the controller forms at each report (one message per
+    report, however many epochs it holds)."""
 
     def __init__(self):
-        self.items = []
+        self.workers, self.entries = {}, []
 
-    def append(self, item):
-        self.items.append(item)
+    def progress(self, rank: int, step: int, num_members: int, losses: list[float]):
+        self.workers[rank] = (step, num_members, losses)
 
-    def get(self):
-        return self.items
+    def add_entries(self, entries: list[dict]):
+        self.entries.extend(entries)
+
+    def poll(self, since: int):
+        """(each worker's progress, the entries from index `since` on)."""
+        return self.workers, self.entries[since:]
+
+
+class _Follower:
+    """In the driver, beside the blocking fit: polls the run's channel, moves the trainer's
+    progress bar and hands new history entries to `trainer.emit` (callback and loggers)."""
+
+    POLL_S = 0.5
+
+    def __init__(self, trainer, channel):
+        self.trainer, self.channel, self.seen = trainer, channel, 0
+        members, steps = trainer.ensemble.num_members, trainer.settings.num_steps
+        self.bar = EnsembleProgress(members * steps, enabled=trainer.progress)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ray_ensembles-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.done.wait(self.POLL_S):
+            with contextlib.suppress(ray.exceptions.RayError):  # missed entries come with the next poll
+                self.poll()
+
+    def poll(self):
+        workers, entries = ray.get(self.channel.poll.remote(self.seen))
+        self.seen += len(entries)
+        self.trainer.emit(entries)
+        if workers:
+            done = sum(step * n for step, n, _ in workers.values())
+            losses = [loss for _, _, member_losses in workers.values() for loss in member_losses]
+            self.bar.update(done, statistics.fmean(losses), self.trainer.latest("val_nll"))
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        self.poll()  # the last progress and entries
+        self.bar.close()
 
 
 def _read_bytes(checkpoint, name: str) -> bytes:
@@ -293,26 +367,26 @@ def _read_bytes(checkpoint, name: str) -> bytes:
 class EpochMetricsCallback(ray.train.UserCallback):
     """On the Ray Train controller: turn the workers' reports into ensemble metrics.
 
-    Each report carries every worker's per-epoch training losses since the previous report, and
-    with validation data each member's validation outputs, from which the ensemble's NLL is formed.
-    Every epoch goes to the driver's history; the user's callback, which runs here, gets the
-    same dicts as in-process training.
+    Each report's checkpoint holds every worker's per-epoch training losses since the previous
+    report, and with validation data each member's validation outputs, from which the ensemble's
+    NLL is formed. The entries of one report go to the driver's channel in one message.
     """
 
-    def __init__(self, task: str, y_validation, history, user_callback=None):
-        self.task, self.y_validation = task, y_validation
-        self.history, self.user_callback = history, user_callback
+    def __init__(self, task: str, y_validation, channel=None):
+        self.task, self.y_validation, self.channel = task, y_validation, channel
 
     def entries(self, metrics, checkpoint) -> list[dict]:
         """The per-epoch entries of one report (validation metrics on the one at its step)."""
-        if not metrics or "epochs" not in metrics[0]:
+        if not metrics or "member_ids" not in metrics[0] or checkpoint is None:
             return []
         ids = [m for worker in metrics for m in worker["member_ids"]]
+        workers = [json.loads(_read_bytes(checkpoint, storage.epochs_filename(rank)))
+                   for rank in range(len(metrics))]
         entries = [{"epoch": e["epoch"], "step": e["step"],
-                    "member_train_loss": dict(zip(ids, [loss for worker in metrics
-                                                        for loss in worker["epochs"][k]["train_loss"]]))}
-                   for k, e in enumerate(metrics[0]["epochs"])]
-        if self.y_validation is not None and checkpoint is not None:
+                    "member_train_loss": dict(zip(ids, [loss for epochs in workers
+                                                        for loss in epochs[k]["train_loss"]]))}
+                   for k, e in enumerate(workers[0])]
+        if self.y_validation is not None:
             outputs = [safetensors_load(_read_bytes(checkpoint, storage.validation_filename(m))) for m in ids]
             attach_validation(entries, metrics[0]["step"], ensemble_validation_metrics(
                 self.task, ids, torch.stack([o["log_lik"] for o in outputs]),
@@ -320,7 +394,6 @@ class EpochMetricsCallback(ray.train.UserCallback):
         return entries
 
     def after_report(self, run_context, metrics, checkpoint):
-        for entry in self.entries(metrics, checkpoint):
-            self.history.append.remote(entry)
-            if self.user_callback is not None:
-                self.user_callback(entry)
+        entries = self.entries(metrics, checkpoint)
+        if entries and self.channel is not None:
+            ray.get(self.channel.add_entries.remote(entries))  # in before the run can end

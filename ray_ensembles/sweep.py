@@ -8,6 +8,7 @@ trained ensemble by scoring random member subsets.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ray.tune import Callback
 
 from .data import TensorDataset
 from .metrics import ensemble_validation_metrics
@@ -75,6 +77,12 @@ def normalize_param_space(param_space) -> dict:
     return space
 
 
+def _grid_size(space) -> int:
+    """How many trials Tune makes of the space: one per combination of its grids."""
+    return math.prod(len(spec["grid_search"]) for spec in space.values()
+                     if isinstance(spec, dict) and "grid_search" in spec)
+
+
 def _largest(space, name, default):
     values = _values(name, space.get(name, [default]))
     if values is None:
@@ -89,20 +97,23 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                   scheduler: str | None = None, num_reports: int = 4, max_concurrent: int | None = None,
                   cpus_per_worker: float = 1.0, use_gpu: bool = False,
                   max_workers_per_trial: int | None = None, storage_path=None, name: str | None = None,
-                  resume: bool = False, seed: int = 0) -> SweepResult:
+                  resume: bool = False, seed: int = 0, progress: bool = False,
+                  callbacks: list | None = None) -> SweepResult:
     """One Tune trial per combination of `param_space` (lists are grids), each a distributed
     ensemble; returns the trials sorted by validation NLL and where the best ensemble is.
 
     The validation rows come from `validation_dataset`, or else a `validation_fraction` of the
     training rows: never test rows. Each trial reports `num_reports` times (at its checkpoints);
     `scheduler="asha"` stops poor trials early. Concurrency is sized so that trials never wait
-    for each other's CPUs or GPUs; `resume=True` continues the sweep called `name`.
+    for each other's CPUs or GPUs; `resume=True` continues the sweep called `name`. With
+    `progress`, it prints the trials' placement, one line per finished trial and Tune's status
+    table at most every 30 s. `callbacks` are Tune callbacks (e.g. Ray's MLflowLoggerCallback).
     """
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .distributed import AUTOSCALING_ENV
+    from .distributed import AUTOSCALING_ENV, _env_default
     from .ensemble import DeepEnsemble, DeepEnsembleClassifier
     from .validation import check_choice, check_float, check_int
 
@@ -126,29 +137,44 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     if "://" not in storage:
         storage = str(Path(storage).resolve())
 
-    # Each trial's workers plus its driver; the largest trial decides how many run at once.
+    # A trial is its driver (DRIVER_CPU) plus up to M Ray Train workers, capped at what the
+    # cluster can hold beside that driver: members stack on the workers that fit. Only a trial
+    # that cannot get even one worker is refused. The largest trial decides how many run at once.
     largest_m = _largest(space, "num_members", ensemble_options.get("num_members", 5))
-    workers = min(largest_m, max_workers_per_trial or largest_m)
-    need = {"CPU": DRIVER_CPU + workers * cpus_per_worker, "GPU": workers if use_gpu else 0}
     if not ray.is_initialized():
         ray.init()
     have = ray.cluster_resources()
+    autoscaling = os.environ.get(AUTOSCALING_ENV) == "1"
+    workers = min(largest_m, max_workers_per_trial or largest_m)
+    if not autoscaling:
+        room = math.floor((have.get("CPU", 0) - DRIVER_CPU) / cpus_per_worker + 1e-9)
+        workers = min(workers, room, *([int(have.get("GPU", 0))] if use_gpu else []))
+    need = {"CPU": DRIVER_CPU + max(workers, 1) * cpus_per_worker, "GPU": max(workers, 1) if use_gpu else 0}
+    if workers < 1 and not autoscaling:
+        raise ValueError(f"The largest trial of tune_ensemble needs at least {need} (M={largest_m} on 1 "
+                         f"worker, {cpus_per_worker:g} CPU each, plus {DRIVER_CPU} CPU for the trial) but "
+                         f"the Ray cluster has {dict((r, have.get(r, 0)) for r in need)}.")
     fits = [math.floor(have.get(r, 0) / n + 1e-9) for r, n in need.items() if n > 0]
-    if min(fits) < 1 and os.environ.get(AUTOSCALING_ENV) != "1":
-        raise ValueError(f"The largest trial of tune_ensemble needs {need} (M={largest_m} on {workers} "
-                         f"workers) but the Ray cluster has {dict((r, have.get(r, 0)) for r in need)}.")
     concurrent = max(1, min(fits)) if max_concurrent is None else check_int(owner, "max_concurrent", max_concurrent, minimum=1)
+    placement = (f"each trial: up to {workers} Ray Train worker{'s' * (workers != 1)} x {cpus_per_worker:g} CPU"
+                 f"{' + 1 GPU' if use_gpu else ''} (members stacked round-robin) + {DRIVER_CPU} CPU for the "
+                 f"trial; {concurrent} trial{'s' * (concurrent != 1)} at a time")
 
     cls = DeepEnsemble if task == "regression" else DeepEnsembleClassifier
     dim_out = {"dim_out": dataset.y.shape[1] if dataset.y.ndim == 2 else 1} if task == "regression" else \
         {"num_classes": int(max(dataset.y.max(), validation_dataset.y.max())) + 1}
     base = {"cls": cls, "dim_out": dim_out, "ensemble": ensemble_options, "trainer": trainer_options,
             "num_reports": num_reports, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
-            "max_workers": max_workers_per_trial, "trials_dir": f"{storage.rstrip('/')}/{name}/trials"}
+            "max_workers": workers, "trials_dir": f"{storage.rstrip('/')}/{name}/trials"}
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, train=dataset, validation=validation_dataset, base=base),
         {"CPU": DRIVER_CPU})
     path = f"{storage.rstrip('/')}/{name}"
+    console = {"callbacks": list(callbacks or [])}
+    if progress:
+        print(placement, flush=True)
+        console.update(verbose=1, callbacks=[*console["callbacks"], TrialLines(list(space), _grid_size(space))], progress_reporter=tune.CLIReporter(
+            max_report_frequency=30, parameter_columns=list(space), metric_columns=["val_nll", "training_iteration"]))
     if resume:
         if not tune.Tuner.can_restore(path):
             raise ValueError(f"The 'resume' parameter of tune_ensemble needs a sweep at {path}; there is none.")
@@ -159,8 +185,11 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric="val_nll", mode="min", scheduler=asha,
                                                        max_concurrent_trials=concurrent),
-                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
-    grid = tuner.fit()
+                           run_config=tune.RunConfig(name=name, storage_path=storage,
+                                                     **{"verbose": 0, **console}))
+    # Tune's CLIReporter (a status table at most every 30 s) runs only under its classic output
+    with _env_default("RAY_AIR_NEW_OUTPUT", "0") if progress else contextlib.nullcontext():
+        grid = tuner.fit()
     table = []
     for result in grid:
         row = {k: result.config.get(k) for k in space}
@@ -179,10 +208,31 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     return SweepResult(table, {k: best[k] for k in space}, best["ensemble_path"], grid)
 
 
+class TrialLines(Callback):
+    """In the driver: one line per finished trial, with its swept values, validation NLL and time."""
+
+    def __init__(self, keys: list[str], total: int):
+        self.keys, self.total, self.finished = keys, total, 0
+
+    def _values(self, trial) -> str:
+        return " ".join(f"{k}={trial.config.get(k)}" for k in self.keys)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        result = trial.last_result or {}
+        nll = result.get("val_nll")
+        print(f"trial {self.finished}/{self.total} done: {self._values(trial)}  val_nll "
+              f"{'n/a' if nll is None else f'{nll:.4f}'}  {result.get('time_total_s', 0):.1f} s", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished += 1
+        print(f"trial {self.finished}/{self.total} FAILED: {self._values(trial)} (see {trial.path})", flush=True)
+
+
 def _run_trial(config, *, train, validation, base):
     """One Tune trial: a distributed ensemble through the Trainer, reporting to Tune."""
     from ray import tune
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
 
     from .trainer import Trainer
 
@@ -194,7 +244,7 @@ def _run_trial(config, *, train, validation, base):
     trainer_kwargs = {k: v for k, v in options.items() if k in TRAINER_OPTIONS}
     batch = trainer_kwargs.get("train_batch_size", 100)
     steps = trainer_kwargs.get("train_num_epochs", 40) * math.ceil(len(train) / batch)
-    workers = min(ensemble.num_members, base["max_workers"] or ensemble.num_members)
+    workers = min(ensemble.num_members, base["max_workers"])
     per_worker = {"CPU": base["cpus_per_worker"], **({"GPU": 1} if base["use_gpu"] else {})}
     trial_id = tune.get_context().get_trial_id()
     trainer = Trainer(
@@ -203,7 +253,8 @@ def _run_trial(config, *, train, validation, base):
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=base["use_gpu"],
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=trial_id, storage_path=base["trials_dir"],
-                             callbacks=[_tune_report_callback(ensemble.task, validation.y)]))
+                             callbacks=[_tune_report_callback(ensemble.task, validation.y)],
+                             logging_config=LoggingConfig(log_level="WARNING")))
     trainer.train()
 
 
@@ -218,7 +269,7 @@ def _tune_report_callback(task, y_validation):
 
         def __init__(self):
             super().__init__()
-            self.metrics = EpochMetricsCallback(task, y_validation, history=None)
+            self.metrics = EpochMetricsCallback(task, y_validation)
 
         def after_report(self, run_context, metrics, checkpoint):
             for entry in self.metrics.entries(metrics, checkpoint):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from . import storage
 from .data import TensorDataset
 from .ensemble import _Ensemble
 from .metrics import ensemble_validation_metrics
+from .progress import EnsembleProgress, Every
 from .training import EnsembleFit, TrainSettings, attach_validation, make_accelerator
 from .validation import check_choice, check_float, check_int
 
@@ -25,6 +27,10 @@ class Trainer:
     the end; `load(milestone)` resumes from one exactly.
 
     With a Ray `scaling_config`, members train on Ray Train workers instead (see `distributed`).
+
+    `progress` shows one bar for the whole ensemble (member-steps over all members and workers,
+    rate, ETA, training loss, validation NLL). Every entry of `history` goes, in the driver
+    process and in order, to `metrics_callback(entry)` and to each of `loggers` (`tracking`).
     """
 
     def __init__(self, ensemble: _Ensemble, dataset: TensorDataset, *, train_batch_size: int = 100,
@@ -35,7 +41,7 @@ class Trainer:
                  save_every: int = 1000, cpu: bool = False, cuda_graphs: bool = True, progress: bool = False,
                  on_divergence: str = "raise", max_restarts: int = 3,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
-                 metrics_callback=None):
+                 metrics_callback=None, loggers=()):
         owner = "Trainer"
         if not isinstance(ensemble, _Ensemble):
             raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
@@ -91,6 +97,11 @@ class Trainer:
         self.scaling_config = scaling_config
         self.run_config = run_config
         self.metrics_callback = metrics_callback
+        self.loggers = list(loggers)
+        for logger in self.loggers:
+            if not all(callable(getattr(logger, name, None)) for name in ("start", "log_epoch", "finish")):
+                raise TypeError("The 'loggers' parameter of Trainer must hold objects with start, log_epoch "
+                                f"and finish methods (see ray_ensembles.tracking). Got {logger!r} instead.")
         self.checkpoint_path: Path | str | None = None
         self.run_name: str | None = None
         self.history: list[dict] = []  # per-epoch metrics of the last train()
@@ -114,16 +125,28 @@ class Trainer:
     def _save_milestone(self, fit: EnsembleFit):
         milestone = math.ceil(fit.step / self.settings.save_every)
         self.checkpoint_path = fit.save_checkpoint(self.milestone_path(milestone))
-        self._flush_epochs(fit.step, self._validation_metrics(fit.evaluate))
-
-    def _flush_epochs(self, step: int, validation: dict):
-        """Emit the epochs since the last checkpoint, validation metrics on the one at `step`,
-        to the history and the callback: the same entries, at the same points, as on Ray."""
         entries, self._pending_epochs = self._pending_epochs, []
-        for entry in attach_validation(entries, step, validation):
+        self.emit(attach_validation(entries, fit.step, self._validation_metrics(fit.evaluate)))
+
+    def emit(self, entries: list[dict]):
+        """History entries to `history`, the callback and the loggers: the same entries, at the
+        same points, in-process and on Ray. Entries replayed after a Ray worker's restart (steps
+        already emitted) are skipped: the run is deterministic, so they are the same again."""
+        for entry in entries:
+            if self.history and entry["step"] <= self.history[-1]["step"]:
+                continue
             self.history.append(entry)
             if self.metrics_callback is not None:
                 self.metrics_callback(entry)
+            for logger in self.loggers:
+                logger.log_epoch(entry)
+
+    def tracked_params(self) -> dict:
+        """What the loggers record as the run's configuration."""
+        workers = self.scaling_config.num_workers if self.scaling_config is not None else 0
+        return {"task": self.ensemble.task, "num_members": self.ensemble.num_members,
+                "ensemble": self.ensemble.config, "train": dataclasses.asdict(self.settings),
+                "num_rows": len(self.dataset), "num_workers": workers}
 
     def load(self, milestone: int):
         """Resume from `results_folder/checkpoint-<milestone>`: the next `train()` continues it."""
@@ -139,21 +162,43 @@ class Trainer:
     def train(self):
         """Train every member; afterwards `self.ensemble` holds the trained members and
         `self.metrics` per-member and (with validation data) ensemble metrics."""
+        self.history, self._pending_epochs = [], []
+        for logger in self.loggers:
+            logger.start(self.tracked_params())
         if self.scaling_config is not None:
             from .distributed import fit_on_ray
             member_metadata = fit_on_ray(self)
             self.metrics = self._final_metrics({m: meta["train_loss"] for m, meta in member_metadata.items()})
-            return self.ensemble
+        else:
+            self._train_here()
+        for logger in self.loggers:
+            logger.finish(self.metrics, self.checkpoint_path)
+        return self.ensemble
+
+    def _train_here(self):
         if self._fit is None:
             self.ensemble.fit_normalization(self.dataset.X, self.dataset.y)
             self.ensemble.feature_names = self.dataset.feature_names
             self._fit = self._new_fit()
         fit, self._fit = self._fit, None
-        self.history, self._pending_epochs = [], []
-        fit.run(on_checkpoint=self._save_milestone, progress=self.progress,
-                on_epoch_end=lambda epoch, losses: self._report_epoch(fit, epoch, losses))
+        members, steps = self.ensemble.num_members, self.settings.num_steps
+        bar = EnsembleProgress(members * steps, enabled=self.progress)
+        tick = Every(0.5)
+
+        def on_step(fit):
+            if tick() or fit.step == steps:
+                bar.update(members * fit.step, fit.running_loss().mean().item(), self.latest("val_nll"))
+
+        try:
+            fit.run(on_checkpoint=self._save_milestone, on_step=on_step if self.progress else None,
+                    on_epoch_end=lambda epoch, losses: self._report_epoch(fit, epoch, losses))
+        finally:
+            bar.close()
         self.metrics = self._final_metrics(dict(zip(self.ensemble.member_ids, fit.last_finite_loss.tolist())))
-        return self.ensemble
+
+    def latest(self, key: str):
+        """The latest value of `key` in the history (e.g. "val_nll"), or None."""
+        return next((entry[key] for entry in reversed(self.history) if key in entry), None)
 
     def _validation_metrics(self, evaluate) -> dict:
         if self.validation_dataset is None:

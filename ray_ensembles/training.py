@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 from ema_pytorch import EMA
-from tqdm.auto import tqdm
 
 from . import storage
 from .ensemble import write_ensemble_directory
@@ -186,6 +185,8 @@ class EnsembleFit:
             self.xs[0].numel() * self.xs.element_size() + self.ys[0].numel() * self.ys.element_size())
         self._steps_per_gather = max(1, GATHER_BYTES // step_bytes)
         self.last_finite_loss = torch.full((ensemble.num_members,), float("nan"))
+        self._epoch_loss_sum = torch.zeros(ensemble.num_members)  # this epoch's step losses so far
+        self.last_epoch_loss: torch.Tensor | None = None
         self.attempts = [0] * ensemble.num_members
         # CUDA graphs need every kernel of the step known and launched from a fixed set of
         # tensors: not so for user-built members or the random perturbation (drawn on the CPU)
@@ -325,28 +326,34 @@ class EnsembleFit:
         members.scale_grads((max_norm / (members.grad_norms() + 1e-6)).clamp(max=1.0))
 
     def run(self, *, on_epoch_end: Callable[[int, torch.Tensor], None] | None = None,
-            on_checkpoint: Callable[["EnsembleFit"], None] | None = None, progress: bool = False):
+            on_checkpoint: Callable[["EnsembleFit"], None] | None = None,
+            on_step: Callable[["EnsembleFit"], None] | None = None):
         """Train until `settings.num_steps`, from wherever the step counter is.
 
-        `on_epoch_end(epoch, mean_member_losses)` runs after each full epoch; `on_checkpoint(self)`
+        `on_epoch_end(epoch, mean_member_losses)` runs after each full epoch; `on_step(self)`
+        after every step (keep it cheap: the progress bar throttles itself); `on_checkpoint(self)`
         every `save_every` steps and at the last step.
         """
         s = self.settings
         self.ensemble.train()
-        running = torch.zeros(self.ensemble.num_members)
-        bar = tqdm(total=s.num_steps, initial=self.step, disable=not progress, desc="training")
         while self.step < s.num_steps:
-            running += self.train_step().cpu()
-            bar.update(1)
+            self._epoch_loss_sum += self.train_step().cpu()
             if self.step % self.steps_per_epoch == 0:
-                epoch_losses, running = running / self.steps_per_epoch, torch.zeros_like(running)
-                bar.set_postfix(loss=f"{epoch_losses.mean():.4f}")
+                self.last_epoch_loss = self._epoch_loss_sum / self.steps_per_epoch
+                self._epoch_loss_sum = torch.zeros_like(self._epoch_loss_sum)
                 if on_epoch_end is not None:
-                    on_epoch_end(self.step // self.steps_per_epoch - 1, epoch_losses)
+                    on_epoch_end(self.step // self.steps_per_epoch - 1, self.last_epoch_loss)
+            if on_step is not None:
+                on_step(self)
             if on_checkpoint is not None and (self.step % s.save_every == 0 or self.step == s.num_steps):
                 on_checkpoint(self)
-        bar.close()
         self.finish()
+
+    def running_loss(self) -> torch.Tensor | None:
+        """Each member's mean training loss over this epoch's steps so far, (M,), or over the last
+        epoch right after one ends; None before the first step."""
+        position = self.step % self.steps_per_epoch
+        return self._epoch_loss_sum / position if position else self.last_epoch_loss
 
     def finish(self):
         """Leave the ensemble holding the weights to predict with: EMA ones when EMA is on."""

@@ -102,3 +102,37 @@ def test_classifier_members_train_on_workers(tmp_path):
     trainer.train()
     assert trainer.metrics["val_accuracy"] > 0.85
     assert DeepEnsembleClassifier.load(trainer.checkpoint_path).member_ids == [0, 1]
+
+
+def test_the_driver_gets_live_progress_and_every_entry_in_order(tmp_path, monkeypatch):
+    from ray_ensembles.progress import EnsembleProgress
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def start(self, params):
+            self.calls.append(("start", params["num_workers"]))
+
+        def log_epoch(self, entry):
+            self.calls.append(("epoch", entry["step"]))
+
+        def finish(self, metrics, path):
+            self.calls.append(("finish", path))
+
+    seen, entries, recorder = [], [], Recorder()
+    monkeypatch.setattr(EnsembleProgress, "update", lambda self, done, *rest: seen.append(done))
+    steps = 8000  # 2 members, one per worker: several seconds, so several of the workers' messages
+    trainer = Trainer(DeepEnsemble(dim_in=3, num_members=2, hidden_dim=8, seed=1), TensorDataset(X, Y),
+                      train_batch_size=10, train_num_steps=steps, save_every=steps // 2, progress=True,
+                      validation_dataset=VALIDATION, metrics_callback=entries.append, loggers=[recorder],
+                      results_folder=tmp_path,
+                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
+    trainer.train()
+    assert seen == sorted(seen) and seen[-1] == 2 * steps
+    assert any(0 < done < 2 * steps for done in seen), seen  # it moved while training ran
+    # the callback and the loggers run in the driver: they see the whole history, in order
+    assert entries == trainer.history and len(entries) == steps // 15 + 2  # 533 epochs, 2 mid-epoch checkpoints
+    assert recorder.calls == [("start", 2), *[("epoch", h["step"]) for h in trainer.history],
+                              ("finish", trainer.checkpoint_path)]
+    assert [h["step"] for h in trainer.history if "val_nll" in h] == [steps // 2, steps]

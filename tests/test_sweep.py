@@ -1,7 +1,10 @@
 """Ray Tune sweeps over M and eps, through the job and the API: the table, ASHA, resume."""
 
+import contextlib
 import csv
+import io
 import math
+import re
 
 import pytest
 import torch
@@ -36,10 +39,13 @@ def table_file(tmp_path_factory):
 def sweep(local_ray, table_file, tmp_path_factory):
     import tune_ensemble as job
     out = tmp_path_factory.mktemp("sweep")
-    job.main(["--data", str(table_file), "--target", "y", "--num-members", "1,2",
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        job.main(["--data", str(table_file), "--target", "y", "--num-members", "1,2",
               "--adversarial-eps", "0,0.01", "--epochs", "4", "--batch-size", "50", "--lr", "0.01",
               "--hidden-dim", "16", "--num-reports", "2", "--cpus-per-worker", "0.25",
               "--name", "grid", "--output", str(out)])
+    (out / "console.txt").write_text(console.getvalue())
     return out
 
 
@@ -57,6 +63,28 @@ def test_a_four_trial_sweep_writes_the_table_and_the_best_ensemble(sweep):
     assert best.num_members == int(rows[0]["num_members"])
     assert best.use_adversarial_training == (float(rows[0]["adversarial_eps"]) > 0)
     assert (sweep / "val_nll_vs_m.png").stat().st_size > 5_000
+
+
+@pytest.mark.ray
+def test_the_sweep_prints_one_line_per_finished_trial_and_no_metric_dumps(sweep):
+    console = (sweep / "console.txt").read_text()
+    done = re.findall(r"^trial (\d)/4 done: num_members=(\d) adversarial_eps=(\S+)  val_nll (\S+)  [\d.]+ s$",
+                      console, re.MULTILINE)
+    assert sorted(int(n) for n, *_ in done) == [1, 2, 3, 4]
+    assert {(m, eps) for _, m, eps, _ in done} == {("1", "0.0"), ("1", "0.01"), ("2", "0.0"), ("2", "0.01")}
+    assert "each trial: up to 2 Ray Train workers x 0.25 CPU" in console
+    assert "Reporting training result" not in console and "metrics={" not in console
+
+
+@pytest.mark.ray
+def test_default_worker_cpus_fit_a_two_cpu_machine_by_stacking_members(local_ray, tmp_path, capsys):
+    # one CPU per worker: a trial's 0.1-CPU driver leaves room for one worker, which stacks both members
+    result = tune_ensemble(TensorDataset(X, Y), {"num_members": [2]}, storage_path=tmp_path, name="fit",
+                           ensemble_options={"hidden_dim": 8}, trainer_options={"train_num_epochs": 2},
+                           num_reports=1, progress=True)
+    assert "each trial: up to 1 Ray Train worker x 1 CPU (members stacked round-robin) + 0.1 CPU for the " \
+           "trial; 1 trial at a time" in capsys.readouterr().out
+    assert DeepEnsemble.load(result.best_ensemble_path).num_members == 2
 
 
 @pytest.mark.ray
@@ -88,7 +116,7 @@ def test_asha_stops_a_poor_trial(local_ray, tmp_path):
 
 @pytest.mark.ray
 def test_a_trial_larger_than_the_cluster_fails_before_any_trial(local_ray, tmp_path):
-    with pytest.raises(ValueError, match=r"largest trial.*'GPU': 4\} \(M=4 on 4 workers\).*'GPU': 0"):
+    with pytest.raises(ValueError, match=r"largest trial.*needs at least .*'GPU': 1\} \(M=4 on 1 worker.*'GPU': 0"):
         tune_ensemble(TensorDataset(X, Y), {"num_members": [1, 4]}, use_gpu=True, cpus_per_worker=0.25,
                       storage_path=tmp_path, name="big")
     assert not (tmp_path / "big").exists()

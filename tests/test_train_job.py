@@ -71,19 +71,57 @@ def test_table_columns_become_named_features(table):
     assert ds.y.dtype.is_floating_point is False and ds.X.shape == (50, 2)
 
 
-@pytest.mark.ray
-def test_smoke_run_trains_saves_and_plots(tmp_path):
+def run_job(*argv):
     env = dict(os.environ, RAY_ADDRESS="")
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--smoke-test",
-                           "--output", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)  # as a user has it: the job sets its own
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--smoke-test", *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.ray
+def test_smoke_run_trains_saves_and_plots_and_prints_a_short_readable_console(tmp_path):
+    out = tmp_path / "out"
+    proc = run_job("--output", str(out))
+    console = proc.stdout + proc.stderr
+    lines = [line.split("\r")[-1] for line in console.splitlines()]  # a bar's redraws share its line
+    assert len(lines) <= 40, console
+    for dump in ("Reporting training result", "TrainingReport", "metrics={", "PreemptionWatcher",
+                 "Failed to kill actor", "Traceback"):
+        assert dump not in console, console
+    assert proc.stdout.splitlines()[-1].startswith("saved the ensemble to ")
+    assert any(line.startswith("Ray at ") and "CPUs" in line for line in lines)
+    assert "training 2 members for 5 steps on 2 Ray Train workers (1 CPU each): 0 | 1" in lines
+    bar = [line for line in lines if line.startswith("training: 100%")]
+    assert bar and "10/10" in bar[-1] and "val_nll=" in bar[-1]  # 2 members x 5 steps, with validation
     assert "ensemble: val_nll" in proc.stdout
     assert (out / "toy.png").stat().st_size > 10_000
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(metrics["metrics"]["members"]) == ["0", "1"]
     assert np.isfinite(metrics["metrics"]["val_nll"])
     assert DeepEnsemble.load(out / "ensemble").num_members == 2
+
+
+@pytest.mark.ray
+def test_json_prints_one_object_and_the_trackers_hold_the_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this reader; the job opts in itself
+
+    out = tmp_path / "out"
+    proc = run_job("--output", str(out), "--json", "--mlflow-tracking-uri", str(tmp_path / "mlruns"),
+                   "--tensorboard-dir", str(tmp_path / "tb"), "--name", "toy-run")
+    result = json.loads(proc.stdout)  # nothing else on stdout
+    assert sorted(result["metrics"]["members"]) == ["0", "1"] and np.isfinite(result["metrics"]["val_nll"])
+    assert "training:" not in proc.stderr  # no bar either
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("ray_ensembles").experiment_id])
+    assert run.info.run_name == "toy-run" and run.data.params["num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5]
+    assert client.get_metric_history(run.info.run_id, "val_nll")[0].value == pytest.approx(result["metrics"]["val_nll"])
+    assert run.data.tags["ensemble_path"] == result["checkpoint"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.ray
