@@ -112,9 +112,7 @@ def flat_params(params: dict, prefix: str = "") -> dict[str, object]:
 def file_store_uri(tracking_uri: str) -> str:
     """A local folder as MLflow's file-store URI (opting in to that store); anything else as is."""
     tracking_uri = str(tracking_uri)
-    if "://" in tracking_uri or tracking_uri.startswith(("sqlite:", "databricks")):
-        if tracking_uri.startswith("file://"):
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        return tracking_uri
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return Path(tracking_uri).resolve().as_uri()
+    folder = "://" not in tracking_uri and not tracking_uri.startswith(("sqlite:", "databricks"))
+    if folder or tracking_uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return Path(tracking_uri).resolve().as_uri() if folder else tracking_uri
