@@ -77,9 +77,10 @@ def run_job(command: list[str]) -> tuple[float, float, float]:
 @torch.no_grad()
 def naive_columns(ensemble, nets, X: torch.Tensor, coverage: float = 0.9) -> dict[str, torch.Tensor]:
     """The job's regression columns from a loop over the members, each on all of X."""
-    outs = torch.stack([net((X - ensemble.x_mean) / ensemble.x_std) for net in nets])
-    means = outs[..., 0] * ensemble.y_std + ensemble.y_mean
-    variances = (torch.nn.functional.softplus(outs[..., 1]) + 1e-6) * ensemble.y_std ** 2
+    outs = torch.stack([net(ensemble.standardize_x(X)) for net in nets])
+    y_mean, y_std = ensemble.y_mean.float(), ensemble.y_std.float()  # the target is float32
+    means = outs[..., 0] * y_std + y_mean
+    variances = (torch.nn.functional.softplus(outs[..., 1]) + 1e-6) * y_std ** 2
     mean, aleatoric, epistemic = means.mean(0), variances.mean(0), means.var(0, correction=0)
     half = NormalDist().inv_cdf(0.5 + coverage / 2) * (aleatoric + epistemic).sqrt()
     return {"mean": mean, "variance": aleatoric + epistemic, "aleatoric": aleatoric, "epistemic": epistemic,

@@ -4,7 +4,8 @@
     python jobs/predict.py --ensemble out/ensemble --data table.parquet --output preds/
     python jobs/predict.py --ensemble s3://b/ens --data s3://b/big.parquet --output s3://b/preds --num-workers 8 --use-gpu
 
-Writes Parquet to the --output folder: the input's other (id or key) columns, then `mean`,
+Writes Parquet to the --output folder, which must be new, empty or a previous output of this job
+(or --overwrite): the input's other (id or key) columns, then `mean`,
 `variance`, `aleatoric`, `epistemic`, `lower_<c>`, `upper_<c>` (central interval of the
 moment-matched Gaussian at coverage c), or for a classifier `prob_<k>`, `entropy`,
 `mutual_information` and `predicted`. Features are matched by the names stored with the ensemble.
@@ -37,8 +38,11 @@ import pyarrow.parquet as pq
 import torch
 from common import add_console_arguments, fail, say, start_ray
 
-from ray_ensembles.data import filesystem_for
+from ray_ensembles import storage
+from ray_ensembles.data import filesystem_for, table_source
 from ray_ensembles.inference import BatchPredictor, feature_columns, load_any
+
+MARKER = "_ray_ensembles_predictions.json"  # marks a folder this job wrote; Parquet readers skip "_" files
 
 
 def parse_args(argv=None):
@@ -55,18 +59,29 @@ def parse_args(argv=None):
     p.add_argument("--features", default=None, help="feature columns, if the ensemble has no names")
     p.add_argument("--keep-columns", default=None, help="input columns to copy (default: all non-features)")
     p.add_argument("--coverage", type=float, default=0.9)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output folder even if this job did not write it")
     add_console_arguments(p, tracking=False)
     return p.parse_args(argv)
 
 
-def open_input(path: str):
-    """(filesystem, path, format) of the input, checked to exist."""
-    filesystem, inner = filesystem_for(path, "--data")
-    info = filesystem.get_file_info(inner)
-    if info.type == pyarrow.fs.FileType.NotFound:
-        raise ValueError(f"The '--data' option names a file that does not exist. Got {path!r} instead.")
-    fmt = "csv" if inner.lower().endswith((".csv", ".csv.gz")) else "parquet"
-    return filesystem, inner, fmt
+def check_output(args) -> str:
+    """The output folder, checked before any work: never a file, the input, the ensemble, the
+    working directory or a folder holding them, and only a previous output of this job (or
+    anything, with --overwrite) if it exists and is not empty."""
+    def ours(path) -> bool:
+        return (Path(path) / MARKER).is_file()
+
+    if "://" in args.output:
+        filesystem, root = filesystem_for(args.output, "--output")
+        listing = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        if listing and not args.overwrite and not any(i.base_name == MARKER for i in listing):
+            raise ValueError(f"Refusing to write predictions to {args.output}: it holds files this job "
+                             "did not write. Choose a new folder, or pass --overwrite.")
+        return args.output
+    protect = [p for p in (args.data, args.ensemble) if "://" not in p]
+    return str(storage.check_writable(Path(args.output), is_ours=ours, what="predictions",
+                                      overwrite=args.overwrite, protect=protect))
 
 
 def input_pieces(dataset) -> list:
@@ -101,7 +116,10 @@ def first_rows(dataset, filesystem, path: str, rows: int = 10_000) -> pa.Table:
     """The input's first rows (at most `rows`), for its schema and the output's encodings."""
     if dataset is not None:
         return dataset.scanner(fragment_readahead=0, **NO_READ_AHEAD).head(rows)
-    return next(piece_batches(None, filesystem, path, rows))
+    first = next(piece_batches(None, filesystem, path, rows), None)
+    if first is None:
+        raise ValueError(f"The '--data' table {path} has no rows.")
+    return first
 
 
 def dictionary_columns(sample: pa.Table) -> list[str]:
@@ -153,21 +171,26 @@ def main(argv=None):
             raise ValueError(f"'--batch-size' and '--threads' must be >= 1, '--num-workers' >= 0 and "
                              f"'--coverage' in (0, 1). Got {args.batch_size}, {args.threads}, "
                              f"{args.num_workers}, {args.coverage} instead.")
+        output = check_output(args)
         ensemble = load_any(args.ensemble)  # a clear error for a missing or damaged ensemble
-        filesystem, path, fmt = open_input(args.data)
+        filesystem, path, fmt = table_source(args.data, "--data")
         features = args.features.split(",") if args.features else None
         # opened once: listing a folder and reading its footers is I/O, on S3 a round trip each
         dataset = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet") if fmt == "parquet" else None
         sample = first_rows(dataset, filesystem, path)
+        if sample.num_rows == 0:
+            raise ValueError(f"The '--data' table {args.data} has no rows.")
         features = feature_columns(ensemble, sample.column_names, features)
         keep = args.keep_columns.split(",") if args.keep_columns else None
+    except (pyarrow.ArrowException, UnicodeDecodeError) as err:  # e.g. a CSV that is not UTF-8
+        fail(f"The '--data' table {args.data} could not be read ({err}).")
     except ValueError as err:
         fail(str(err))
 
-    # write next to the target, then rename: a failed run leaves no half-written output
-    local_output = "://" not in args.output
-    final = Path(args.output) if local_output else None
-    target = str(final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")) if local_output else args.output
+    # write next to the target, then swap it in: a failed run leaves no half-written output
+    local_output = "://" not in output
+    final = Path(output) if local_output else None
+    target = str(final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")) if local_output else output
     kwargs = dict(features=features, coverage=args.coverage, use_gpu=args.use_gpu, keep=keep)
     use_dictionary = dictionary_columns(sample)
     started = time.perf_counter()
@@ -181,14 +204,19 @@ def main(argv=None):
                                   use_dictionary, args.threads)
         else:
             rows = predict_on_ray_data(args, kwargs, path, fmt, target, use_dictionary)
-    except BaseException:
-        if local_output:
-            shutil.rmtree(target, ignore_errors=True)
+        filesystem_out, root = filesystem_for(target, "--output")
+        with filesystem_out.open_output_stream(f"{root}/{MARKER}") as marker:
+            marker.write(json.dumps({"ensemble": args.ensemble, "data": args.data}).encode())
+    except BaseException as err:
+        if local_output and Path(target).exists():
+            shutil.rmtree(target, ignore_errors=True)  # this run's own temporary folder
+        if isinstance(err, (pyarrow.ArrowException, UnicodeDecodeError)):  # past the first rows
+            fail(f"The '--data' table {args.data} could not be read ({err}).")
+        if isinstance(err, (ValueError, FloatingPointError)):  # e.g. a null in a feature, past the first rows
+            fail(str(err))
         raise
     if local_output:
-        if final.exists():
-            shutil.rmtree(final)
-        Path(target).rename(final)
+        storage.replace_directory(Path(target), final)
     seconds = time.perf_counter() - started
     if args.json:
         print(json.dumps({"rows": rows if rows >= 0 else None, "output": args.output, "seconds": seconds}))

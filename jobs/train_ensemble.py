@@ -21,7 +21,7 @@ import torch
 
 from common import add_console_arguments, add_data_arguments, fail, load_data, loggers, num_classes, say, start_ray
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
 from ray_ensembles.data import filesystem_for
 from ray_ensembles.distributed import assign_members
 
@@ -75,6 +75,12 @@ def build(args):
         raise ValueError(f"The '--max-failures' option must be >= 0. Got {args.max_failures} instead.")
     if args.resume and not args.name:
         raise ValueError("The '--resume' option needs the '--name' of the run to resume. Got no name instead.")
+    if not args.cpus_per_worker > 0:
+        raise ValueError(f"The '--cpus-per-worker' option must be > 0. Got {args.cpus_per_worker} instead.")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"The '--output' option must be a folder. Got {args.output!r}, a file, instead.")
+    storage.check_writable(output / "ensemble", is_ours=storage.is_ensemble_directory, what="an ensemble")
     train, validation = load_data(args)
     common = dict(num_members=args.num_members, hidden_dim=args.hidden_dim, depth=args.depth,
                   use_adversarial_training=args.adversarial_eps > 0,
@@ -175,12 +181,14 @@ def main(argv=None):
     output = Path(args.output)
     try:
         ensemble, train, validation = build(args)
+        options = dict(train_batch_size=args.batch_size, train_lr=args.lr, train_num_epochs=args.epochs,
+                       ema_decay=args.ema_decay, amp=args.amp, save_every=args.save_every,
+                       validation_dataset=validation, progress=not (args.quiet or args.json))
+        Trainer(ensemble, train, **options)  # every option checked before Ray starts
+        config = run_config(args, output)  # --name and --resume too
         where = start_ray(args)
-        trainer = Trainer(ensemble, train, train_batch_size=args.batch_size, train_lr=args.lr,
-                          train_num_epochs=args.epochs, ema_decay=args.ema_decay, amp=args.amp,
-                          save_every=args.save_every, validation_dataset=validation,
-                          scaling_config=scaling(args), run_config=run_config(args, output),
-                          progress=not (args.quiet or args.json), loggers=loggers(args, args.name))
+        trainer = Trainer(ensemble, train, **options, scaling_config=scaling(args), run_config=config,
+                          loggers=loggers(args, args.name))
         say(args, where, placement(trainer))
         trainer.train()
     except (ValueError, TypeError) as err:

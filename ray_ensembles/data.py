@@ -8,31 +8,43 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .validation import as_float_tensor
+from .validation import as_float_tensor, as_labels, as_tensor
 
 
 class TensorDataset:
-    """Inputs X (N, D) and targets y: (N,) or (N, T) floats for regression, (N,) ints for labels.
+    """Inputs X (N, D) and targets y: (N,) or (N, T) reals for regression, (N,) integer or bool
+    labels for classification. Tensors, numpy arrays, pandas objects (a DataFrame's column
+    names become the feature names) and lists; float64 and integer data stay exact (float64)
+    until the ensemble has standardised them.
 
     Every member trains on all N rows; nothing is sharded.
     """
 
     def __init__(self, X, y, *, feature_names: Sequence[str] | None = None):
+        if feature_names is None and hasattr(X, "columns") and hasattr(X, "to_numpy"):
+            feature_names = [str(c) for c in X.columns]
         self.X = as_float_tensor("TensorDataset", "X", X, ndim=(2,))
-        if isinstance(y, np.ndarray) and y.dtype.kind in "iu":
-            y = torch.from_numpy(np.ascontiguousarray(y))
-        if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dtype != torch.bool \
-                and not y.is_complex():
-            self.y = y.long()  # class labels; the classifier checks their range
-        else:
-            self.y = as_float_tensor("TensorDataset", "y", y, ndim=(1, 2))
+        y = as_tensor("TensorDataset", "y", y)
+        is_labels = not (y.is_floating_point() or y.is_complex())
+        self.y = as_labels("TensorDataset", "y", y) if is_labels else \
+            as_float_tensor("TensorDataset", "y", y, ndim=(1, 2))
         if len(self.y) != len(self.X):
             raise ValueError(f"The 'y' parameter of TensorDataset must have one row per row of X "
                              f"({len(self.X)}). Got {len(self.y)} rows instead.")
-        if feature_names is not None and len(feature_names) != self.X.shape[1]:
-            raise ValueError(f"The 'feature_names' parameter of TensorDataset must name the "
-                             f"{self.X.shape[1]} columns of X. Got {list(feature_names)!r} instead.")
-        self.feature_names = list(feature_names) if feature_names is not None else None
+        if feature_names is not None:
+            feature_names = list(feature_names)
+            if len(feature_names) != self.X.shape[1] or len(set(feature_names)) != len(feature_names):
+                raise ValueError(f"The 'feature_names' parameter of TensorDataset must be {self.X.shape[1]} "
+                                 f"distinct names, one per column of X. Got {feature_names!r} instead.")
+        self.feature_names = feature_names
+
+    @classmethod
+    def from_torch(cls, dataset) -> "TensorDataset":
+        """This library's dataset from a `torch.utils.data.TensorDataset(X, y)`."""
+        if len(dataset.tensors) != 2:
+            raise ValueError("A torch.utils.data.TensorDataset must hold two tensors, X and y. "
+                             f"Got {len(dataset.tensors)} instead.")
+        return cls(*dataset.tensors)
 
     def __len__(self):
         return len(self.X)
@@ -70,34 +82,51 @@ def filesystem_for(path_or_uri: str, name: str = "data"):
         return pyarrow.fs.LocalFileSystem(), str(Path(path_or_uri).resolve())
 
 
-def read_table(path_or_uri: str):
-    """A Parquet or CSV file (by extension) as a pyarrow Table, from a local path or a URI."""
-    import pyarrow
-    import pyarrow.csv
+def table_source(path_or_uri: str, name: str = "data"):
+    """(filesystem, path, format) of a table to read: "parquet" for a folder or a .parquet / .pq
+    file, "csv" for .csv or .csv.gz. The one rule for training and prediction alike."""
     import pyarrow.fs
-    import pyarrow.parquet
 
-    filesystem, path = filesystem_for(path_or_uri)
+    filesystem, path = filesystem_for(path_or_uri, name)
     info = filesystem.get_file_info(path)
     if info.type == pyarrow.fs.FileType.NotFound:
-        raise ValueError(f"The 'data' parameter names a file that does not exist. Got {path_or_uri!r} instead.")
-    suffix = Path(path).suffix.lower()
+        raise ValueError(f"The '{name}' parameter names a file that does not exist. Got {path_or_uri!r} instead.")
+    lower = path.lower()
+    if info.type == pyarrow.fs.FileType.Directory or lower.endswith((".parquet", ".pq")):
+        return filesystem, path, "parquet"
+    if lower.endswith((".csv", ".csv.gz")):
+        return filesystem, path, "csv"
+    raise ValueError(f"The '{name}' parameter must be a Parquet file or folder (.parquet, .pq) or a CSV "
+                     f"file (.csv, .csv.gz). Got {path_or_uri!r} instead.")
+
+
+def read_table(path_or_uri: str):
+    """A Parquet or CSV table (`table_source`) as a pyarrow Table, from a local path or a URI."""
+    import pyarrow
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    filesystem, path, fmt = table_source(path_or_uri)
     try:
-        if suffix in (".parquet", ".pq") or info.type == pyarrow.fs.FileType.Directory:
-            return pyarrow.parquet.read_table(path, filesystem=filesystem)
-        if suffix in (".csv", ".txt", ".gz"):
+        if fmt == "parquet":
+            table = pyarrow.parquet.read_table(path, filesystem=filesystem)
+        else:
             with filesystem.open_input_stream(path) as stream:
-                return pyarrow.csv.read_csv(stream)
-    except pyarrow.ArrowException as err:
-        raise ValueError(f"The 'data' file {path_or_uri!r} could not be read ({err}).") from None
-    raise ValueError(f"The 'data' parameter must be a .parquet or .csv file. Got {path_or_uri!r} instead.")
+                table = pyarrow.csv.read_csv(stream)
+    except (pyarrow.ArrowException, UnicodeDecodeError) as err:  # e.g. a CSV that is not UTF-8
+        raise ValueError(f"The 'data' file {path_or_uri!r} could not be read as {fmt} ({err}).") from None
+    if table.num_rows == 0:
+        raise ValueError(f"The 'data' file {path_or_uri!r} has no rows.")
+    return table
 
 
 def table_to_dataset(table, target: str, features: Sequence[str] | None = None,
                      task: str = "regression") -> TensorDataset:
     """Features and target columns of a pyarrow Table as a TensorDataset that keeps their names.
 
-    Features default to every other numeric column. Classification targets must be integers.
+    Features default to every other numeric column; they may not repeat or include the target.
+    Columns keep their precision (float64 stays float64). Classification targets follow
+    `as_labels`.
     """
     import pyarrow.types as pat
 
@@ -110,6 +139,10 @@ def table_to_dataset(table, target: str, features: Sequence[str] | None = None,
                     and (pat.is_integer(table.schema.field(c).type) or pat.is_floating(table.schema.field(c).type))]
         if not features:
             raise ValueError(f"The data has no numeric feature columns besides the target {target!r}.")
+    features = list(features)
+    if target in features or len(set(features)) != len(features):
+        raise ValueError(f"The 'features' parameter must name distinct columns other than the target "
+                         f"{target!r}. Got {features!r} instead.")
     for name in [*features, target]:
         if name not in columns:
             raise ValueError(f"The 'features' parameter names a column that the data lacks "
@@ -119,13 +152,8 @@ def table_to_dataset(table, target: str, features: Sequence[str] | None = None,
             raise ValueError(f"Column {name!r} must be numeric. Got type {kind} instead.")
         if table.column(name).null_count or not np.isfinite(table.column(name).to_numpy(zero_copy_only=False)).all():
             raise ValueError(f"Column {name!r} must be free of missing, NaN and inf values.")
-    X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in features], 1).astype(np.float32)
+    X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in features], 1)
     y = table.column(target).to_numpy(zero_copy_only=False)
     if task == "classification":
-        if not pat.is_integer(table.schema.field(target).type):
-            raise ValueError(f"The 'target' column {target!r} of a classification task must hold "
-                             f"integer labels. Got type {table.schema.field(target).type} instead.")
-        y = y.astype(np.int64)
-    else:
-        y = y.astype(np.float32)
-    return TensorDataset(X, y, feature_names=list(features))
+        y = as_labels("table_to_dataset", "target", y)
+    return TensorDataset(X, y, feature_names=features)

@@ -99,8 +99,7 @@ def fit_on_ray(trainer):
     check_cluster_resources(sc)
 
     dataset = trainer.dataset
-    ensemble.fit_normalization(dataset.X, dataset.y)
-    ensemble.feature_names = dataset.feature_names
+    trainer.prepare_normalization()
     validation = trainer.validation_dataset
     config = {
         "task": ensemble.task, "ensemble_config": ensemble.config,
@@ -112,6 +111,8 @@ def fit_on_ray(trainer):
         "data": ray.put((dataset.X.numpy(), dataset.y.numpy())),
         "validation": None if validation is None else ray.put((validation.X.numpy(), validation.y.numpy())),
         "fault": getattr(trainer, "_fault_injection", None),
+        # Trainer.load: the workers continue this checkpoint (a folder every node must see)
+        "resume_from": None if trainer.resume_path is None else str(Path(trainer.resume_path).resolve()),
     }
     # A reused name silently resumes an old run, so a fresh run gets a unique one. Ray Train's
     # own INFO lines (each report, each checkpoint) go to its log files, not the console.
@@ -240,10 +241,12 @@ def _train_worker(config):
     settings = TrainSettings(**config["settings"])
     fit = EnsembleFit(_worker_ensemble(config, member_ids), x, y, settings,
                       make_accelerator(cpu=not config["use_gpu"]))
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's own, after a worker failure
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             fit.restore(directory)
+    elif config["resume_from"] is not None:
+        fit.restore(config["resume_from"])
 
     timing = {"started": time.time(), "checkpoint_s": 0.0}
     # the GPU ids are Ray's (the node's numbering); inside the worker its one GPU is cuda:0

@@ -7,6 +7,7 @@ called by the Trainer); predictions come back in the target's original units.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -29,6 +30,17 @@ PREDICT_CHUNK_ROWS = 8192  # rows per forward pass at inference on a CPU: bounds
 PREDICT_CHUNK_BYTES_GPU = 512 << 20
 
 
+def check_finite_prediction(t: torch.Tensor, what: str, ensemble=None):
+    """Predictions are never silently NaN or inf: raise, saying where and why."""
+    if not torch.isfinite(t).all():
+        rows = int((~torch.isfinite(t)).flatten(0, -2).any(-1).sum()) if t.ndim > 1 else 1
+        scale = "" if ensemble is None or ensemble.task != "regression" else (
+            f"; the target's scale (std {ensemble.y_std.tolist()}) may overflow {ensemble.target_dtype}: "
+            "train on a float64 target, or rescale it")
+        raise FloatingPointError(f"The ensemble's {what} are not finite ({rows} of {t.shape[-2] if t.ndim > 1 else 1} "
+                                 f"rows){scale}.")
+
+
 def _mean_and_variance(out):
     """A Gaussian head's raw outputs (M, B, 2T) as means and variances, (M, B, T) each."""
     mean, raw = out.float().chunk(2, dim=-1)
@@ -44,19 +56,21 @@ class _Ensemble(nn.Module):
                  member_ids, member_factory, config):
         super().__init__()
         owner = type(self).__name__
-        check_int(owner, "dim_in", dim_in, minimum=1)
+        # numbers are stored as Python's own: a numpy int would pass here and then fail to save
+        dim_in = check_int(owner, "dim_in", dim_in, minimum=1)
         num_members = check_int(owner, "num_members", num_members, minimum=1)
-        check_int(owner, "hidden_dim", hidden_dim, minimum=1)
-        check_int(owner, "depth", depth, minimum=1)
+        hidden_dim = check_int(owner, "hidden_dim", hidden_dim, minimum=1)
+        depth = check_int(owner, "depth", depth, minimum=1)
+        config = {k: int(v) for k, v in config.items()}
         check_choice(owner, "activation", activation, ACTIVATIONS)
         if not isinstance(batch_norm, bool):
             raise TypeError(f"The 'batch_norm' parameter of {owner} must be a bool. Got {batch_norm!r} instead.")
         if not isinstance(use_adversarial_training, bool):
             raise TypeError(f"The 'use_adversarial_training' parameter of {owner} must be a bool. "
                             f"Got {use_adversarial_training!r} instead.")
-        check_float(owner, "adversarial_eps", adversarial_eps, minimum=0.0)
+        adversarial_eps = check_float(owner, "adversarial_eps", adversarial_eps, minimum=0.0)
         check_choice(owner, "perturbation", perturbation, {"fgsm", "random"})
-        check_int(owner, "seed", seed, minimum=0)
+        seed = check_int(owner, "seed", seed, minimum=0)
         if member_ids is None:
             member_ids = list(range(num_members))
         member_ids = [check_int(owner, "member_ids", m, minimum=0) for m in member_ids]
@@ -83,6 +97,7 @@ class _Ensemble(nn.Module):
         self.member_ids = member_ids
         self.member_seeds = [member_seed(seed, m) for m in member_ids]
         self.feature_names: list[str] | None = None
+        self.target_dtype = torch.float32  # of the fitted target: regression predictions come in it
         if member_factory is None:
             self.members = StackedMLP(num_members, dim_in, num_outputs, hidden_dim, depth,
                                       activation, batch_norm)
@@ -92,9 +107,11 @@ class _Ensemble(nn.Module):
             self.members = FactoryMembers(member_factory, self.member_seeds)
             self._check_factory_output(num_outputs)
         # Identity until fit_normalization; x_range sets the FGSM step (eps * range per input).
-        self.register_buffer("x_mean", torch.zeros(dim_in))
-        self.register_buffer("x_std", torch.ones(dim_in))
-        self.register_buffer("x_range", torch.ones(dim_in))
+        # float64, and inputs are standardised in float64: a feature such as a Unix timestamp
+        # keeps its variation, which float32 (7 digits) would round away before the subtraction.
+        self.register_buffer("x_mean", torch.zeros(dim_in, dtype=torch.float64))
+        self.register_buffer("x_std", torch.ones(dim_in, dtype=torch.float64))
+        self.register_buffer("x_range", torch.ones(dim_in, dtype=torch.float64))
         self.normalization_fitted = False
 
     @torch.no_grad()
@@ -131,7 +148,7 @@ class _Ensemble(nn.Module):
 
         A constant column gets std 1, so it standardises to 0 instead of NaN.
         """
-        x = self._check_x(x, allow_members=False)
+        x = self._check_x(x, allow_members=False).double()
         std = x.std(0, correction=0)
         self.x_mean.copy_(x.mean(0))
         self.x_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
@@ -139,12 +156,13 @@ class _Ensemble(nn.Module):
         self.normalization_fitted = True
 
     def standardize_x(self, x):
-        return (x - self.x_mean) / self.x_std
+        """Original-unit inputs to the members' float32 standardised ones, computed in float64."""
+        return ((x.double() - self.x_mean) / self.x_std).float()
 
     @property
     def adversarial_step(self) -> torch.Tensor:
         """FGSM step per input dimension, in standardised units: eps * range / std, (D,)."""
-        return self.adversarial_eps * self.x_range / self.x_std
+        return (self.adversarial_eps * self.x_range / self.x_std).float()
 
     # training -----------------------------------------------------------------------------------
 
@@ -196,20 +214,26 @@ class _Ensemble(nn.Module):
         time on the ensemble's device; `summarize` maps raw outputs (M, b, outputs) to member-first
         tensors, which come back concatenated over rows on x's device."""
         x = self._check_x(x, allow_members=False, move=False)
-        if batch_size is None and self.device.type != "cpu":
+        if batch_size is not None:
+            batch_size = check_int("predict", "batch_size", batch_size, minimum=1)
+        elif self.device.type != "cpu":
             widest = max(self.dim_in, self.config["hidden_dim"])
             batch_size = max(PREDICT_CHUNK_ROWS, PREDICT_CHUNK_BYTES_GPU // (4 * self.num_members * widest))
-        batch_size = check_int("predict", "batch_size", batch_size or PREDICT_CHUNK_ROWS, minimum=1)
-        was_training = self.training
-        self.eval()
-        try:
-            parts = []
-            for chunk in x.split(batch_size):
-                xs = self.standardize_x(chunk.to(self.device)).expand(self.num_members, -1, -1)
-                parts.append([t.to(x.device) for t in summarize(self.members(xs))])
-        finally:
-            self.train(was_training)
-        return [torch.cat(ts, dim=1) for ts in zip(*parts)]
+        else:
+            batch_size = PREDICT_CHUNK_ROWS
+        # Prediction runs in eval mode and changes nothing shared, so threads may predict at once.
+        # A loaded or trained ensemble is in eval mode already; one in training mode predicts
+        # with an eval-mode copy of its members: flipping the shared flag would let another
+        # thread's pass run in training mode and move batch norm's running statistics.
+        members = copy.deepcopy(self.members).eval() if self.training else self.members
+        parts = []
+        for chunk in x.split(batch_size):
+            xs = self.standardize_x(chunk.to(self.device)).expand(self.num_members, -1, -1)
+            parts.append([t.to(x.device) for t in summarize(members(xs))])
+        outputs = [torch.cat(ts, dim=1) for ts in zip(*parts)]
+        for t in outputs:
+            check_finite_prediction(t, "member outputs", self)
+        return outputs
 
     @torch.no_grad()
     def evaluate_members(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,18 +264,20 @@ class _Ensemble(nn.Module):
             getattr(self, name).copy_(getattr(other, name))
         self.normalization_fitted = other.normalization_fitted
         self.feature_names = other.feature_names
+        self.target_dtype = other.target_dtype
 
     _target_buffers: ClassVar[tuple[str, ...]] = ()
 
     def normalization_state(self) -> dict:
         state = {name: getattr(self, name).tolist()
                  for name in ("x_mean", "x_std", "x_range", *self._target_buffers)}
-        return dict(state, fitted=self.normalization_fitted, feature_names=self.feature_names)
+        return dict(state, fitted=self.normalization_fitted, feature_names=self.feature_names,
+                    target_dtype=str(self.target_dtype).removeprefix("torch."))
 
     def load_normalization_state(self, state: dict):
         try:
             for name in ("x_mean", "x_std", "x_range", *self._target_buffers):
-                value = torch.tensor(state[name], dtype=torch.float32)
+                value = torch.tensor(state[name], dtype=torch.float64)
                 if value.shape != getattr(self, name).shape:
                     raise ValueError(f"'{name}' has shape {tuple(value.shape)}, expected "
                                      f"{tuple(getattr(self, name).shape)}")
@@ -260,6 +286,7 @@ class _Ensemble(nn.Module):
             raise ValueError(f"normalisation statistics are incomplete ({err!r})") from None
         self.normalization_fitted = bool(state.get("fitted", True))
         self.feature_names = state.get("feature_names")
+        self.target_dtype = getattr(torch, state.get("target_dtype", "float32"))
 
     def manifest(self, member_entries: list[dict], training: dict | None = None) -> dict:
         manifest = {"format": storage.FORMAT, "format_version": storage.FORMAT_VERSION,
@@ -319,7 +346,7 @@ class _Ensemble(nn.Module):
             except ValueError as err:
                 raise ValueError(f"Member file {path / entries[m]['file']}: {err}") from None
             ensemble.member_seeds[i] = entries[m]["seed"]
-        return ensemble.to(map_location)
+        return ensemble.to(map_location).eval()
 
     # input checks -------------------------------------------------------------------------------
 
@@ -352,26 +379,28 @@ class DeepEnsemble(_Ensemble):
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
                  perturbation: str = "fgsm", seed: int = 0, member_ids: Sequence[int] | None = None,
                  member_factory=None):
-        check_int(type(self).__name__, "dim_out", dim_out, minimum=1)
+        dim_out = check_int(type(self).__name__, "dim_out", dim_out, minimum=1)
         super().__init__(dim_in=dim_in, num_outputs=2 * dim_out, num_members=num_members,
                          hidden_dim=hidden_dim, depth=depth, activation=activation,
                          batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,
                          adversarial_eps=adversarial_eps, perturbation=perturbation, seed=seed,
                          member_ids=member_ids, member_factory=member_factory, config={"dim_in": dim_in, "dim_out": dim_out})
         self.dim_out = dim_out
-        self.register_buffer("y_mean", torch.zeros(dim_out))
-        self.register_buffer("y_std", torch.ones(dim_out))
+        self.register_buffer("y_mean", torch.zeros(dim_out, dtype=torch.float64))
+        self.register_buffer("y_std", torch.ones(dim_out, dtype=torch.float64))
 
     def fit_normalization(self, x, y=None):
         super().fit_normalization(x)
         if y is not None:
             y = self._check_y(y, len(x))
+            self.target_dtype = y.dtype  # predictions come back in it: a float64 target stays exact
+            y = y.double()
             std = y.std(0, correction=0)
             self.y_mean.copy_(y.mean(0))
             self.y_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
 
     def standardize_y(self, y):
-        return (y - self.y_mean) / self.y_std
+        return ((y.double() - self.y_mean) / self.y_std).float()
 
     def _member_nll(self, out, ys):
         """Gaussian NLL per member, (M,): mean over rows of the sum over target dimensions."""
@@ -382,7 +411,8 @@ class DeepEnsemble(_Ensemble):
     def _gaussians(self, out):
         """Member means and variances (M, B, T) in original units from raw outputs."""
         mean, var = _mean_and_variance(out)
-        return mean * self.y_std + self.y_mean, var * self.y_std.square()
+        y_mean, y_std = self.y_mean.to(self.target_dtype), self.y_std.to(self.target_dtype)
+        return mean.to(self.target_dtype) * y_std + y_mean, var.to(self.target_dtype) * y_std.square()
 
     def predict(self, x, batch_size: int | None = None) -> GaussianMixturePrediction:
         """The mixture of member Gaussians at x (B, D), in original units."""
@@ -421,7 +451,7 @@ class DeepEnsembleClassifier(_Ensemble):
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
                  perturbation: str = "fgsm", seed: int = 0, member_ids: Sequence[int] | None = None,
                  member_factory=None):
-        check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
+        num_classes = check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
         super().__init__(dim_in=dim_in, num_outputs=num_classes, num_members=num_members,
                          hidden_dim=hidden_dim, depth=depth, activation=activation,
                          batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,

@@ -42,20 +42,19 @@ def reuse_freed_memory():
         pass
 
 
-def fetch_ensemble_directory(path_or_uri: str) -> Path:
-    """A local directory holding the ensemble: the path itself, or a download of a URI."""
+def load_any(path_or_uri: str, map_location="cpu"):
+    """A saved DeepEnsemble or DeepEnsembleClassifier, whichever the manifest says, from a folder
+    or a URI (downloaded to a temporary folder, removed once loaded)."""
     if "://" not in str(path_or_uri):
-        return Path(path_or_uri)
+        return _load_directory(Path(path_or_uri), map_location)
     import pyarrow.fs
     filesystem, root = filesystem_for(path_or_uri, "ensemble")
-    local = Path(tempfile.mkdtemp(prefix="ensemble-"))
-    pyarrow.fs.copy_files(root, str(local), source_filesystem=filesystem)
-    return local
+    with tempfile.TemporaryDirectory(prefix="ensemble-") as local:
+        pyarrow.fs.copy_files(root, local, source_filesystem=filesystem)
+        return _load_directory(Path(local), map_location)
 
 
-def load_any(path_or_uri: str, map_location="cpu"):
-    """A saved DeepEnsemble or DeepEnsembleClassifier, whichever the manifest says."""
-    directory = fetch_ensemble_directory(path_or_uri)
+def _load_directory(directory: Path, map_location):
     task = storage.read_manifest(directory)["task"]
     cls = DeepEnsembleClassifier if task == "classification" else DeepEnsemble
     return cls.load(directory, map_location=map_location)
@@ -115,9 +114,11 @@ class BatchPredictor:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         names = feature_columns(self.ensemble, table.column_names, self.features)
-        # one copy: feature-major rows are contiguous copies of the columns, and astype keeps
-        # float32 columns as they are (a row-major stack and a copying astype took 2x as long)
-        X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in names]).astype(np.float32, copy=False).T
+        # one copy: feature-major rows are contiguous copies of the columns (a row-major stack
+        # took 2x as long). float32 columns stay float32; float64 and integer ones are
+        # standardised in float64 by the ensemble, so nothing is rounded before that.
+        X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in names])
+        X = X.astype(np.float64 if X.dtype != np.float32 else np.float32, copy=False).T
         if not np.isfinite(X).all():
             raise ValueError(f"The feature columns {names} hold NaN, inf or missing values.")
         keep = self.keep if self.keep is not None else [c for c in table.column_names if c not in names]

@@ -9,6 +9,7 @@ from functools import cached_property
 import torch
 
 from . import metrics
+from .validation import as_float_tensor, check_float
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class GaussianMixturePrediction:
 
     member_mean: torch.Tensor
     member_variance: torch.Tensor
+    probs = None  # a classifier's; None here, as in deep-ensembles-pytorch
 
     @cached_property
     def _offsets(self):
@@ -57,7 +59,11 @@ class GaussianMixturePrediction:
 
     @cached_property
     def variance(self):
-        return self.aleatoric + self.epistemic
+        variance = self.aleatoric + self.epistemic
+        if not torch.isfinite(variance).all():  # finite parts, but their sum overflowed
+            raise FloatingPointError(f"The mixture's variance overflows {variance.dtype}; predict from "
+                                     "an ensemble trained on a float64 target.")
+        return variance
 
     @cached_property
     def stddev(self):
@@ -66,8 +72,15 @@ class GaussianMixturePrediction:
     def members(self) -> list[MemberPrediction]:
         return [MemberPrediction(m, v.log()) for m, v in zip(self.member_mean, self.member_variance)]
 
-    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        """Exact mixture log-density of y (B, D), summed over D: (B,)."""
+    def log_prob(self, y) -> torch.Tensor:
+        """Exact mixture log-density of y, (B, D) (or (B,) when D = 1), summed over D: (B,)."""
+        y = as_float_tensor("log_prob", "y", y, ndim=(1, 2)).to(self.member_mean)
+        rows, dims = self.member_mean.shape[1:]
+        if y.ndim == 1 and dims == 1:
+            y = y.unsqueeze(-1)
+        if tuple(y.shape) != (rows, dims):
+            raise ValueError(f"The 'y' parameter of log_prob must be ({rows}, {dims}), one target per "
+                             f"predicted row. Got shape {tuple(y.shape)} instead.")
         return -metrics.mixture_gaussian_nll(self.member_mean, self.member_variance, y,
                                              reduction="none")
 
@@ -77,9 +90,7 @@ class GaussianMixturePrediction:
         The moment-matched Gaussian is used (not the mixture's own quantiles): it is what the paper
         reports and is exact for M = 1.
         """
-        if not 0.0 < coverage < 1.0:
-            raise ValueError(f"The 'coverage' parameter of interval must be in (0, 1). "
-                             f"Got {coverage!r} instead.")
+        coverage = check_float("interval", "coverage", coverage, strict_minimum=0.0, below=1.0)
         z = math.sqrt(2.0) * torch.erfinv(torch.tensor(coverage, dtype=torch.float64)).item()
         half = z * self.stddev
         return self.mean - half, self.mean + half
@@ -90,6 +101,7 @@ class CategoricalPrediction:
     """Average of M members' softmax. `member_probs` is (M, B, C)."""
 
     member_probs: torch.Tensor
+    mean = None  # a regressor's; None here, as in deep-ensembles-pytorch
 
     @cached_property
     def probs(self):

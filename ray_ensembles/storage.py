@@ -9,18 +9,23 @@ workers can each write their own members into one checkpoint and a coordinator c
 manifest afterwards. Training checkpoints are the same directories with extra tensors in each
 member file (online weights, Adam moments), so any checkpoint loads as an ensemble.
 
-Writes are atomic: everything goes to a temporary directory beside the target, manifest last,
-which then replaces the target by rename. A crash leaves the previous directory intact.
+Writes are atomic: everything goes to a new directory beside the target, manifest last, which
+then takes the target's place in one atomic exchange (Linux renameat2, macOS renamex_np), so at
+every instant the path holds the old ensemble or the new one. Only a previous ensemble is ever
+replaced: an existing file or any other non-empty folder is refused. New directories and files
+get the user's umask.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
+import sys
 import uuid
 from pathlib import Path
 
@@ -32,7 +37,9 @@ from safetensors.torch import save as safetensors_save
 from ._version import __version__
 
 FORMAT = "ray_ensembles.ensemble"
-FORMAT_VERSION = 1
+# 2: per-member Adam step counts, restart attempts and epoch loss sums in checkpoints, float64
+# normalisation statistics and the target's dtype. Version 1 directories still load.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _METADATA_KEY = "ray_ensembles"
 
@@ -93,24 +100,82 @@ def read_member_file(path: Path, expected_sha256: str | None = None
     return tensors, metadata
 
 
+def check_writable(path: Path, *, is_ours, what: str, overwrite: bool = False,
+                   protect: tuple = ()) -> Path:
+    """`path`, resolved, if writing `what` there destroys nothing this library did not write:
+    it is absent, an empty folder, or a folder that `is_ours` (a previous output), or
+    `overwrite` is set. Never a file, the working directory or a folder holding one of
+    `protect` (an input), whatever `overwrite` says."""
+    path = Path(path).resolve()
+    for inside in (Path.cwd(), *map(Path, protect)):
+        inside = inside.resolve()
+        if path == inside or path in inside.parents:
+            raise ValueError(f"Refusing to write {what} to {path}: it holds {inside}, which would be "
+                             "replaced. Choose a new folder.")
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise ValueError(f"Refusing to write {what} to {path}: a file is there. Choose a new folder.")
+    if not overwrite and any(path.iterdir()) and not is_ours(path):
+        raise ValueError(f"Refusing to write {what} to {path}: the folder holds files that are not "
+                         f"{what}. Choose a new or empty folder.")
+    return path
+
+
+def is_ensemble_directory(path: Path) -> bool:
+    try:
+        read_manifest(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step; False where the system or filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform == "darwin":  # renamex_np(from, to, RENAME_SWAP)
+            result = libc.renamex_np(os.fsencode(a), os.fsencode(b), ctypes.c_uint(2))
+        else:  # renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_EXCHANGE)
+            result = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), ctypes.c_uint(2))
+    except (OSError, AttributeError):
+        return False
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_directory(new: Path, path: Path):
+    """Put directory `new` at `path`, atomically: the old contents are gone only once the new
+    ones are in place. Where no atomic exchange exists, there is a moment between two renames."""
+    if not path.exists():
+        os.rename(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new)  # the old contents, now at the temporary name
+    else:
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+        os.rename(path, old)
+        os.rename(new, path)
+        shutil.rmtree(old)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: Path):
-    """Yield a temporary directory that replaces `path` only if the block completes."""
-    path = Path(path)
+    """Yield a new directory beside `path` that replaces it only if the block completes.
+    `path` must be absent, empty or a previous ensemble (`check_writable`)."""
+    path = check_writable(path, is_ours=is_ensemble_directory, what="an ensemble")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()  # mode 0777 less the umask, unlike tempfile's 0700
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
+    replace_directory(tmp, path)
 
 
 def write_manifest(directory: Path, manifest: dict):

@@ -9,6 +9,7 @@ trained ensemble by scoring random member subsets.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import os
@@ -23,13 +24,45 @@ from ray.tune import Callback
 from .data import TensorDataset
 from .metrics import ensemble_validation_metrics
 
-# Options a trial may set, and the names they go by in the ensemble and the Trainer.
-ENSEMBLE_OPTIONS = {"num_members", "adversarial_eps", "hidden_dim", "depth", "activation",
-                    "batch_norm", "seed"}
-TRAINER_OPTIONS = {"train_lr", "train_num_epochs", "train_batch_size", "weight_decay",
-                   "max_grad_norm", "ema_decay"}
-ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size"}
+ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size",
+           "steps": "train_num_steps"}
 DRIVER_CPU = 0.1  # the trial's own function only builds and waits on its Ray Train run
+# What the sweep itself sets for every trial, from the data and its own arguments.
+_SET_BY_SWEEP = {"self", "dim_in", "dim_out", "num_classes", "member_ids", "member_factory",
+                 "ensemble", "dataset", "validation_dataset", "scaling_config", "run_config",
+                 "results_folder", "save_every", "metrics_callback", "loggers", "progress", "cpu"}
+
+
+def _options_of(function) -> set[str]:
+    return set(inspect.signature(function).parameters) - _SET_BY_SWEEP
+
+
+def option_names(task: str) -> tuple[set[str], set[str]]:
+    """(ensemble options, Trainer options) a trial may take: the keyword parameters of the
+    ensemble class and of Trainer, so a new option is sweepable without a list to update."""
+    from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+    from .trainer import Trainer
+
+    cls = DeepEnsemble if task == "regression" else DeepEnsembleClassifier
+    return _options_of(cls.__init__), _options_of(Trainer.__init__)
+
+
+def canonical_options(options: dict, task: str, where: str) -> dict:
+    """`options` under their parameter names (aliases resolved); an unknown one is refused."""
+    ensemble, trainer = option_names(task)
+    out = {}
+    for key, value in options.items():
+        name = ALIASES.get(key, key)
+        if name not in ensemble | trainer:
+            raise ValueError(f"The '{where}' parameter of tune_ensemble has an unknown option {key!r}; "
+                             f"known: {sorted(ensemble | trainer | set(ALIASES))}.")
+        out[name] = value
+    return out
+
+
+def _python_scalar(value):
+    """numpy scalars (np.int64(32)) as Python's own, so that configs serialise."""
+    return value.item() if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0 else value
 
 
 @dataclass
@@ -52,7 +85,7 @@ def _values(name, spec):
     return list(getattr(spec, "categories", [])) or None
 
 
-def normalize_param_space(param_space) -> dict:
+def normalize_param_space(param_space, task: str = "regression") -> dict:
     """Check the space and turn plain lists into grid searches; Tune's objects pass through."""
     from ray import tune
 
@@ -60,14 +93,12 @@ def normalize_param_space(param_space) -> dict:
         raise ValueError("The 'param_space' parameter of tune_ensemble must be a non-empty dict of "
                          f"option -> values. Got {param_space!r} instead.")
     space = {}
-    for key, spec in param_space.items():
-        name = ALIASES.get(key, key)
-        if name not in ENSEMBLE_OPTIONS | TRAINER_OPTIONS:
-            raise ValueError(f"The 'param_space' parameter of tune_ensemble has an unknown option "
-                             f"{key!r}; sweepable: {sorted(ENSEMBLE_OPTIONS | TRAINER_OPTIONS | set(ALIASES))}.")
+    for name, spec in canonical_options(param_space, task, "param_space").items():
+        if isinstance(spec, (list, tuple)):
+            spec = [_python_scalar(v) for v in spec]
         values = _values(name, spec)
         if values is not None and not values:
-            raise ValueError(f"The '{key}' grid of tune_ensemble's param_space is empty. Got {spec!r} instead.")
+            raise ValueError(f"The '{name}' grid of tune_ensemble's param_space is empty. Got {spec!r} instead.")
         for v in values or []:
             if name == "num_members" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"The 'num_members' values of tune_ensemble must be ints >= 1. Got {v!r} instead.")
@@ -118,8 +149,8 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     from .validation import check_choice, check_float, check_int
 
     owner = "tune_ensemble"
-    space = normalize_param_space(param_space)
     check_choice(owner, "task", task, {"regression", "classification"})
+    space = normalize_param_space(param_space, task)
     check_choice(owner, "scheduler", scheduler, {None, "asha"})
     check_int(owner, "num_reports", num_reports, minimum=1)
     check_float(owner, "cpus_per_worker", cpus_per_worker, strict_minimum=0.0)
@@ -128,8 +159,8 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                         f"Got {type(dataset).__name__} instead.")
     if validation_dataset is None:
         dataset, validation_dataset = dataset.split(validation_fraction, seed=seed)
-    ensemble_options = dict(ensemble_options or {})
-    trainer_options = dict(trainer_options or {})
+    ensemble_options = canonical_options(dict(ensemble_options or {}), task, "ensemble_options")
+    trainer_options = canonical_options(dict(trainer_options or {}), task, "trainer_options")
     if resume and not name:
         raise ValueError("The 'resume' parameter of tune_ensemble needs the 'name' of the sweep. Got no name instead.")
     name = name or f"sweep-{os.urandom(3).hex()}"
@@ -236,14 +267,17 @@ def _run_trial(config, *, train, validation, base):
 
     from .trainer import Trainer
 
+    from .trainer import num_steps
+
     options = {**base["ensemble"], **base["trainer"], **config}
-    ensemble_kwargs = {k: v for k, v in options.items() if k in ENSEMBLE_OPTIONS}
-    eps = ensemble_kwargs.get("adversarial_eps", 0.0)
-    ensemble = base["cls"](train.X.shape[1], **base["dim_out"], use_adversarial_training=eps > 0,
-                           **ensemble_kwargs)
-    trainer_kwargs = {k: v for k, v in options.items() if k in TRAINER_OPTIONS}
-    batch = trainer_kwargs.get("train_batch_size", 100)
-    steps = trainer_kwargs.get("train_num_epochs", 40) * math.ceil(len(train) / batch)
+    ensemble_names, trainer_names = option_names(base["cls"].task)
+    ensemble_kwargs = {k: v for k, v in options.items() if k in ensemble_names}
+    ensemble_kwargs.setdefault("use_adversarial_training", ensemble_kwargs.get("adversarial_eps", 0.0) > 0)
+    ensemble = base["cls"](train.X.shape[1], **base["dim_out"], **ensemble_kwargs)
+    trainer_kwargs = {k: v for k, v in options.items() if k in trainer_names}
+    # the Trainer's own rule for the run's length, so save_every splits it into num_reports reports
+    steps = num_steps(len(train), trainer_kwargs.get("train_batch_size", 100),
+                      trainer_kwargs.get("train_num_steps"), trainer_kwargs.get("train_num_epochs"))
     workers = min(ensemble.num_members, base["max_workers"])
     per_worker = {"CPU": base["cpus_per_worker"], **({"GPU": 1} if base["use_gpu"] else {})}
     trial_id = tune.get_context().get_trial_id()
@@ -288,6 +322,10 @@ def m_curve(ensemble, X, y, *, num_subsets: int = 20, seed: int = 0) -> list[dic
     `num_subsets` distinct subsets (all of them when there are fewer) are scored; each row has the
     mean and standard deviation over subsets of the ensemble NLL (and RMSE or accuracy).
     """
+    from .validation import check_int
+
+    num_subsets = check_int("m_curve", "num_subsets", num_subsets, minimum=1)
+    seed = check_int("m_curve", "seed", seed, minimum=0)
     log_lik, points = ensemble.evaluate_members(X, y)
     y = ensemble._check_y(y, len(X)).cpu()
     ids = ensemble.member_ids
@@ -296,8 +334,11 @@ def m_curve(ensemble, X, y, *, num_subsets: int = 20, seed: int = 0) -> list[dic
     for k in range(1, len(ids) + 1):
         if math.comb(len(ids), k) <= num_subsets:
             subsets = list(itertools.combinations(range(len(ids)), k))
-        else:
-            subsets = [tuple(rng.sample(range(len(ids)), k)) for _ in range(num_subsets)]
+        else:  # distinct subsets, drawn until there are enough (there are more than num_subsets)
+            drawn = set()
+            while len(drawn) < num_subsets:
+                drawn.add(tuple(sorted(rng.sample(range(len(ids)), k))))
+            subsets = sorted(drawn)
         scores = [ensemble_validation_metrics(ensemble.task, [ids[i] for i in s], log_lik[list(s)],
                                               points[list(s)], y) for s in subsets]
         row = {"num_members": k, "num_subsets": len(subsets)}

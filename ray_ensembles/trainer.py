@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import warnings
 from pathlib import Path
+
+import torch.utils.data
 
 from . import storage
 from .data import TensorDataset
@@ -13,6 +17,17 @@ from .metrics import ensemble_validation_metrics
 from .progress import EnsembleProgress, Every
 from .training import EnsembleFit, TrainSettings, attach_validation, make_accelerator
 from .validation import check_choice, check_float, check_int
+
+
+def num_steps(num_rows: int, batch_size: int, steps: int | None, epochs: int | None) -> int:
+    """The length of a run: `steps`, or `epochs` of ceil(num_rows / batch_size) steps, or 10,000
+    steps when neither is given (deep-ensembles-pytorch's default)."""
+    if steps is not None and epochs is not None:
+        raise ValueError("Trainer takes one of 'train_num_steps' and 'train_num_epochs'. "
+                         f"Got both ({steps}, {epochs}) instead.")
+    if epochs is not None:
+        return check_int("Trainer", "train_num_epochs", epochs, minimum=1) * math.ceil(num_rows / batch_size)
+    return check_int("Trainer", "train_num_steps", 10_000 if steps is None else steps, minimum=1)
 
 
 class Trainer:
@@ -28,6 +43,13 @@ class Trainer:
 
     With a Ray `scaling_config`, members train on Ray Train workers instead (see `distributed`).
 
+    An ensemble whose normalisation is fitted (a trained or loaded one) keeps its statistics when
+    trained on further: `refit_normalization=True` fits them to this data again. A `train()`
+    that was interrupted continues from its last checkpoint at the next `train()` (or starts
+    again from the same initial weights, before the first checkpoint). `lr_scheduler` anneals
+    the learning rate to 0 over the run (cosine, as deep-ensembles-pytorch does by default; the
+    paper keeps it constant).
+
     `progress` shows one bar for the whole ensemble (member-steps over all members and workers,
     rate, ETA, training loss, validation NLL). Every entry of `history` goes, in the driver
     process and in order, to `metrics_callback(entry)` and to each of `loggers` (`tracking`).
@@ -39,10 +61,15 @@ class Trainer:
                  max_grad_norm: float | None = None, ema_decay: float = 0.0,
                  ema_update_every: int = 10, amp: bool = False, results_folder="./results",
                  save_every: int = 1000, cpu: bool = False, cuda_graphs: bool = True, progress: bool = False,
-                 on_divergence: str = "raise", max_restarts: int = 3,
+                 on_divergence: str = "raise", max_restarts: int = 3, lr_scheduler: bool = False,
+                 refit_normalization: bool = False,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
                  metrics_callback=None, loggers=()):
         owner = "Trainer"
+        if isinstance(dataset, torch.utils.data.TensorDataset):
+            dataset = TensorDataset.from_torch(dataset)
+        if isinstance(validation_dataset, torch.utils.data.TensorDataset):
+            validation_dataset = TensorDataset.from_torch(validation_dataset)
         if not isinstance(ensemble, _Ensemble):
             raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
                             f"DeepEnsembleClassifier. Got {type(ensemble).__name__} instead.")
@@ -54,27 +81,26 @@ class Trainer:
                              f"input columns. Got {dataset.X.shape[1]} instead.")
         ensemble._check_y(dataset.y, len(dataset))  # wrong target shape or labels: fail now
         batch_size = check_int(owner, "train_batch_size", train_batch_size, minimum=1)
-        check_float(owner, "train_lr", train_lr, strict_minimum=0.0)
-        if (train_num_steps is None) == (train_num_epochs is None):
-            if train_num_steps is not None:
-                raise ValueError("Trainer takes one of 'train_num_steps' and 'train_num_epochs'. "
-                                 f"Got both ({train_num_steps}, {train_num_epochs}) instead.")
-            train_num_steps = 10_000
-        if train_num_epochs is not None:
-            check_int(owner, "train_num_epochs", train_num_epochs, minimum=1)
-            train_num_steps = train_num_epochs * math.ceil(len(dataset) / batch_size)
-        check_int(owner, "train_num_steps", train_num_steps, minimum=1)
-        check_float(owner, "weight_decay", weight_decay, minimum=0.0)
+        train_lr = check_float(owner, "train_lr", train_lr, strict_minimum=0.0)
+        train_num_steps = num_steps(len(dataset), batch_size, train_num_steps, train_num_epochs)
+        weight_decay = check_float(owner, "weight_decay", weight_decay, minimum=0.0)
         if max_grad_norm is not None:
-            check_float(owner, "max_grad_norm", max_grad_norm, strict_minimum=0.0)
-        check_float(owner, "ema_decay", ema_decay, minimum=0.0, below=1.0)
-        check_int(owner, "ema_update_every", ema_update_every, minimum=1)
-        check_int(owner, "save_every", save_every, minimum=1)
+            max_grad_norm = check_float(owner, "max_grad_norm", max_grad_norm, strict_minimum=0.0)
+        ema_decay = check_float(owner, "ema_decay", ema_decay, minimum=0.0, below=1.0)
+        ema_update_every = check_int(owner, "ema_update_every", ema_update_every, minimum=1)
+        save_every = check_int(owner, "save_every", save_every, minimum=1)
         check_choice(owner, "on_divergence", on_divergence, {"raise", "restart"})
-        check_int(owner, "max_restarts", max_restarts, minimum=0)
-        for name, value in [("amp", amp), ("cpu", cpu), ("cuda_graphs", cuda_graphs), ("progress", progress)]:
+        max_restarts = check_int(owner, "max_restarts", max_restarts, minimum=0)
+        for name, value in [("amp", amp), ("cpu", cpu), ("cuda_graphs", cuda_graphs), ("progress", progress),
+                            ("lr_scheduler", lr_scheduler), ("refit_normalization", refit_normalization)]:
             if not isinstance(value, bool):
                 raise TypeError(f"The '{name}' parameter of Trainer must be a bool. Got {value!r} instead.")
+        if Path(results_folder).exists() and not Path(results_folder).is_dir():
+            raise ValueError(f"The 'results_folder' parameter of Trainer must be a folder (it holds "
+                             f"the checkpoints). Got {str(results_folder)!r}, a file, instead.")
+        if metrics_callback is not None and not callable(metrics_callback):
+            raise TypeError(f"The 'metrics_callback' parameter of Trainer must be callable (it gets "
+                            f"each history entry). Got {metrics_callback!r} instead.")
         if validation_dataset is not None:
             if not isinstance(validation_dataset, TensorDataset):
                 raise TypeError("The 'validation_dataset' parameter of Trainer must be a TensorDataset. "
@@ -86,11 +112,11 @@ class Trainer:
         self.dataset = dataset
         self.validation_dataset = validation_dataset
         self.settings = TrainSettings(
-            batch_size=batch_size, lr=float(train_lr), num_steps=train_num_steps,
-            weight_decay=float(weight_decay),
-            max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
-            ema_decay=float(ema_decay), ema_update_every=ema_update_every, amp=amp, cuda_graphs=cuda_graphs,
-            save_every=save_every, on_divergence=on_divergence, max_restarts=max_restarts)
+            batch_size=batch_size, lr=train_lr, num_steps=train_num_steps, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, ema_decay=ema_decay, ema_update_every=ema_update_every, amp=amp,
+            cuda_graphs=cuda_graphs, save_every=save_every, on_divergence=on_divergence,
+            max_restarts=max_restarts, lr_scheduler=lr_scheduler)
+        self.refit_normalization = refit_normalization
         self.results_folder = Path(results_folder)
         self.cpu = cpu
         self.progress = progress
@@ -109,6 +135,8 @@ class Trainer:
         self.placement: dict = {}  # on Ray: member id -> the worker rank, device and GPU ids that trained it
         self.metrics: dict = {}
         self._fit: EnsembleFit | None = None
+        self.resume_path: Path | None = None  # the checkpoint the next train() continues (load, interrupt)
+        self._initial_members = None  # the weights an interrupted run restarts from, before its first checkpoint
         if scaling_config is not None:
             from .distributed import check_distributed_request
             check_distributed_request(self)
@@ -148,39 +176,81 @@ class Trainer:
                 "ensemble": self.ensemble.config, "train": dataclasses.asdict(self.settings),
                 "num_rows": len(self.dataset), "num_workers": workers}
 
+    def save(self, milestone: int) -> Path:
+        """Write `results_folder/checkpoint-<milestone>`: the training state when a run is held
+        (after `load` or an interrupt) so that `load(milestone)` resumes it, else the ensemble."""
+        path = self.milestone_path(check_int("Trainer.save", "milestone", milestone, minimum=0))
+        return self._fit.save_checkpoint(path) if self._fit is not None else self.ensemble.save(path)
+
     def load(self, milestone: int):
-        """Resume from `results_folder/checkpoint-<milestone>`: the next `train()` continues it."""
-        path = self.milestone_path(check_int("Trainer.load", "milestone", milestone, minimum=0))
+        """Resume from `results_folder/checkpoint-<milestone>`: the next `train()` continues it,
+        in this process or on Ray. Refuses a checkpoint of another ensemble or other data; warns
+        when the training settings differ from the saved ones (they apply from here on)."""
+        self._load_checkpoint(self.milestone_path(check_int("Trainer.load", "milestone", milestone, minimum=0)))
+
+    def _load_checkpoint(self, path: Path):
         manifest = storage.read_manifest(path)
-        if manifest["config"] != self.ensemble.config:
-            raise ValueError(f"Checkpoint {path} was saved by an ensemble with config "
+        if manifest["config"] != self.ensemble.config or manifest["task"] != self.ensemble.task:
+            raise ValueError(f"Checkpoint {path} was saved by a {manifest['task']} ensemble with config "
                              f"{manifest['config']}, not this one's {self.ensemble.config}.")
+        if "training" not in manifest:
+            raise ValueError(f"{path} holds an ensemble without training state; load it with "
+                             f"{type(self.ensemble).__name__}.load, or train it afresh.")
+        saved = manifest["training"]["settings"]
+        changed = {k: (saved[k], v) for k, v in dataclasses.asdict(self.settings).items() if k in saved and saved[k] != v}
+        if changed:
+            warnings.warn(f"Resuming {path} with other training settings (saved -> now): "
+                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
         self.ensemble.load_normalization_state(manifest["normalization"])
-        self._fit = self._new_fit()
-        self._fit.restore(path)
+        fit = self._new_fit()
+        fit.restore(path)  # refuses other data
+        self._fit, self.resume_path = fit, path
+
+    def prepare_normalization(self):
+        """Fit the standardisation to this data unless the ensemble's is fitted already (a
+        trained or loaded ensemble keeps its own, unless `refit_normalization`)."""
+        if self.refit_normalization or not self.ensemble.normalization_fitted:
+            self.ensemble.fit_normalization(self.dataset.X, self.dataset.y)
+            self.ensemble.feature_names = self.dataset.feature_names
 
     def train(self):
         """Train every member; afterwards `self.ensemble` holds the trained members and
         `self.metrics` per-member and (with validation data) ensemble metrics."""
-        self.history, self._pending_epochs = [], []
+        self.history, self._pending_epochs, self.checkpoint_path = [], [], None
+        if self._fit is None and self.resume_path is not None:  # interrupted: its last checkpoint
+            self._load_checkpoint(self.resume_path)
+        elif self._fit is None and self._initial_members is not None:  # interrupted before one
+            self.ensemble.members.load_state_dict(self._initial_members[0])
+            self.ensemble.member_seeds = list(self._initial_members[1])
+        elif self._fit is None:
+            self._initial_members = (copy.deepcopy(self.ensemble.members.state_dict()), list(self.ensemble.member_seeds))
         for logger in self.loggers:
             logger.start(self.tracked_params())
-        if self.scaling_config is not None:
-            from .distributed import fit_on_ray
-            member_metadata = fit_on_ray(self)
-            self.metrics = self._final_metrics({m: meta["train_loss"] for m, meta in member_metadata.items()})
-        else:
-            self._train_here()
+        try:
+            if self.scaling_config is not None:
+                from .distributed import fit_on_ray
+                member_metadata = fit_on_ray(self)
+                self.metrics = self._final_metrics({m: meta["train_loss"] for m, meta in member_metadata.items()})
+            else:
+                self._train_here()
+        except BaseException:
+            self._fit, self.resume_path = None, self._this_runs_checkpoint()
+            raise
+        self._fit = self.resume_path = self._initial_members = None
         for logger in self.loggers:
             logger.finish(self.metrics, self.checkpoint_path)
         return self.ensemble
 
+    def _this_runs_checkpoint(self) -> Path | None:
+        """The latest checkpoint the interrupted run wrote, if it wrote one (local ones only)."""
+        path = self.checkpoint_path
+        return Path(path) if path is not None and "://" not in str(path) and Path(path).exists() else self.resume_path
+
     def _train_here(self):
         if self._fit is None:
-            self.ensemble.fit_normalization(self.dataset.X, self.dataset.y)
-            self.ensemble.feature_names = self.dataset.feature_names
+            self.prepare_normalization()
             self._fit = self._new_fit()
-        fit, self._fit = self._fit, None
+        fit = self._fit
         members, steps = self.ensemble.num_members, self.settings.num_steps
         bar = EnsembleProgress(members * steps, enabled=self.progress)
         tick = Every(0.5)

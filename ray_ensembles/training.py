@@ -11,6 +11,7 @@ process. Data order is a pure function of (seed, member, epoch), so resuming nee
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +61,25 @@ class TrainSettings:
     save_every: int = 1000
     on_divergence: str = "raise"   # or "restart": re-initialise only that member, fresh seed
     max_restarts: int = 3          # per member, with on_divergence="restart"
+    lr_scheduler: bool = False     # cosine annealing of the rate to 0 over num_steps (the peer's)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the step after `step` steps: a function of the step alone."""
+        if not self.lr_scheduler:
+            return self.lr
+        return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.num_steps))
+
+
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """A short digest of the training data: shapes, dtypes, sums and up to 4096 evenly spaced
+    rows. Cheap for any size; a checkpoint resumed on other data is refused by it."""
+    digest = hashlib.sha256()
+    for t in (x, y):
+        rows = torch.linspace(0, len(t) - 1, min(len(t), 4096)).long()
+        sample = t.detach().cpu()[rows].contiguous()
+        digest.update(f"{tuple(t.shape)} {t.dtype} {float(t.double().sum())}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def attach_validation(entries: list[dict], step: int, validation: dict) -> list[dict]:
@@ -175,17 +195,19 @@ class EnsembleFit:
         self.steps_per_epoch = math.ceil(len(x) / settings.batch_size)
         self.optimizer = StackedAdam(ensemble.members, ensemble.num_members, settings.lr, settings.weight_decay)
         self.ema = None
-        if settings.ema_decay > 0:
-            self.ema = EMA(ensemble.members, beta=settings.ema_decay, update_after_step=0,
-                           update_every=settings.ema_update_every, include_online_model=False,
+        if settings.ema_decay > 0:  # updated by _update_ema, not by the EMA's own schedule
+            self.ema = EMA(ensemble.members, beta=settings.ema_decay, include_online_model=False,
                            use_foreach=True)
+        self.data = data_fingerprint(x, y)
         self.step = 0
         self._order, self._order_epoch, self._gathered = None, -1, None
         step_bytes = ensemble.num_members * settings.batch_size * (
             self.xs[0].numel() * self.xs.element_size() + self.ys[0].numel() * self.ys.element_size())
         self._steps_per_gather = max(1, GATHER_BYTES // step_bytes)
         self.last_finite_loss = torch.full((ensemble.num_members,), float("nan"))
-        self._epoch_loss_sum = torch.zeros(ensemble.num_members)  # this epoch's step losses so far
+        # this epoch's finite step losses so far, and how many, per member
+        self._epoch_loss_sum = torch.zeros(ensemble.num_members, dtype=torch.float64)
+        self._epoch_steps = torch.zeros(ensemble.num_members, dtype=torch.float64)
         self.last_epoch_loss: torch.Tensor | None = None
         self.attempts = [0] * ensemble.num_members
         # CUDA graphs need every kernel of the step known and launched from a fixed set of
@@ -230,9 +252,10 @@ class EnsembleFit:
         xs, ys = self._batch()
         losses = self._forward_backward(xs, ys) if self._graphs is None else self._graphed_forward_backward(xs, ys)
         diverged = self._check_finite(losses)
+        self.optimizer.lr = self.settings.lr_at(self.step)
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update()
+            self._update_ema()
         if diverged:  # after the step: every update is elementwise, so NaN stayed in their own slices
             self._restart_members(diverged)
         self.step += 1
@@ -304,6 +327,20 @@ class EnsembleFit:
         return bad
 
     @torch.no_grad()
+    def _update_ema(self):
+        """EMA of the weights with ema-pytorch's warm-up, per step: decay 1 - (1 + t)^(-2/3) at
+        step t, capped at ema_decay. Taken every `ema_update_every` steps as decay^k for the k
+        steps since the last one (a per-update decay would average over k times as many steps:
+        most of a short run, its first weights included), and at the last step, so the final
+        steps always count. A function of the step alone, so resuming needs no EMA counter."""
+        s, done = self.settings, self.step + 1
+        if done % s.ema_update_every and done != s.num_steps:
+            return
+        since = done - s.ema_update_every * ((done - 1) // s.ema_update_every)
+        decay = min(s.ema_decay, 1 - (1 + done) ** (-2 / 3)) ** since
+        self.ema.update_moving_average(self.ema.ema_model, self.ema.model, current_decay=decay)
+
+    @torch.no_grad()
     def _restart_members(self, indices: list[int]):
         """Re-initialise only these members, each from a fresh seed derived from
         (seed, member id, attempt), with a fresh Adam and EMA. They train on for the remaining
@@ -317,6 +354,7 @@ class EnsembleFit:
             self.optimizer.reset_member(i)
             if self.ema is not None:
                 self.ema.ema_model.load_member_state(i, members.member_state(i))
+            self._epoch_loss_sum[i] = self._epoch_steps[i] = 0  # its epoch mean starts afresh
         self._order_epoch = -1  # their data order follows their new seeds
 
     @torch.no_grad()
@@ -337,10 +375,16 @@ class EnsembleFit:
         s = self.settings
         self.ensemble.train()
         while self.step < s.num_steps:
-            self._epoch_loss_sum += self.train_step().cpu()
+            losses = self.train_step().cpu().double()
+            finite = torch.isfinite(losses)  # a diverged member's last loss is not part of its mean
+            self._epoch_loss_sum += torch.where(finite, losses, 0.0)
+            self._epoch_steps += finite
+            if self.step == s.num_steps and self.ema is not None:
+                self.last_finite_loss = self.full_loss(self.ema.ema_model)
             if self.step % self.steps_per_epoch == 0:
-                self.last_epoch_loss = self._epoch_loss_sum / self.steps_per_epoch
-                self._epoch_loss_sum = torch.zeros_like(self._epoch_loss_sum)
+                self.last_epoch_loss = (self._epoch_loss_sum / self._epoch_steps).float()
+                self._epoch_loss_sum.zero_()
+                self._epoch_steps.zero_()
                 if on_epoch_end is not None:
                     on_epoch_end(self.step // self.steps_per_epoch - 1, self.last_epoch_loss)
             if on_step is not None:
@@ -353,7 +397,23 @@ class EnsembleFit:
         """Each member's mean training loss over this epoch's steps so far, (M,), or over the last
         epoch right after one ends; None before the first step."""
         position = self.step % self.steps_per_epoch
-        return self._epoch_loss_sum / position if position else self.last_epoch_loss
+        return (self._epoch_loss_sum / self._epoch_steps).float() if position else self.last_epoch_loss
+
+    @torch.no_grad()
+    def full_loss(self, members, rows: int = 8192) -> torch.Tensor:
+        """Each member's mean loss (M,) over all training rows, in eval mode and without the
+        adversarial term: with EMA on, the reported training loss is the EMA weights', which are
+        the ones that predict."""
+        was_training = members.training
+        members.eval()
+        try:
+            total = torch.zeros(self.ensemble.num_members, dtype=torch.float64)
+            for xs, ys in zip(self.xs.split(rows), self.ys.split(rows)):
+                out = members(xs.expand(self.ensemble.num_members, *xs.shape))
+                total += self.ensemble._member_nll(out, ys).double().cpu() * len(xs)
+        finally:
+            members.train(was_training)
+        return (total / len(self.xs)).float()
 
     def finish(self):
         """Leave the ensemble holding the weights to predict with: EMA ones when EMA is on."""
@@ -363,22 +423,22 @@ class EnsembleFit:
         self.ensemble.eval()
 
     def evaluate(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """`ensemble.evaluate_members` with the weights being predicted with (EMA when on)."""
-        if self.ema is None:
-            return self.ensemble.evaluate_members(x, y)
-        online, self.ensemble.members = self.ensemble.members, self.ema.ema_model
+        """`ensemble.evaluate_members` with the weights being predicted with (EMA when on), in
+        eval mode. (The loop owns the ensemble while it trains, so it may switch the mode.)"""
+        online = self.ensemble.members
+        if self.ema is not None:
+            self.ensemble.members = self.ema.ema_model
+        self.ensemble.eval()
         try:
             return self.ensemble.evaluate_members(x, y)
         finally:
             self.ensemble.members = online
+            self.ensemble.train()
 
     # checkpoints --------------------------------------------------------------------------------
 
     def training_state(self) -> dict:
-        state = {"step": self.step, "settings": asdict(self.settings)}
-        if self.ema is not None:
-            state.update(ema_step=int(self.ema.step), ema_initted=bool(self.ema.initted))
-        return state
+        return {"step": self.step, "settings": asdict(self.settings), "data": self.data}
 
     def member_files(self) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
         """Per member id: the tensors of its checkpoint file and its metadata.
@@ -397,7 +457,9 @@ class EnsembleFit:
             for key, named in adam.items():
                 tensors.update({f"adam.{key}.{k}": v for k, v in members.member_view(i, named).items()})
             metadata = dict(self.ensemble.member_metadata(i), training=self.training_state(),
-                            train_loss=float(self.last_finite_loss[i]))
+                            train_loss=float(self.last_finite_loss[i]), attempt=self.attempts[i],
+                            epoch_loss_sum=float(self._epoch_loss_sum[i]),
+                            epoch_loss_steps=int(self._epoch_steps[i]))
             files[m] = (tensors, metadata)
         return files
 
@@ -422,6 +484,11 @@ class EnsembleFit:
             if meta["config"] != self.ensemble.config or meta["member_id"] != m:
                 raise ValueError(f"Checkpoint {directory}: member {meta.get('member_id')} was trained "
                                  "with another configuration than this ensemble's.")
+            saved = meta["training"].get("data")
+            if saved is not None and saved != self.data:
+                raise ValueError(f"Checkpoint {directory} was trained on other data (fingerprint {saved}, "
+                                 f"this data's {self.data}): resuming it here would not continue that "
+                                 "run. Train afresh, or pass the data it was trained on.")
         members = self.ensemble.members
         online_prefix = "online." if self.ema is not None else "model."
         for i, (tensors, meta) in enumerate(loaded):
@@ -429,11 +496,11 @@ class EnsembleFit:
             if self.ema is not None:
                 self.ema.ema_model.load_member_state(i, storage.strip_prefix(tensors, "model."))
             self.ensemble.member_seeds[i] = meta["seed"]
-        training = loaded[0][1]["training"]
-        self.step = training["step"]
-        if self.ema is not None:
-            self.ema.step.fill_(training["ema_step"])
-            self.ema.initted.fill_(training["ema_initted"])
+            self.attempts[i] = meta.get("attempt", 0)
+            self._epoch_loss_sum[i] = meta.get("epoch_loss_sum", 0.0)
+            self._epoch_steps[i] = meta.get("epoch_loss_steps", 0)
+            self.last_finite_loss[i] = meta.get("train_loss", float("nan"))
+        self.step = loaded[0][1]["training"]["step"]
         if self.step > 0:
             self.optimizer.load_state(
                 {key: members.assemble([storage.strip_prefix(t, f"adam.{key}.") for t, _ in loaded])

@@ -48,14 +48,33 @@ def check_choice(owner: str, name: str, value, choices):
     return value
 
 
-def as_float_tensor(owner: str, name: str, value, *, ndim: tuple[int, ...]) -> torch.Tensor:
-    """A finite float32 tensor from a tensor or array of real numbers (ints are converted)."""
+def as_tensor(owner: str, name: str, value) -> torch.Tensor:
+    """A tensor from a tensor, numpy array, pandas object or (nested) list, detached from any
+    autograd graph: inputs are data, never part of a model's graph."""
+    if hasattr(value, "to_numpy") and not isinstance(value, (np.ndarray, torch.Tensor)):
+        value = value.to_numpy()  # pandas DataFrame or Series, without importing pandas
+    if isinstance(value, (list, tuple)):
+        try:
+            value = np.asarray(value)
+        except ValueError:
+            _fail(owner, name, "a rectangular array", "a ragged list", TypeError)
     if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "iuf":
+        if value.dtype.kind not in "biuf":
             _fail(owner, name, "an array of real numbers", f"dtype {value.dtype}", TypeError)
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        # torch needs arrays it may write to (Arrow's and pandas' may be read-only): copy those
+        value = torch.from_numpy(np.ascontiguousarray(value) if value.flags.writeable else value.copy())
     if not isinstance(value, torch.Tensor):
-        _fail(owner, name, "a torch.Tensor or numpy array", type(value).__name__, TypeError)
+        _fail(owner, name, "a torch.Tensor, numpy array, pandas object or list", type(value).__name__,
+              TypeError)
+    if value.device.type == "meta":
+        _fail(owner, name, "a tensor holding data", "a tensor on the meta device", TypeError)
+    return value.detach()
+
+
+def as_float_tensor(owner: str, name: str, value, *, ndim: tuple[int, ...]) -> torch.Tensor:
+    """A finite real tensor: float64 stays float64 and integers become float64 (exact to 2^53),
+    so that standardising loses nothing; float32 stays float32, half precision becomes it."""
+    value = as_tensor(owner, name, value)
     if value.dtype == torch.bool or value.is_complex():
         _fail(owner, name, "a tensor of real numbers", f"dtype {value.dtype}", TypeError)
     if value.ndim not in ndim:
@@ -63,7 +82,8 @@ def as_float_tensor(owner: str, name: str, value, *, ndim: tuple[int, ...]) -> t
         _fail(owner, name, f"{dims}", f"shape {tuple(value.shape)}")
     if value.shape[-2 if value.ndim > 1 else 0] == 0:
         _fail(owner, name, "non-empty", f"shape {tuple(value.shape)}")
-    value = value.float() if value.is_floating_point() else value.to(torch.float32)
+    if value.dtype != torch.float64:
+        value = value.double() if not value.is_floating_point() else value.float()
     # A finite sum proves every value finite in one fast pass (isfinite costs four); only a
     # non-finite sum, which huge finite values can also give, needs the exact count.
     if not torch.isfinite(value.sum()):
@@ -73,24 +93,27 @@ def as_float_tensor(owner: str, name: str, value, *, ndim: tuple[int, ...]) -> t
     return value
 
 
-def as_label_tensor(owner: str, name: str, value, *, num_classes: int) -> torch.Tensor:
-    """Integer class labels in [0, num_classes) as a 1-D int64 tensor."""
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    if not isinstance(value, torch.Tensor):
-        _fail(owner, name, "a torch.Tensor or numpy array", type(value).__name__, TypeError)
+def as_labels(owner: str, name: str, value) -> torch.Tensor:
+    """Class labels as int64, by one rule everywhere: integers, bools (a binary task) or floats
+    holding whole numbers; a (N, 1) column becomes (N,)."""
+    value = as_tensor(owner, name, value)
     if value.is_floating_point():
         whole = torch.isfinite(value).all() and (value == value.round()).all()
         if not whole:
             _fail(owner, name, "integer class labels", f"dtype {value.dtype} with non-integer values",
                   TypeError)
-    elif value.dtype == torch.bool or value.is_complex():
+    elif value.is_complex():
         _fail(owner, name, "integer class labels", f"dtype {value.dtype}", TypeError)
     if value.ndim == 2 and value.shape[1] == 1:
         value = value[:, 0]
     if value.ndim != 1:
         _fail(owner, name, "1-D (one label per row)", f"shape {tuple(value.shape)}")
-    value = value.long()
+    return value.long()
+
+
+def as_label_tensor(owner: str, name: str, value, *, num_classes: int) -> torch.Tensor:
+    """Class labels (`as_labels`) in [0, num_classes) as a 1-D int64 tensor."""
+    value = as_labels(owner, name, value)
     if len(value) and (value.min() < 0 or value.max() >= num_classes):
         _fail(owner, name, f"labels in [0, {num_classes})",
               f"labels in [{int(value.min())}, {int(value.max())}]")

@@ -17,10 +17,17 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 torch.set_num_threads(1)
 
 
-def pytest_itemcollected(item):
-    """Tests are unit tests unless their module or function says `ray` or `e2e`."""
-    if not any(item.get_closest_marker(n) for n in ("ray", "e2e")):
-        item.add_marker(pytest.mark.unit)
+LAYERS = ("unit", "ray", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test declares exactly one layer (module `pytestmark` or its own mark): a test that
+    starts Ray or a subprocess must not pass for a unit test."""
+    wrong = [f"{item.nodeid}: {names or 'none'}" for item in items
+             if len(names := sorted({m.name for m in item.iter_markers() if m.name in LAYERS})) != 1]
+    if wrong:
+        raise pytest.UsageError("Each test needs exactly one of the markers " + ", ".join(LAYERS)
+                                + ":\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture

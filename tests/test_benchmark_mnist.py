@@ -40,6 +40,7 @@ def files(tmp_path):
     (["--data", "{good}", "--variants", "plain,fancy"], r"'--variants'.*plain,fancy"),
     (["--data", "{good}", "--num-members", "0,5"], r"'--num-members'"),
 ])
+@pytest.mark.unit
 def test_bad_data_and_options_exit_with_one_line(argv, message, files, tmp_path, capsys):
     argv = [a.format(**files) for a in argv] + ["--output", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:

@@ -3,6 +3,9 @@
 import json
 
 import benchmark_speed as bench
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def test_smoke_run_times_every_implementation_and_checks_they_agree(tmp_path):

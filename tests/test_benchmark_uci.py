@@ -27,6 +27,7 @@ def synthetic(n=120, scale=1.0, shift=0.0, constant_column=False):
     return data, [0, 1, 2], 3, (np.arange(100), np.arange(100, n))
 
 
+@pytest.mark.unit
 def test_scores_are_in_original_units_as_a_hand_computation_says():
     """Standardising makes y and 1000 y + 5 the same problem: RMSE scales by 1000 and the NLL
     shifts by exactly log(1000) (NLL_original = NLL_standardised + log std_y)."""
@@ -37,6 +38,7 @@ def test_scores_are_in_original_units_as_a_hand_computation_says():
     assert large["nll_mixture"] - small["nll_mixture"] == pytest.approx(math.log(1000), abs=1e-4)
 
 
+@pytest.mark.unit
 def test_standardisation_uses_the_training_rows_only(monkeypatch):
     seen = []
     original = DeepEnsemble.fit_normalization
@@ -48,11 +50,13 @@ def test_standardisation_uses_the_training_rows_only(monkeypatch):
     assert seen == [(100, pytest.approx(float(data[train, 0].mean()), rel=1e-5))]
 
 
+@pytest.mark.unit
 def test_a_constant_feature_gives_finite_scores():
     row = bench.run_split("s", 0, synthetic(constant_column=True), CFG)
     assert all(math.isfinite(row[k]) for k in ("rmse", "nll", "nll_mixture"))
 
 
+@pytest.mark.unit
 def test_summary_has_std_and_standard_error():
     rows = [{"rmse": v, "nll": v, "nll_mixture": v} for v in (1.0, 2.0, 3.0, 4.0)]
     s = bench.summarize(rows)
@@ -60,6 +64,7 @@ def test_summary_has_std_and_standard_error():
     assert s["nll_stderr"] == pytest.approx(s["nll_std"] / 2)
 
 
+@pytest.mark.unit
 def test_energys_target_is_column_8():
     data, features, target, splits = bench.load_uci(require_data("uci", "energy"))
     assert target == 8 and features == list(range(8)) and data.shape == (768, 9) and len(splits) == 20
@@ -73,6 +78,7 @@ def test_energys_target_is_column_8():
     (["--splits", "0"], "'--splits'.*Got 0"),
     (["--epochs", "0"], "'--epochs'.*Got 0"),
 ])
+@pytest.mark.unit
 def test_bad_options_exit_with_one_line(argv, message, capsys):
     if "--data-dir" not in argv:
         argv = ["--data-dir", str(require_data("uci"))] + argv

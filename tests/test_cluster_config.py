@@ -4,9 +4,12 @@ import copy
 
 import pytest
 import yaml
+from jsonschema.exceptions import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 CONFIG = yaml.safe_load((REPO / "cluster.yaml").read_text())
 
@@ -29,14 +32,16 @@ def test_cluster_yaml_installs_this_package_keeps_auth_and_a_local_dashboard():
     assert "RAY_AUTH_MODE=disabled" not in (REPO / "cluster.yaml").read_text()
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda c: c["available_node_types"]["head"].update(resourcez={}),
-    lambda c: c.update(head_node_type="missing"),
-    lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=0.5),
-    lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"),
+@pytest.mark.parametrize("mutate, error, message", [
+    (lambda c: c["available_node_types"]["head"].update(resourcez={}), ValidationError, "'resourcez' was unexpected"),
+    (lambda c: c.update(head_node_type="missing"), ValueError, "head_node_type"),
+    (lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=0.5), ValidationError,
+     "0.5 is not of type 'integer'"),
+    (lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"), ValidationError,
+     "'node_config' is a required property"),
 ], ids=["typo", "undefined head", "fractional GPU", "no node_config"])
-def test_the_validation_catches_broken_configs(mutate):
+def test_the_validation_catches_broken_configs(mutate, error, message):
     broken = copy.deepcopy(CONFIG)
     mutate(broken)
-    with pytest.raises(Exception):
+    with pytest.raises(error, match=message):
         validate(broken)

@@ -10,6 +10,8 @@ from ray_ensembles import DeepEnsemble, TensorDataset, Trainer, storage
 from ray_ensembles.distributed import POLL_ENV, _env_default, assemble, assign_members
 from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
 
+pytestmark = pytest.mark.unit
+
 X, Y = torch.randn(60, 2), torch.randn(60, 1)
 
 

@@ -52,7 +52,20 @@ def assert_same_ensemble(a, b):
         torch.testing.assert_close(b.state_dict()[k], v, atol=1e-6, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+def test_a_loaded_checkpoint_resumes_on_one_worker_holding_every_member(in_process, tmp_path):
+    base, base_trainer = in_process
+    e = ensemble()
+    trainer = Trainer(e, TensorDataset(X, Y), results_folder=base_trainer.results_folder,
+                      scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                      run_config=RunConfig(storage_path=str(tmp_path / "runs")), **OPTIONS)
+    trainer.load(1)  # step 10 of an in-process run; before, the workers trained from scratch
+    trainer.train()
+    assert_same_ensemble(base, e)  # resumed, and the same members stacked on one worker
+    assert [h["step"] for h in trainer.history] == [h["step"] for h in base_trainer.history if h["step"] > 10]
+    assert trainer.placement == {m: {"rank": 0, "device": "cpu", "gpu_ids": []} for m in range(3)}
+
+
+@pytest.mark.parametrize("workers", [3])  # one worker: the test above
 def test_same_ensemble_in_process_on_one_worker_and_one_worker_per_member(workers, in_process, tmp_path):
     base, base_trainer = in_process
     e, trainer = train(tmp_path, workers)

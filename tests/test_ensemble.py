@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 from ray_ensembles.predictions import GaussianMixturePrediction
 
+pytestmark = pytest.mark.unit
+
 
 def test_loss_is_the_papers_gaussian_nll():
     e = DeepEnsemble(dim_in=3, dim_out=2, num_members=2, seed=0)
@@ -45,8 +47,12 @@ def test_classifier_supports_adversarial_training():
     e = DeepEnsembleClassifier(dim_in=4, num_classes=3, num_members=2, depth=1, hidden_dim=8,
                                use_adversarial_training=True, adversarial_eps=0.1)
     X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
-    plain = DeepEnsembleClassifier(dim_in=4, num_classes=3, num_members=2, depth=1, hidden_dim=8)
-    assert e(X, y) > plain(X, y)  # same weights (same seed), plus the adversarial term
+    xs = e.standardize_x(X).expand(2, -1, -1).clone().requires_grad_()
+    clean = e._member_nll(e.members(xs), y)
+    (grad,) = torch.autograd.grad(clean.sum(), xs)
+    adversarial = e._member_nll(e.members(xs + e.adversarial_step * grad.sign()), y)
+    torch.testing.assert_close(e.member_losses(e.standardize_x(X), y), clean + adversarial)
+    assert (adversarial > clean).all()  # the step is the loss's ascent direction, not zero
 
 
 def test_mixture_variance_is_stable_and_never_negative_for_targets_near_1e4():

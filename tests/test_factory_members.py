@@ -6,6 +6,8 @@ from torch import nn
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 
+pytestmark = pytest.mark.unit
+
 
 def small_cnn():
     """A convnet for 8x8 single-channel images given as 64 flattened pixels."""

@@ -40,6 +40,7 @@ def mean_loss(entry):
     return np.mean(list(entry["member_train_loss"].values()))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("amp", [False, True])
 def test_cuda_graphs_give_the_eager_members_through_a_restart(amp):
     """400 rows in batches of 32: two graphs (32 rows, and the epoch's last 16). Member 1 is
@@ -71,6 +72,7 @@ def on_gpu(tmp_path_factory):
     return train(tmp_path_factory.mktemp("gpu"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("amp", [False, True])
 def test_members_train_on_the_gpu_and_load_on_any_device(amp, on_gpu, tmp_path):
     e, _, epochs = train(tmp_path, amp=amp) if amp else on_gpu
@@ -86,6 +88,7 @@ def test_members_train_on_the_gpu_and_load_on_any_device(amp, on_gpu, tmp_path):
     torch.testing.assert_close(back.predict(X.cuda(), batch_size=64).mean.cpu(), trained.mean, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_amp_members_are_close_to_float32_ones(on_gpu, tmp_path):
     """bfloat16 autocast changes rounding, not the model: the fits agree on the data."""
     fp32 = on_gpu[0](X).mean
@@ -93,6 +96,7 @@ def test_amp_members_are_close_to_float32_ones(on_gpu, tmp_path):
     assert (amp - fp32).abs().mean() < 0.1 * Y.std()
 
 
+@pytest.mark.unit
 def test_a_member_is_the_same_alone_or_in_an_ensemble_on_the_gpu(on_gpu, tmp_path):
     together = on_gpu[0]
     alone = train(tmp_path, num_members=1, member_ids=[2])[0]
@@ -111,6 +115,7 @@ def assert_the_prediction_job_matches(e, tmp_path, *options):
     np.testing.assert_allclose(out["mean"], e(X).mean[:, 0].numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_the_prediction_job_runs_on_the_gpu(on_gpu, tmp_path):
     assert_the_prediction_job_matches(on_gpu[0], tmp_path)
 

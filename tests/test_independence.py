@@ -7,6 +7,8 @@ from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, MemberDivergedEr
 from ray_ensembles.members import epoch_permutations, member_seed
 from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
 
+pytestmark = pytest.mark.unit
+
 SETTINGS = dict(train_batch_size=32, train_num_steps=40, train_lr=3e-3, max_grad_norm=0.5,
                 ema_decay=0.9, ema_update_every=1, save_every=1000)
 

@@ -10,6 +10,8 @@ from scipy.special import logsumexp
 
 from ray_ensembles import metrics
 
+pytestmark = pytest.mark.unit
+
 g = torch.Generator().manual_seed(0)
 MEAN = torch.randn(50, 2, generator=g, dtype=torch.float64)
 VAR = torch.rand(50, 2, generator=g, dtype=torch.float64) + 0.2

@@ -41,6 +41,7 @@ def run(root, *extra):
     return out
 
 
+@pytest.mark.unit
 def test_the_output_equals_the_ensembles_prediction_with_keys_kept(saved):
     e, root = saved
     out = pq.read_table(run(root)).to_pandas()
@@ -54,6 +55,7 @@ def test_the_output_equals_the_ensembles_prediction_with_keys_kept(saved):
     np.testing.assert_allclose(out["upper_0.9"], hi[:, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_it_streams_in_bounded_batches(saved):
     e, root = saved
     out = run(root, "--batch-size", "128")
@@ -69,18 +71,20 @@ def write_row_groups(path, table, rows_per_group):
             writer.write_table(table.slice(start, rows_per_group))
 
 
+@pytest.mark.unit
 def test_row_groups_are_predicted_in_parallel_into_files_in_input_order(saved, tmp_path):
     e, root = saved
     write_row_groups(tmp_path / "in.parquet", pq.read_table(root / "in.parquet"), 150)
     out = tmp_path / "out"
     job.main(["--ensemble", str(root / "ensemble"), "--data", str(tmp_path / "in.parquet"),
               "--output", str(out), "--threads", "3", "--batch-size", "64"])
-    assert sorted(p.name for p in out.iterdir()) == [f"part-{i:05d}.parquet" for i in range(7)]
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-{i:05d}.parquet" for i in range(7)]
     table = pq.read_table(out)
     assert (table.column("id").to_numpy() == np.arange(1000)).all()
     np.testing.assert_allclose(table.column("mean").to_numpy(), e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_a_folder_of_files_is_read_in_name_order(saved, tmp_path):
     e, root = saved
     table = pq.read_table(root / "in.parquet")
@@ -93,6 +97,7 @@ def test_a_folder_of_files_is_read_in_name_order(saved, tmp_path):
     np.testing.assert_allclose(out.column("mean").to_numpy(), e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_uris_for_input_and_output(saved, tmp_path, monkeypatch):
     e, root = saved
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
@@ -103,6 +108,7 @@ def test_uris_for_input_and_output(saved, tmp_path, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_only_repeating_columns_are_dictionary_encoded(saved):
     _, root = saved
     metadata = pq.ParquetFile(next(run(root).glob("*.parquet"))).metadata.row_group(0)
@@ -112,20 +118,25 @@ def test_only_repeating_columns_are_dictionary_encoded(saved):
         assert not any("DICTIONARY" in enc for enc in encodings[distinct]), encodings[distinct]
 
 
-def test_a_failure_stops_the_job_and_leaves_no_output(saved, tmp_path, monkeypatch):
+@pytest.mark.unit
+def test_a_failure_stops_the_job_and_leaves_no_output(saved, tmp_path, monkeypatch, capsys):
     _, root = saved
     table = pq.read_table(root / "in.parquet")
     bad = table.set_column(table.column_names.index("a"), "a", pa.array([float("nan")] * 100 + [1.0] * 900))
     write_row_groups(tmp_path / "in.parquet", bad, 100)
     calls, predict = [], job.BatchPredictor.__call__
     monkeypatch.setattr(job.BatchPredictor, "__call__", lambda self, t: calls.append(1) or predict(self, t))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(SystemExit) as exit_info:
         job.main(["--ensemble", str(root / "ensemble"), "--data", str(tmp_path / "in.parquet"),
                   "--output", str(tmp_path / "out"), "--threads", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
     assert len(calls) < 5  # of 10 pieces: the rest were cancelled
 
 
+@pytest.mark.unit
 def test_csv_input_gives_the_same_predictions(saved, tmp_path):
     e, root = saved
     csv_path = tmp_path / "in.csv"
@@ -143,19 +154,72 @@ def test_csv_input_gives_the_same_predictions(saved, tmp_path):
      ["--ensemble", "/nonexistent"], "no manifest.json"),
     (lambda d: pq.write_table(pa.table({"a": [1.0], "b": [2.0], "c": [3.0]}), d / "t.parquet"),
      ["--coverage", "1.5"], "'--coverage'"),
+    (lambda d: (d / "t.csv").write_text("a,b,c\n"), ["--data", "{d}/t.csv"], "has no rows"),
+    (lambda d: (d / "t.parquet").write_bytes(b""), [], "could not be read"),
+    (lambda d: pq.write_table(pa.table({"a": pa.array([], pa.float64()), "b": pa.array([], pa.float64()),
+                                        "c": pa.array([], pa.float64())}), d / "t.parquet"), [], "has no rows"),
+    (lambda d: pq.write_table(pa.table({"a": [1.0, None], "b": [2.0, 2.0], "c": [3.0, 3.0]}), d / "t.parquet"),
+     [], "NaN, inf or missing"),
+    (lambda d: (d / "t.csv").write_bytes("a,b,c,caf\xe9\n1,2,3,4\n".encode("latin-1")),
+     ["--data", "{d}/t.csv"], r"t\.csv could not be read.*utf-8"),
+    (lambda d: (d / "t.txt").write_text("a,b,c\n1,2,3\n"), ["--data", "{d}/t.txt"], r"\.csv"),
 ])
+@pytest.mark.unit
 def test_clear_errors_before_anything_is_written(saved, tmp_path, capsys, make_input, extra, message):
     _, root = saved
     make_input(tmp_path)
     argv = ["--ensemble", str(root / "ensemble"), "--data", str(tmp_path / "t.parquet"),
-            "--output", str(tmp_path / "out"), *extra]
+            "--output", str(tmp_path / "out"), *[a.format(d=tmp_path) for a in extra]]
     with pytest.raises(SystemExit) as exit_info:
         job.main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.parametrize("output, why", [
+    ("{d}", "holds"), ("{d}/data", "holds"), (".", "holds"), ("..", "holds"),
+    ("{d}/file", "a file is there"), ("{d}/theirs", "not predictions"),
+])
+@pytest.mark.unit
+def test_an_output_path_that_holds_anything_else_is_refused_and_left_intact(saved, tmp_path, capsys,
+                                                                              monkeypatch, output, why):
+    _, root = saved
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"a": [1.0], "b": [2.0], "c": [3.0]}), tmp_path / "data" / "t.parquet")
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path / "data")
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exit_info:
+            job.main(["--ensemble", str(root / "ensemble"), "--data", str(tmp_path / "data" / "t.parquet"),
+                      "--output", output.format(d=tmp_path), *overwrite])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and why in err and "\n" not in err, err
+        if output.endswith("theirs"):  # --overwrite is how to replace a folder of one's own
+            break
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.unit
+def test_a_previous_output_is_replaced_and_overwrite_replaces_any_folder(saved, tmp_path, capsys):
+    _, root = saved
+    argv = ["--ensemble", str(root / "ensemble"), "--data", str(root / "in.parquet"), "--output", str(tmp_path / "out")]
+    job.main(argv)
+    (tmp_path / "out" / "part-00099.parquet").write_bytes(b"stale")  # replaced with the rest
+    job.main(argv)
+    assert not (tmp_path / "out" / "part-00099.parquet").exists()
+    assert pq.read_table(tmp_path / "out").num_rows == 1000
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("old")
+    job.main([*argv[:-1], str(tmp_path / "theirs"), "--overwrite"])
+    assert pq.read_table(tmp_path / "theirs").num_rows == 1000 and not (tmp_path / "theirs" / "notes.txt").exists()
+
+
+@pytest.mark.unit
 def test_a_classifier_goes_through_the_same_job(tmp_path):
     labels = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
     clf = DeepEnsembleClassifier(dim_in=3, num_classes=3, num_members=2, hidden_dim=16, depth=2)
@@ -184,14 +248,12 @@ def test_ray_data_actors_give_the_same_output(saved):
     np.testing.assert_allclose(table["mean"], e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_benchmark_runs_and_saves_its_figures(tmp_path, monkeypatch):
+@pytest.mark.e2e  # it runs the job and the naive job as real processes (the Ray Data path has its own tests)
+def test_the_benchmark_runs_and_saves_its_figures(tmp_path):
     import benchmark_predict
 
-    monkeypatch.setenv("RAY_ADDRESS", "")  # its Ray run starts its own local instance
-    benchmark_predict.main(["--rows", "3000", "--workdir", str(tmp_path), "--ray-workers", "1"])
+    benchmark_predict.main(["--rows", "3000", "--workdir", str(tmp_path)])
     [figures] = json.loads((tmp_path / "predict_speed.json").read_text())["runs"]
     assert figures["rows"] == 3000 and figures["peak_rss_mib"] > 0 and figures["speedup_vs_naive_job"] > 0
     assert figures["max_difference"] < 1e-4  # the naive job computed what the job did
-    assert figures["ray_seconds"] > 0 and figures["ray_peak_pss_mib"] > 0
-    for output in ("pred_3000", "ray_3000"):
-        assert pq.read_table(tmp_path / output).num_rows == 3000
+    assert pq.read_table(tmp_path / "pred_3000").num_rows == 3000

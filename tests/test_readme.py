@@ -6,6 +6,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"(<!-- not run[^>]*-->\n)?```python\n(.*?)```", README, flags=re.S)
 

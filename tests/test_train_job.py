@@ -38,21 +38,34 @@ CASES = [
     ("unknown feature", ["--data", "{table}", "--target", "y", "--features", "a,zz"], "Got 'zz'"),
     ("text feature", ["--data", "{table}", "--target", "y", "--features", "a,name"], "'name' must be numeric"),
     ("NaN in data", ["--data", "{tmp}/nan.parquet", "--target", "y"], "'b' must be free of missing"),
-    ("float labels", ["--data", "{table}", "--target", "y", "--task", "classification"], "integer labels"),
+    ("non-integer labels", ["--data", "{table}", "--target", "y", "--task", "classification"], "integer class labels"),
     ("more workers than members", ["--num-members", "2", "--num-workers", "3"], "'--num-workers'.*Got 3"),
     ("zero members", ["--num-members", "0"], "'num_members'.*Got 0"),
     ("negative eps", ["--adversarial-eps", "-0.1"], "'adversarial_eps'.*-0.1"),
     ("resume without name", ["--resume"], "'--resume' option needs the '--name'"),
     ("bad validation fraction", ["--data", "{table}", "--target", "y", "--validation-fraction", "1.5"], "'fraction'"),
     ("unreadable file", ["--data", "{tmp}/table.csv.parquet", "--target", "y"], "could not be read"),
+    ("features include the target", ["--data", "{table}", "--target", "y", "--features", "a,y"],
+     "distinct columns other than the target 'y'"),
+    ("negative epochs", ["--epochs", "-1"], "'train_num_epochs'.*Got -1"),
+    ("zero batch size", ["--batch-size", "0"], "'train_batch_size'.*Got 0"),
+    ("zero learning rate", ["--lr", "0"], "'train_lr'.*Got 0"),
+    ("EMA decay 1", ["--ema-decay", "1"], "'ema_decay'.*Got 1.0"),
+    ("zero save_every", ["--save-every", "0"], "'save_every'.*Got 0"),
+    ("zero CPUs a worker", ["--cpus-per-worker", "0"], "'--cpus-per-worker'.*Got 0"),
+    ("output a file", ["--output", "{table}"], "'--output' option must be a folder.*a file"),
+    ("output holds another folder", ["--output", "{tmp}/mine"], "Refusing to write an ensemble.*not an ensemble"),
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case, argv, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_options_exit_with_one_line_before_ray_starts(case, argv, message, table, tmp_path, capsys):
     import ray
     (tmp_path / "table.csv.parquet").write_text("not parquet")
-    argv = [a.format(tmp=tmp_path, table=table) for a in argv] + ["--output", str(tmp_path / "out")]
+    (tmp_path / "mine" / "ensemble").mkdir(parents=True)
+    (tmp_path / "mine" / "ensemble" / "notes.txt").write_text("mine")
+    argv = ["--output", str(tmp_path / "out")] + [a.format(tmp=tmp_path, table=table) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         train_job.main(argv)
     assert exit_info.value.code == 2
@@ -61,8 +74,10 @@ def test_bad_options_exit_with_one_line_before_ray_starts(case, argv, message, t
     import re
     assert re.search(message, err), err
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert (tmp_path / "mine" / "ensemble" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.unit
 def test_table_columns_become_named_features(table):
     from ray_ensembles.data import read_table, table_to_dataset
     ds = table_to_dataset(read_table(str(table)), "y")
@@ -104,39 +119,32 @@ def test_smoke_run_trains_saves_and_plots_and_prints_a_short_readable_console(tm
 
 
 @pytest.mark.ray
-def test_json_prints_one_object_and_the_trackers_hold_the_run(tmp_path, monkeypatch):
+def test_a_classification_table_prints_one_json_object_and_the_trackers_hold_the_run(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    from ray_ensembles import DeepEnsembleClassifier
+
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this reader; the job opts in itself
-
-    out = tmp_path / "out"
-    proc = run_job("--output", str(out), "--json", "--mlflow-tracking-uri", str(tmp_path / "mlruns"),
-                   "--tensorboard-dir", str(tmp_path / "tb"), "--name", "toy-run")
-    result = json.loads(proc.stdout)  # nothing else on stdout
-    assert sorted(result["metrics"]["members"]) == ["0", "1"] and np.isfinite(result["metrics"]["val_nll"])
-    assert "training:" not in proc.stderr  # no bar either
-    client = MlflowClient((tmp_path / "mlruns").as_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("ray_ensembles").experiment_id])
-    assert run.info.run_name == "toy-run" and run.data.params["num_workers"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5]
-    assert client.get_metric_history(run.info.run_id, "val_nll")[0].value == pytest.approx(result["metrics"]["val_nll"])
-    assert run.data.tags["ensemble_path"] == result["checkpoint"]
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-
-
-@pytest.mark.ray
-def test_a_classification_table_trains_through_the_job(tmp_path):
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=300), rng.normal(size=300)
     pq.write_table(pa.table({"a": a, "b": b, "label": (a > 0).astype(np.int64) + (b > 0).astype(np.int64)}),
                    tmp_path / "t.parquet")
     out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS="")
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--data", str(tmp_path / "t.parquet"),
                            "--target", "label", "--task", "classification", "--num-members", "2", "--epochs", "15",
-                           "--lr", "0.01", "--output", str(out)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, RAY_ADDRESS=""))
+                           "--lr", "0.01", "--output", str(out), "--json", "--name", "table-run",
+                           "--mlflow-tracking-uri", str(tmp_path / "mlruns"), "--tensorboard-dir", str(tmp_path / "tb")],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    assert metrics["val_accuracy"] > 0.8
-    from ray_ensembles import DeepEnsembleClassifier
+    result = json.loads(proc.stdout)  # nothing else on stdout
+    assert sorted(result["metrics"]["members"]) == ["0", "1"] and result["metrics"]["val_accuracy"] > 0.8
+    assert "training:" not in proc.stderr  # no bar either
     assert DeepEnsembleClassifier.load(out / "ensemble").feature_names == ["a", "b"]
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("ray_ensembles").experiment_id])
+    assert run.info.run_name == "table-run" and run.data.params["num_workers"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 15  # one per epoch
+    assert client.get_metric_history(run.info.run_id, "val_nll")[-1].value == pytest.approx(result["metrics"]["val_nll"])
+    assert run.data.tags["ensemble_path"] == result["checkpoint"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

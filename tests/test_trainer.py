@@ -7,6 +7,8 @@ import torch
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 from ray_ensembles.metrics import gaussian_nll
 
+pytestmark = pytest.mark.unit
+
 
 def make(seed=0, **kwargs):
     return DeepEnsemble(dim_in=2, num_members=3, hidden_dim=32, seed=seed,
@@ -110,6 +112,24 @@ BAD_INPUTS = [
      ValueError, "one of 'train_num_steps' and 'train_num_epochs'"),
     ("cuda_graphs not a bool", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), cuda_graphs="yes"), TypeError,
      "'cuda_graphs'.*bool.*'yes'"),
+    ("results_folder a file", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), results_folder=__file__),
+     ValueError, "'results_folder'.*test_trainer.py', a file"),
+    ("metrics_callback not callable", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), metrics_callback=[]),
+     TypeError, "'metrics_callback'.*callable.*\\[\\]"),
+    ("meta tensor", lambda: TensorDataset(torch.empty(4, 2, device="meta"), Y_OK[:4]), TypeError,
+     "'X'.*holding data.*meta device"),
+    ("ragged list", lambda: TensorDataset([[1.0, 2.0], [3.0]], [1.0, 2.0]), TypeError, "'X'.*rectangular"),
+    ("repeated feature names", lambda: TensorDataset(X_OK, Y_OK, feature_names=["a", "a"]), ValueError,
+     "'feature_names'.*2 distinct names"),
+    ("three tensors", lambda: Trainer(make(), torch.utils.data.TensorDataset(X_OK, Y_OK, Y_OK)), ValueError,
+     "two tensors, X and y. Got 3"),
+    ("coverage a string", lambda: make()(X_OK).interval("0.9"), TypeError, "'coverage'.*real number.*'0.9'"),
+    ("coverage a tensor", lambda: make()(X_OK).interval(torch.tensor([0.5, 0.9])), TypeError, "'coverage'.*real number"),
+    ("predict batch_size 0", lambda: make().predict(X_OK, batch_size=0), ValueError, "'batch_size'.*>= 1.*Got 0"),
+    ("log_prob one target for all rows", lambda: make()(X_OK).log_prob(torch.zeros(1, 1)), ValueError,
+     "'y' parameter of log_prob must be \\(20, 1\\).*\\(1, 1\\)"),
+    ("log_prob two targets for dim_out 1", lambda: make()(X_OK).log_prob(torch.zeros(20, 2)), ValueError,
+     "\\(20, 1\\).*\\(20, 2\\)"),
 ]
 
 
