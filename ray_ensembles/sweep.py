@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from ray.tune import Callback
 
@@ -62,7 +63,7 @@ def canonical_options(options: dict, task: str, where: str) -> dict:
 
 def _python_scalar(value):
     """numpy scalars (np.int64(32)) as Python's own, so that configs serialise."""
-    return value.item() if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0 else value
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @dataclass
