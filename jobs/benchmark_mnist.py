@@ -113,6 +113,7 @@ def train_variant(name, options, x, y, args, factory=None, epochs=None):
     start = time.perf_counter()
     Trainer(ensemble, TensorDataset(x, y), train_batch_size=args.batch_size, train_lr=args.lr,
             train_num_epochs=epochs or args.epochs, save_every=10 ** 9,
+            lr_scheduler=False,  # the paper's constant rate, as the README's results were measured
             scaling_config=ScalingConfig(num_workers=min(args.num_workers, m_max),
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=str((Path(args.output) / "runs").resolve()))).train()

@@ -97,7 +97,8 @@ class Ours:
 
     def __init__(self, dims, adversarial, X, y, device="cpu"):
         self.ensemble = DeepEnsemble(dims[0], dims[-1] // 2, num_members=M, hidden_dim=dims[1], depth=len(dims) - 2,
-                                     use_adversarial_training=adversarial, seed=0)
+                                     use_adversarial_training=adversarial, seed=0,
+                                     nll_beta=0.0)  # the plain NLL, as the implementations it is timed against
         self.ensemble.fit_normalization(X, y)
         settings = TrainSettings(batch_size=BATCH, num_steps=10 ** 9, amp=self.amp, cuda_graphs=self.graphs)
         self.fit = EnsembleFit(self.ensemble, X, y, settings, make_accelerator(cpu=torch.device(device).type == "cpu"))

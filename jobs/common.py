@@ -31,6 +31,14 @@ def add_data_arguments(parser):
                       help="share of the TRAINING rows held out for validation metrics")
 
 
+def default_lr(args, num_rows: int) -> float:
+    """The rate for --epochs of --batch-size over num_rows rows when --lr is not given."""
+    from ray_ensembles.trainer import num_steps  # here: the prediction job imports this module too
+    from ray_ensembles.training import horizon_lr
+
+    return horizon_lr(num_steps(num_rows, args.batch_size, None, args.epochs))
+
+
 def toy_data(n: int, seed: int) -> TensorDataset:
     """The paper's Figure 1: x ~ U[-4, 4], y = x^3 + N(0, 3^2)."""
     g = torch.Generator().manual_seed(seed)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_console_arguments, add_data_arguments, fail, load_data, loggers, num_classes, say, start_ray
+from common import add_console_arguments, add_data_arguments, default_lr, fail, load_data, loggers, num_classes, say, start_ray
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
 from ray_ensembles.data import filesystem_for
@@ -36,10 +36,15 @@ def parse_args(argv=None):
     model.add_argument("--adversarial-eps", type=float, default=0.0,
                        help="FGSM step as a fraction of each input's range; 0 turns it off")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--nll-beta", type=float, default=1.0,
+                       help="regression: weight each row's NLL gradient by its variance^beta; 0 is the paper's plain NLL")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=None, help="default 200 on the toy, else 40")
     train.add_argument("--batch-size", type=int, default=None, help="default 20 on the toy, else 100")
-    train.add_argument("--lr", type=float, default=None, help="default 0.01 on the toy, else 0.001")
+    train.add_argument("--lr", type=float, default=None,
+                       help="default 0.01 on the toy, else 0.1 up to 200 steps and 0.1 * sqrt(200 / steps) beyond")
+    train.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                       help="cosine anneals the rate to 0 over the run; the paper's is constant")
     train.add_argument("--ema-decay", type=float, default=0.0)
     train.add_argument("--amp", action="store_true", help="bfloat16 autocast (on GPUs)")
     train.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
@@ -64,7 +69,7 @@ def build(args):
     if args.smoke_test:
         args.num_members, args.epochs = min(args.num_members, 2), 5
     defaults = dict(hidden_dim=100 if toy else 50, epochs=200 if toy else 40,
-                    batch_size=20 if toy else 100, lr=0.01 if toy else 1e-3)
+                    batch_size=20 if toy else 100, lr=0.01 if toy else None)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -82,13 +87,16 @@ def build(args):
         raise ValueError(f"The '--output' option must be a folder. Got {args.output!r}, a file, instead.")
     storage.check_writable(output / "ensemble", is_ours=storage.is_ensemble_directory, what="an ensemble")
     train, validation = load_data(args)
+    if args.lr is None:
+        args.lr = default_lr(args, len(train))
     common = dict(num_members=args.num_members, hidden_dim=args.hidden_dim, depth=args.depth,
                   use_adversarial_training=args.adversarial_eps > 0,
                   adversarial_eps=args.adversarial_eps, seed=args.seed)
     if args.task == "classification":
         ensemble = DeepEnsembleClassifier(train.X.shape[1], num_classes(train, validation), **common)
     else:
-        ensemble = DeepEnsemble(train.X.shape[1], train.y.shape[1] if train.y.ndim == 2 else 1, **common)
+        ensemble = DeepEnsemble(train.X.shape[1], train.y.shape[1] if train.y.ndim == 2 else 1, **common,
+                                nll_beta=args.nll_beta)
     return ensemble, train, validation
 
 
@@ -182,6 +190,7 @@ def main(argv=None):
     try:
         ensemble, train, validation = build(args)
         options = dict(train_batch_size=args.batch_size, train_lr=args.lr, train_num_epochs=args.epochs,
+                       lr_scheduler=args.lr_schedule == "cosine",
                        ema_decay=args.ema_decay, amp=args.amp, save_every=args.save_every,
                        validation_dataset=validation, progress=not (args.quiet or args.json))
         Trainer(ensemble, train, **options)  # every option checked before Ray starts

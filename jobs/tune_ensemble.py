@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import add_console_arguments, add_data_arguments, fail, load_data, num_classes, say, start_ray
+from common import add_console_arguments, add_data_arguments, default_lr, fail, load_data, num_classes, say, start_ray
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, Trainer
 from ray_ensembles.sweep import m_curve, normalize_param_space, tune_ensemble
@@ -68,10 +68,10 @@ def resolve(args):
     for key, toy_value, table_value in [("epochs", 200, 40), ("batch_size", 20, 100), ("hidden_dim", 100, 50)]:
         if getattr(args, key) is None:
             setattr(args, key, toy_value if toy else table_value)
-    if args.lr is None:
-        args.lr = [0.01 if toy else 1e-3]
+    if args.lr is None and toy:
+        args.lr = [0.01]
     space = {"num_members": args.num_members, "adversarial_eps": args.adversarial_eps}
-    if len(args.lr) > 1:
+    if args.lr is not None and len(args.lr) > 1:
         space["train_lr"] = args.lr
     normalize_param_space(space)  # empty grids, M < 1, eps < 0: before Ray starts
     return space
@@ -193,6 +193,8 @@ def main(argv=None):
     try:
         space = resolve(args)
         train, validation = load_data(args, allow_no_validation=False)
+        if args.lr is None:
+            args.lr = [default_lr(args, len(train))]
         say(args, start_ray(args))
         if args.m_curve:
             run_m_curve(args, train, validation, output)

@@ -369,6 +369,13 @@ class DeepEnsemble(_Ensemble):
     UCI network is depth=1, hidden_dim=50. With `use_adversarial_training`, the FGSM step on input
     dimension d is `adversarial_eps` times that dimension's range in the training data (the
     paper's "1% of the range" is adversarial_eps=0.01).
+
+    `nll_beta` weights each row's NLL gradient by its predicted variance to the power beta (held
+    constant in the gradient: beta-NLL, Seitzer et al. 2022). The plain NLL (`nll_beta=0`, the
+    paper's) scales a row's mean gradient by 1 / variance, so rows a member gives a large variance
+    early stop being fitted, and at a large step size their variance then runs away (README,
+    "Learning rate"). Each input's optimum is the same for any beta, as are the reported loss
+    (the NLL) and the predictions.
     """
 
     task = "regression"
@@ -378,14 +385,19 @@ class DeepEnsemble(_Ensemble):
                  depth: int = 1, *, activation: str = "relu", batch_norm: bool = False,
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
                  perturbation: str = "fgsm", seed: int = 0, member_ids: Sequence[int] | None = None,
-                 member_factory=None):
+                 member_factory=None, nll_beta: float = 1.0):
         dim_out = check_int(type(self).__name__, "dim_out", dim_out, minimum=1)
+        nll_beta = check_float(type(self).__name__, "nll_beta", nll_beta, minimum=0.0)
+        if nll_beta > 1:
+            raise ValueError(f"The 'nll_beta' parameter of {type(self).__name__} must be in [0, 1]. "
+                             f"Got {nll_beta} instead.")
         super().__init__(dim_in=dim_in, num_outputs=2 * dim_out, num_members=num_members,
                          hidden_dim=hidden_dim, depth=depth, activation=activation,
                          batch_norm=batch_norm, use_adversarial_training=use_adversarial_training,
                          adversarial_eps=adversarial_eps, perturbation=perturbation, seed=seed,
                          member_ids=member_ids, member_factory=member_factory, config={"dim_in": dim_in, "dim_out": dim_out})
         self.dim_out = dim_out
+        self.nll_beta = self.config["nll_beta"] = nll_beta
         self.register_buffer("y_mean", torch.zeros(dim_out, dtype=torch.float64))
         self.register_buffer("y_std", torch.ones(dim_out, dtype=torch.float64))
 
@@ -406,6 +418,9 @@ class DeepEnsemble(_Ensemble):
         """Gaussian NLL per member, (M,): mean over rows of the sum over target dimensions."""
         mean, var = _mean_and_variance(out)                      # (M, B, T) each
         nll = 0.5 * (_LOG_2PI + var.log() + (ys - mean).square() / var)
+        if self.nll_beta:  # the gradient of the weighted NLL, the value of the NLL itself
+            weighted = nll * var.detach() ** self.nll_beta
+            nll = weighted + (nll - weighted).detach()
         return nll.sum(-1).mean(-1)
 
     def _gaussians(self, out):

@@ -38,8 +38,9 @@ from ._version import __version__
 
 FORMAT = "ray_ensembles.ensemble"
 # 2: per-member Adam step counts, restart attempts and epoch loss sums in checkpoints, float64
-# normalisation statistics and the target's dtype. Version 1 directories still load.
-FORMAT_VERSION = 2
+# normalisation statistics and the target's dtype. 3: a regression config's nll_beta (members
+# before it trained on the plain NLL). Versions 1 and 2 still load.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 _METADATA_KEY = "ray_ensembles"
 
@@ -195,6 +196,8 @@ def read_manifest(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"The manifest {file} is not valid JSON ({err}).") from None
     _check_manifest(manifest, file)
+    if manifest["format_version"] < 3 and manifest["task"] == "regression":
+        manifest["config"].setdefault("nll_beta", 0.0)  # members before version 3 trained on the plain NLL
     return manifest
 
 

@@ -47,8 +47,9 @@ class Trainer:
     trained on further: `refit_normalization=True` fits them to this data again. A `train()`
     that was interrupted continues from its last checkpoint at the next `train()` (or starts
     again from the same initial weights, before the first checkpoint). `lr_scheduler` anneals
-    the learning rate to 0 over the run (cosine, as deep-ensembles-pytorch does by default; the
-    paper keeps it constant).
+    the learning rate to 0 over the run (cosine, as deep-ensembles-pytorch does; the paper keeps
+    it constant, which leaves each member's last weights as far from their optimum as one step
+    moves them: README, "Learning rate").
 
     `progress` shows one bar for the whole ensemble (member-steps over all members and workers,
     rate, ETA, training loss, validation NLL). Every entry of `history` goes, in the driver
@@ -61,7 +62,7 @@ class Trainer:
                  max_grad_norm: float | None = None, ema_decay: float = 0.0,
                  ema_update_every: int = 10, amp: bool = False, results_folder="./results",
                  save_every: int = 1000, cpu: bool = False, cuda_graphs: bool = True, progress: bool = False,
-                 on_divergence: str = "raise", max_restarts: int = 3, lr_scheduler: bool = False,
+                 on_divergence: str = "raise", max_restarts: int = 3, lr_scheduler: bool = True,
                  refit_normalization: bool = False,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
                  metrics_callback=None, loggers=()):

@@ -61,13 +61,21 @@ class TrainSettings:
     save_every: int = 1000
     on_divergence: str = "raise"   # or "restart": re-initialise only that member, fresh seed
     max_restarts: int = 3          # per member, with on_divergence="restart"
-    lr_scheduler: bool = False     # cosine annealing of the rate to 0 over num_steps (the peer's)
+    lr_scheduler: bool = True      # cosine annealing of the rate to 0 over num_steps (the peer's)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the step after `step` steps: a function of the step alone."""
         if not self.lr_scheduler:
             return self.lr
         return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.num_steps))
+
+
+def horizon_lr(num_steps: int) -> float:
+    """The jobs' default Adam rate for a run of `num_steps` steps: the paper's 0.1 up to the
+    length of its Boston runs (40 epochs, 200 steps), then 1 / sqrt(steps), the rate first-order
+    methods take for a fixed horizon. At 0.1, hidden ReLUs die at a steady rate, so a long run
+    at the paper's rate ends with half its units dead (README, "Learning rate")."""
+    return 0.1 * min(1.0, math.sqrt(200 / num_steps))
 
 
 def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:

@@ -14,7 +14,7 @@ from conftest import REPO, require_data
 from ray_ensembles import DeepEnsemble
 
 CFG = {"num_members": 2, "hidden_dim": 16, "epochs": 5, "batch_size": 20, "lr": 1e-2, "seed": 0,
-       "adversarial_eps": 0.0, "tuned": False}
+       "adversarial_eps": 0.0, "tuned": False, "nll_beta": 0.0, "lr_schedule": "constant"}
 
 
 def synthetic(n=120, scale=1.0, shift=0.0, constant_column=False):
@@ -108,3 +108,24 @@ def test_a_quick_run_writes_the_table(tmp_path):
     assert 1.5 < float(rows[0]["rmse_mean"]) < 15
     table = (tmp_path / "uci.md").read_text()
     assert "| Boston | 2 |" in table and "2.41 ± 0.25" in table
+
+
+@pytest.mark.unit
+def test_the_synthetic_hard_regime_is_the_plant_it_describes():
+    (data, features, target, splits), noise = bench.synthetic_hard_regime()
+    x, y = data[:, features], data[:, target]
+    assert data.shape == (20_000, 17) and target == 16 and len(splits) == 5
+    assert x[:, 12].std() == 0 and 0 < x[:, 13].std() < 1e-11 and 0 < x[:, 14].std() < 1e-6
+    assert set(np.unique(x[:, 15])) == {0.0, 1.0} and x[:, 15].mean() < 0.01   # the rare flag
+    assert x[:, :12].std(0).max() / x[:, :12].std(0).min() > 1e4                 # std 0.04 to 1,000
+    assert noise == pytest.approx(0.01 * y.std(), rel=0.01)                     # 1% of the target's std
+    for train, test in splits:
+        assert len(test) == 2000 and not set(train) & set(test) and len(train) + len(test) == 20_000
+
+
+@pytest.mark.unit
+def test_the_default_rate_follows_the_runs_length():
+    from ray_ensembles.training import horizon_lr
+    assert [horizon_lr(s) for s in (120, 200, 800, 20_000)] == pytest.approx([0.1, 0.1, 0.05, 0.01])
+    assert bench.settings_for(dict(CFG, lr=None, epochs=40, batch_size=100), 455).lr == 0.1   # Boston: 200 steps
+    assert bench.settings_for(dict(CFG, lr=None, epochs=40, batch_size=100), 7373).lr == pytest.approx(0.0260, abs=1e-4)
