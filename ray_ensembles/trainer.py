@@ -16,18 +16,18 @@ from .ensemble import _Ensemble
 from .metrics import ensemble_validation_metrics
 from .progress import EnsembleProgress, Every
 from .training import EnsembleFit, TrainSettings, attach_validation, make_accelerator
-from .validation import check_choice, check_float, check_int
+from .validation import check_int
 
 
 def num_steps(num_rows: int, batch_size: int, steps: int | None, epochs: int | None) -> int:
     """The length of a run: `steps`, or `epochs` of ceil(num_rows / batch_size) steps, or 10,000
-    steps when neither is given (deep-ensembles-pytorch's default)."""
+    steps (TrainSettings' default, deep-ensembles-pytorch's) when neither is given."""
     if steps is not None and epochs is not None:
         raise ValueError("Trainer takes one of 'train_num_steps' and 'train_num_epochs'. "
                          f"Got both ({steps}, {epochs}) instead.")
     if epochs is not None:
         return check_int("Trainer", "train_num_epochs", epochs, minimum=1) * math.ceil(num_rows / batch_size)
-    return check_int("Trainer", "train_num_steps", 10_000 if steps is None else steps, minimum=1)
+    return check_int("Trainer", "train_num_steps", TrainSettings.num_steps if steps is None else steps, minimum=1)
 
 
 class Trainer:
@@ -56,14 +56,18 @@ class Trainer:
     process and in order, to `metrics_callback(entry)` and to each of `loggers` (`tracking`).
     """
 
-    def __init__(self, ensemble: _Ensemble, dataset: TensorDataset, *, train_batch_size: int = 100,
-                 train_lr: float = 1e-3, train_num_steps: int | None = None,
-                 train_num_epochs: int | None = None, weight_decay: float = 0.0,
-                 max_grad_norm: float | None = None, ema_decay: float = 0.0,
-                 ema_update_every: int = 10, amp: bool = False, results_folder="./results",
-                 save_every: int = 1000, cpu: bool = False, cuda_graphs: bool = True, progress: bool = False,
-                 on_divergence: str = "raise", max_restarts: int = 3, lr_scheduler: bool = True,
-                 refit_normalization: bool = False,
+    # the loop's options default to TrainSettings' own, written there once
+    def __init__(self, ensemble: _Ensemble, dataset: TensorDataset, *,
+                 train_batch_size: int = TrainSettings.batch_size, train_lr: float = TrainSettings.lr,
+                 train_num_steps: int | None = None, train_num_epochs: int | None = None,
+                 weight_decay: float = TrainSettings.weight_decay,
+                 max_grad_norm: float | None = TrainSettings.max_grad_norm,
+                 ema_decay: float = TrainSettings.ema_decay, ema_update_every: int = TrainSettings.ema_update_every,
+                 amp: bool = TrainSettings.amp, results_folder="./results",
+                 save_every: int = TrainSettings.save_every, cpu: bool = False,
+                 cuda_graphs: bool = TrainSettings.cuda_graphs, progress: bool = False,
+                 on_divergence: str = TrainSettings.on_divergence, max_restarts: int = TrainSettings.max_restarts,
+                 lr_scheduler: bool = TrainSettings.lr_scheduler, refit_normalization: bool = False,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
                  metrics_callback=None, loggers=()):
         owner = "Trainer"
@@ -81,19 +85,14 @@ class Trainer:
             raise ValueError(f"The 'dataset' parameter of Trainer must have dim_in={ensemble.dim_in} "
                              f"input columns. Got {dataset.X.shape[1]} instead.")
         ensemble._check_y(dataset.y, len(dataset))  # wrong target shape or labels: fail now
-        batch_size = check_int(owner, "train_batch_size", train_batch_size, minimum=1)
-        train_lr = check_float(owner, "train_lr", train_lr, strict_minimum=0.0)
-        train_num_steps = num_steps(len(dataset), batch_size, train_num_steps, train_num_epochs)
-        weight_decay = check_float(owner, "weight_decay", weight_decay, minimum=0.0)
-        if max_grad_norm is not None:
-            max_grad_norm = check_float(owner, "max_grad_norm", max_grad_norm, strict_minimum=0.0)
-        ema_decay = check_float(owner, "ema_decay", ema_decay, minimum=0.0, below=1.0)
-        ema_update_every = check_int(owner, "ema_update_every", ema_update_every, minimum=1)
-        save_every = check_int(owner, "save_every", save_every, minimum=1)
-        check_choice(owner, "on_divergence", on_divergence, {"raise", "restart"})
-        max_restarts = check_int(owner, "max_restarts", max_restarts, minimum=0)
-        for name, value in [("amp", amp), ("cpu", cpu), ("cuda_graphs", cuda_graphs), ("progress", progress),
-                            ("lr_scheduler", lr_scheduler), ("refit_normalization", refit_normalization)]:
+        batch_size = check_int(owner, "train_batch_size", train_batch_size, minimum=1)  # the length needs it
+        self.settings = TrainSettings(  # checks every option of the loop
+            batch_size=batch_size, lr=train_lr,
+            num_steps=num_steps(len(dataset), batch_size, train_num_steps, train_num_epochs),
+            weight_decay=weight_decay, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
+            ema_update_every=ema_update_every, amp=amp, cuda_graphs=cuda_graphs, save_every=save_every,
+            on_divergence=on_divergence, max_restarts=max_restarts, lr_scheduler=lr_scheduler)
+        for name, value in [("cpu", cpu), ("progress", progress), ("refit_normalization", refit_normalization)]:
             if not isinstance(value, bool):
                 raise TypeError(f"The '{name}' parameter of Trainer must be a bool. Got {value!r} instead.")
         if Path(results_folder).exists() and not Path(results_folder).is_dir():
@@ -112,11 +111,6 @@ class Trainer:
         self.ensemble = ensemble
         self.dataset = dataset
         self.validation_dataset = validation_dataset
-        self.settings = TrainSettings(
-            batch_size=batch_size, lr=train_lr, num_steps=train_num_steps, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, ema_decay=ema_decay, ema_update_every=ema_update_every, amp=amp,
-            cuda_graphs=cuda_graphs, save_every=save_every, on_divergence=on_divergence,
-            max_restarts=max_restarts, lr_scheduler=lr_scheduler)
         self.refit_normalization = refit_normalization
         self.results_folder = Path(results_folder)
         self.cpu = cpu

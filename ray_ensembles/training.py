@@ -15,7 +15,7 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from ema_pytorch import EMA
@@ -23,6 +23,7 @@ from ema_pytorch import EMA
 from . import storage
 from .ensemble import write_ensemble_directory
 from .members import epoch_permutations, member_seed
+from .validation import check_choice, check_float, check_int
 
 
 GATHER_BYTES = 32 << 20  # rows gathered ahead for the coming steps
@@ -47,7 +48,13 @@ class MemberDivergedError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Options of the loop; a plain, serialisable record so Ray workers receive the same ones."""
+    """Options of the loop; a plain, serialisable record so Ray workers receive the same ones.
+    It checks itself, naming each option as the Trainer does (`lr` is its `train_lr`), and its
+    defaults are the Trainer's."""
+
+    # the Trainer's names for the options it prefixes
+    PUBLIC_NAMES: ClassVar[dict[str, str]] = {"batch_size": "train_batch_size", "lr": "train_lr",
+                                              "num_steps": "train_num_steps"}
 
     batch_size: int = 100
     lr: float = 1e-3
@@ -62,6 +69,24 @@ class TrainSettings:
     on_divergence: str = "raise"   # or "restart": re-initialise only that member, fresh seed
     max_restarts: int = 3          # per member, with on_divergence="restart"
     lr_scheduler: bool = True      # cosine annealing of the rate to 0 over num_steps (the peer's)
+
+    def __post_init__(self):
+        def check(field, checker, **constraint):
+            object.__setattr__(self, field, checker("Trainer", self.PUBLIC_NAMES.get(field, field),
+                                                    getattr(self, field), **constraint))
+
+        for field in ("batch_size", "num_steps", "ema_update_every", "save_every"):
+            check(field, check_int, minimum=1)
+        check("max_restarts", check_int, minimum=0)
+        check("lr", check_float, strict_minimum=0.0)
+        check("weight_decay", check_float, minimum=0.0)
+        check("ema_decay", check_float, minimum=0.0, below=1.0)
+        if self.max_grad_norm is not None:
+            check("max_grad_norm", check_float, strict_minimum=0.0)
+        check_choice("Trainer", "on_divergence", self.on_divergence, {"raise", "restart"})
+        for field in ("amp", "cuda_graphs", "lr_scheduler"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"The '{field}' parameter of Trainer must be a bool. Got {getattr(self, field)!r} instead.")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the step after `step` steps: a function of the step alone."""

@@ -195,3 +195,21 @@ def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_dat
     with pytest.raises(ValueError, match=r"lacks the optimiser state \['adam.step.\*'\]"):
         EnsembleFit(make(), X, y, settings, make_accelerator(cpu=True)).restore(old)
     EnsembleFit(make(), X, y, settings, make_accelerator(cpu=True)).restore(tmp_path / "new")
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(lr=0.0), ValueError, r"'train_lr' parameter of Trainer must be a number > 0.0\. Got 0.0"),
+    (dict(batch_size=0), ValueError, r"'train_batch_size'.*>= 1\. Got 0"),
+    (dict(num_steps=2.5), TypeError, r"'train_num_steps'.*an int"),
+    (dict(ema_decay=1.0), ValueError, r"'ema_decay'.*\[0.0, 1.0\)"),
+    (dict(max_grad_norm=-1), ValueError, "'max_grad_norm'"),
+    (dict(on_divergence="retry"), ValueError, "'on_divergence'"),
+    (dict(amp=1), TypeError, "'amp'.*a bool"),
+])
+def test_train_settings_built_directly_check_themselves_as_the_trainer_does(options, error, message):
+    """The benchmarks build the loop's settings without a Trainer: the same checks, the same names."""
+    from ray_ensembles.training import TrainSettings
+    with pytest.raises(error, match=message):
+        TrainSettings(**options)
+    assert TrainSettings(lr=1, num_steps=np.int64(5)).lr == 1.0  # normalised to Python's own numbers
+    assert type(TrainSettings(num_steps=np.int64(5)).num_steps) is int
