@@ -16,17 +16,16 @@ Results: jobs/results/lr_mechanism_{trace,candidates,dead_units}.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import statistics
 from pathlib import Path
 
 import torch
-from benchmark_uci import REPO, load_uci, score
+from benchmark_uci import REPO, load_uci, score, write_csv
 from common import fail
 
 from ray_ensembles import DeepEnsemble
 from ray_ensembles.ensemble import VARIANCE_FLOOR, _mean_and_variance
+from ray_ensembles.trainer import num_steps
 from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
 
 DEAD_UNIT_STEPS = (10, 50, 100, 200, 500, 1000, 2000)
@@ -44,24 +43,24 @@ CANDIDATES = {
 }
 
 
+def squared_error(out, ys):
+    """Half the squared error of the mean head: the NLL with the variance fixed at 1, less a constant."""
+    return 0.5 * (out[..., :1] - ys).square().sum(-1).mean(-1)
+
+
 def fit_for(X, y, lr, nll_beta, cosine, change=None, epochs=40):
     ensemble = DeepEnsemble(X.shape[1], 1, num_members=5, hidden_dim=50, depth=1, seed=0, nll_beta=nll_beta)
     ensemble.fit_normalization(X, y)
     settings = TrainSettings(batch_size=100, lr=lr, lr_scheduler=cosine,
-                             num_steps=epochs * math.ceil(len(X) / 100))
+                             num_steps=num_steps(len(X), 100, None, epochs))
     fit = EnsembleFit(ensemble, X, y, settings, make_accelerator(cpu=True))
     if change == "warmup":
         object.__setattr__(fit.settings, "lr_at", lambda step: lr * min(1.0, (step + 1) / 100))
     elif change == "mse":
-        ensemble._member_nll = lambda out, ys: 0.5 * (out[..., :1] - ys).square().sum(-1).mean(-1)
+        ensemble._member_nll = squared_error
     elif change == "mean_first":
         plain = ensemble._member_nll
-
-        def nll(out, ys):
-            if fit.step >= 20:
-                return plain(out, ys)
-            return 0.5 * (out[..., :1] - ys).square().sum(-1).mean(-1)
-        ensemble._member_nll = nll
+        ensemble._member_nll = lambda out, ys: plain(out, ys) if fit.step >= 20 else squared_error(out, ys)
     return ensemble, fit
 
 
@@ -114,7 +113,7 @@ def main(argv=None):
 
     train = torch.from_numpy(splits[0][0])
     traces = [r for lr, beta in [(0.1, 0.0), (0.1, 1.0), (0.01, 0.0)] for r in trace(X[train], y[train], lr, beta)]
-    write(traces, output / "lr_mechanism_trace.csv")
+    write_csv(traces, output / "lr_mechanism_trace.csv")
     print(f"Part 1: Boston split 0, standardised units; the variance floor is {VARIANCE_FLOOR:g}; largest over members")
     print(table(traces, list(traces[0])))
 
@@ -128,7 +127,7 @@ def main(argv=None):
             scores.append(score(ensemble.eval(), X[test_rows], y[test_rows]))
         candidates.append({"candidate": name, **{m: statistics.fmean(s[m] for s in scores)
                                                  for m in ("rmse", "nll", "nll_mixture")}})
-    write(candidates, output / "lr_mechanism_candidates.csv")
+    write_csv(candidates, output / "lr_mechanism_candidates.csv")
     print(f"\nPart 2: Boston test rows, splits 0-{len(splits) - 1}, original units (mean over splits)")
     print(table(candidates, ["candidate", "rmse", "nll", "nll_mixture"]))
 
@@ -136,7 +135,7 @@ def main(argv=None):
     train = torch.from_numpy(splits[0][0])
     X, y = torch.from_numpy(data[train][:, features]), torch.from_numpy(data[train][:, [target]])
     dead = [r for lr in (0.1, 0.03, 0.01) for r in dead_units(X, y, lr)]
-    write(dead, output / "lr_mechanism_dead_units.csv")
+    write_csv(dead, output / "lr_mechanism_dead_units.csv")
     print("\nPart 3: Kin8nm split 0, beta-NLL 1, cosine: dead hidden units of 50 per member")
     print(table(dead, list(dead[0])))
 
@@ -145,13 +144,6 @@ def table(rows, keys) -> str:
     cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     return "\n".join(lines + ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows])
-
-
-def write(rows, path: Path):
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":
