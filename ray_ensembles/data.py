@@ -11,6 +11,13 @@ import torch
 from .validation import as_float_tensor, as_labels, as_tensor
 
 
+def cubic_toy(n: int, seed: int) -> "TensorDataset":
+    """The paper's Figure 1 problem: x ~ U[-4, 4], y = x^3 + N(0, 3^2), n rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, generator=g) * 8 - 4
+    return TensorDataset(x, x ** 3 + 3 * torch.randn(n, 1, generator=g), feature_names=["x"])
+
+
 class TensorDataset:
     """Inputs X (N, D) and targets y: (N,) or (N, T) reals for regression, (N,) integer or bool
     labels for classification. Tensors, numpy arrays, pandas objects (a DataFrame's column

@@ -19,19 +19,15 @@ import torch
 
 from . import storage
 from .data import filesystem_for
-from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+from .ensemble import ENSEMBLE_CLASSES
 
 
 def reuse_freed_memory():
     """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
 
-    Prediction allocates and frees the same few-MiB activations for every chunk of rows. glibc
-    gives large freed blocks back to the kernel (unmapped, or trimmed off the heap's top), and its
-    adaptive thresholds did not stop that here: every chunk faulted its memory in again, page by
-    page: ~300k page faults in a 10M-row job. Serving blocks up to 32 MiB from the heap, and
-    trimming it only past 64 MiB free, cut that to ~110k and the job's system time from 1.2 to
-    0.8 s: 6% faster (medians of 8 interleaved runs, 4.33 against 4.60 s), for ~50 MiB more peak
-    memory. A no-op without glibc.
+    Prediction allocates and frees the same few-MiB activations for every chunk of rows; handed
+    back, each chunk faults its memory in again page by page (docs/performance.md has the
+    figures). A no-op without glibc.
     """
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     try:
@@ -56,8 +52,7 @@ def load_any(path_or_uri: str, map_location="cpu"):
 
 def _load_directory(directory: Path, map_location):
     task = storage.read_manifest(directory)["task"]
-    cls = DeepEnsembleClassifier if task == "classification" else DeepEnsemble
-    return cls.load(directory, map_location=map_location)
+    return ENSEMBLE_CLASSES[task].load(directory, map_location=map_location)
 
 
 def feature_columns(ensemble, column_names: list[str], features: list[str] | None = None) -> list[str]:
@@ -114,8 +109,8 @@ class BatchPredictor:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         names = feature_columns(self.ensemble, table.column_names, self.features)
-        # one copy: feature-major rows are contiguous copies of the columns (a row-major stack
-        # took 2x as long). float32 columns stay float32; float64 and integer ones are
+        # one copy: feature-major rows are contiguous copies of the columns. float32 columns
+        # stay float32; float64 and integer ones are
         # standardised in float64 by the ensemble, so nothing is rounded before that.
         X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in names])
         X = X.astype(np.float64 if X.dtype != np.float32 else np.float32, copy=False).T

@@ -114,7 +114,6 @@ def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
     correct = (predicted == labels).double()
     bins = torch.clamp((confidence.double() * num_bins).long(), max=num_bins - 1)
     total = torch.zeros(num_bins, dtype=torch.float64)
-    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(correct))
     gap = total.index_add(0, bins, correct) - total.index_add(0, bins, confidence.double())
     return (gap.abs().sum() / len(labels)).item()
 

@@ -4,6 +4,9 @@
                              and one entry per member: id, seed, file name, SHA-256
     member_003.safetensors   member 3's tensors (safetensors: no pickle, so loading runs no code)
 
+This module owns the format: `write_ensemble` is the one writer and `read_members` the one reader
+of member files, used alike by loading, resuming and the Ray coordinator.
+
 Member files are self-describing (their safetensors metadata repeats id, seed and step), so Ray
 workers can each write their own members into one checkpoint and a coordinator can assemble the
 manifest afterwards. Training checkpoints are the same directories with extra tensors in each
@@ -101,6 +104,99 @@ def read_member_file(path: Path, expected_sha256: str | None = None
     return tensors, metadata
 
 
+def member_metadata(ensemble, index: int) -> dict:
+    """What a member file says about itself: enough to tell which ensemble it belongs to."""
+    return {"member_id": ensemble.member_ids[index], "seed": ensemble.member_seeds[index],
+            "task": ensemble.task, "config": ensemble.config}
+
+
+def weight_files(ensemble) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
+    """Per member id: the tensors (`model.*`, the weights) and metadata of its file."""
+    return {m: ({f"model.{k}": v for k, v in ensemble.members.member_state(i).items()},
+                member_metadata(ensemble, i)) for i, m in enumerate(ensemble.member_ids)}
+
+
+def write_ensemble(path, ensemble, member_files: dict | None = None, training: dict | None = None) -> Path:
+    """Write `ensemble` as a directory that atomically replaces `path`: the member files, then
+    the manifest. `member_files` (per member id: tensors and metadata) are the members' weights
+    unless a training checkpoint passes its own, with the optimiser's state; `training` is the
+    loop's state, recorded in the manifest of a checkpoint."""
+    member_files = weight_files(ensemble) if member_files is None else member_files
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        entries = []
+        for i, m in enumerate(ensemble.member_ids):
+            tensors, metadata = member_files[m]
+            sha = write_member_file(tmp, m, tensors, metadata)
+            entries.append({"id": m, "seed": ensemble.member_seeds[i], "file": member_filename(m), "sha256": sha})
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+                    "task": ensemble.task, "config": ensemble.config,
+                    "normalization": ensemble.standardizer.state(), "members": entries}
+        if training is not None:
+            manifest["training"] = training
+        write_manifest(tmp, manifest)
+    return path
+
+
+def read_members(directory, ensemble) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """The tensors and metadata of each of `ensemble`'s members (in its member order) from
+    `directory`: an ensemble directory, or a Ray checkpoint of member files without a manifest.
+
+    Checks everything before anything is used: every member's file is present, matches the
+    manifest's SHA-256 (where there is a manifest), is a safetensors file of this library, holds
+    weights that fit the ensemble's architecture, and says it is that member of an ensemble of
+    the same task and config; and all members are at one training step.
+    """
+    directory = Path(directory)
+    ids = ensemble.member_ids
+    missing = [m for m in ids if not (directory / member_filename(m)).is_file()]
+    if missing:
+        present = sorted(p.name for p in directory.glob("member_*.safetensors"))
+        raise ValueError(f"{directory} lacks members {missing} of {ids}: the member file "
+                         f"{member_filename(missing[0])} is missing (the folder holds {present}).")
+    shas = {}
+    if (directory / MANIFEST).exists():
+        shas = {e["id"]: e["sha256"] for e in read_manifest(directory)["members"]}
+    loaded = []
+    for m in ids:
+        path = directory / member_filename(m)
+        tensors, meta = read_member_file(path, shas.get(m))
+        if isinstance(meta.get("config"), dict):
+            _upgrade_config(meta.get("task"), meta["config"])
+        try:
+            ensemble.members.check_member_state(strip_prefix(tensors, "model."))
+        except ValueError as err:
+            raise ValueError(f"Member file {path}: {err}") from None
+        wrong = _differences(meta, {"member_id": m, "task": ensemble.task, **ensemble.config})
+        if wrong:
+            raise ValueError(f"Member file {path} belongs to another ensemble: its {', '.join(wrong)}.")
+        loaded.append((tensors, meta))
+    steps = sorted({meta.get("training", {}).get("step") for _, meta in loaded}, key=str)
+    if len(steps) != 1:
+        raise ValueError(f"The checkpoint {directory} mixes members from steps {steps}.")
+    return loaded
+
+
+def load_members(directory, ensemble) -> dict[int, dict]:
+    """Load every member of `ensemble` from `directory` (checked by `read_members`) into it: the
+    Ray coordinator's and the torchrun rank 0's assembly, and `load`'s. Returns each member's
+    metadata (seed, step, training loss)."""
+    metadata = {}
+    for i, (tensors, meta) in enumerate(read_members(directory, ensemble)):
+        ensemble.members.load_member_state(i, strip_prefix(tensors, "model."))
+        ensemble.member_seeds[i] = meta["seed"]
+        metadata[ensemble.member_ids[i]] = meta
+    return metadata
+
+
+def _differences(meta: dict, expected: dict) -> list[str]:
+    """'key value (expected value)' for each fact of a member file's metadata (its config's
+    entries flattened) that differs from `expected`."""
+    have = {**meta.get("config", {}), "member_id": meta.get("member_id"), "task": meta.get("task")}
+    return [f"{k} is {have.get(k)!r}, not {v!r}" for k, v in expected.items() if have.get(k) != v] + \
+        [f"{k} is {have[k]!r}, not absent" for k in have.keys() - expected.keys()]
+
+
 def check_writable(path: Path, *, is_ours, what: str, overwrite: bool = False,
                    protect: tuple = ()) -> Path:
     """`path`, resolved, if writing `what` there destroys nothing this library did not write:
@@ -196,9 +292,15 @@ def read_manifest(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"The manifest {file} is not valid JSON ({err}).") from None
     _check_manifest(manifest, file)
-    if manifest["format_version"] < 3 and manifest["task"] == "regression":
-        manifest["config"].setdefault("nll_beta", 0.0)  # members before version 3 trained on the plain NLL
+    _upgrade_config(manifest["task"], manifest["config"])
     return manifest
+
+
+def _upgrade_config(task: str, config: dict):
+    """A config saved before format version 3 has no nll_beta: its members trained on the plain
+    NLL. Applied alike to the manifest's and to each member file's."""
+    if task == "regression":
+        config.setdefault("nll_beta", 0.0)
 
 
 def _check_manifest(manifest, file):

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from ray.tune import Callback
 
 from .data import TensorDataset
@@ -41,11 +40,10 @@ def _options_of(function) -> set[str]:
 def option_names(task: str) -> tuple[set[str], set[str]]:
     """(ensemble options, Trainer options) a trial may take: the keyword parameters of the
     ensemble class and of Trainer, so a new option is sweepable without a list to update."""
-    from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+    from .ensemble import ENSEMBLE_CLASSES
     from .trainer import Trainer
 
-    cls = DeepEnsemble if task == "regression" else DeepEnsembleClassifier
-    return _options_of(cls.__init__), _options_of(Trainer.__init__)
+    return _options_of(ENSEMBLE_CLASSES[task].__init__), _options_of(Trainer.__init__)
 
 
 def canonical_options(options: dict, task: str, where: str) -> dict:
@@ -145,8 +143,8 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .distributed import AUTOSCALING_ENV, _env_default
-    from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+    from .distributed import AUTOSCALING_ENV, env_default
+    from .ensemble import ENSEMBLE_CLASSES
     from .validation import check_choice, check_float, check_int
 
     owner = "tune_ensemble"
@@ -192,7 +190,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                  f"{' + 1 GPU' if use_gpu else ''} (members stacked round-robin) + {DRIVER_CPU} CPU for the "
                  f"trial; {concurrent} trial{'s' * (concurrent != 1)} at a time")
 
-    cls = DeepEnsemble if task == "regression" else DeepEnsembleClassifier
+    cls = ENSEMBLE_CLASSES[task]
     dim_out = {"dim_out": dataset.y.shape[1] if dataset.y.ndim == 2 else 1} if task == "regression" else \
         {"num_classes": int(max(dataset.y.max(), validation_dataset.y.max())) + 1}
     base = {"cls": cls, "dim_out": dim_out, "ensemble": ensemble_options, "trainer": trainer_options,
@@ -220,7 +218,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                            run_config=tune.RunConfig(name=name, storage_path=storage,
                                                      **{"verbose": 0, **console}))
     # Tune's CLIReporter (a status table at most every 30 s) runs only under its classic output
-    with _env_default("RAY_AIR_NEW_OUTPUT", "0") if progress else contextlib.nullcontext():
+    with env_default("RAY_AIR_NEW_OUTPUT", "0") if progress else contextlib.nullcontext():
         grid = tuner.fit()
     table = []
     for result in grid:
@@ -271,7 +269,7 @@ def _run_trial(config, *, train, validation, base):
     from .trainer import num_steps
 
     options = {**base["ensemble"], **base["trainer"], **config}
-    ensemble_names, trainer_names = option_names(base["cls"].task)
+    ensemble_names, trainer_names = option_names(base["cls"].head_class.task)
     ensemble_kwargs = {k: v for k, v in options.items() if k in ensemble_names}
     ensemble_kwargs.setdefault("use_adversarial_training", ensemble_kwargs.get("adversarial_eps", 0.0) > 0)
     ensemble = base["cls"](train.X.shape[1], **base["dim_out"], **ensemble_kwargs)
@@ -296,7 +294,7 @@ def _run_trial(config, *, train, validation, base):
 def _tune_report_callback(task, y_validation):
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .distributed import EpochMetricsCallback
+    from .reporting import EpochMetricsCallback
 
     class EnsembleTuneReportCallback(TuneReportCallback):
         """Reports the ENSEMBLE's validation metrics, formed from every worker's members, to Tune
@@ -311,7 +309,7 @@ def _tune_report_callback(task, y_validation):
                 if "val_nll" in entry:
                     report = {k: v for k, v in entry.items() if not isinstance(v, dict)}
                     report["mean_member_val_nll"] = statistics.fmean(entry["member_val_nll"].values())
-                    self._training_actor_item_queue.put(report)
+                    super().after_report(run_context, [report], None)  # Tune's own, with our metrics
 
     return EnsembleTuneReportCallback()
 
@@ -328,7 +326,7 @@ def m_curve(ensemble, X, y, *, num_subsets: int = 20, seed: int = 0) -> list[dic
     num_subsets = check_int("m_curve", "num_subsets", num_subsets, minimum=1)
     seed = check_int("m_curve", "seed", seed, minimum=0)
     log_lik, points = ensemble.evaluate_members(X, y)
-    y = ensemble._check_y(y, len(X)).cpu()
+    y = ensemble.check_y(y, len(X)).cpu()
     ids = ensemble.member_ids
     rng = random.Random(seed)
     rows = []

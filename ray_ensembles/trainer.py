@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch.utils.data
 
-from . import storage
+from . import checkpoint, storage
 from .data import TensorDataset
-from .ensemble import _Ensemble
+from .ensemble import Ensemble
 from .metrics import ensemble_validation_metrics
+from .placement import assign_members, launched_rank, local_device, process_group
 from .progress import EnsembleProgress, Every
-from .training import EnsembleFit, TrainSettings, attach_validation, make_accelerator
+from .training import EnsembleFit, TrainSettings, attach_validation
 from .validation import check_int
 
 
@@ -42,6 +43,9 @@ class Trainer:
     the end; `load(milestone)` resumes from one exactly.
 
     With a Ray `scaling_config`, members train on Ray Train workers instead (see `distributed`).
+    Started by torchrun or `accelerate launch`, each process trains its round-robin share of the
+    members (nothing is averaged), writes its own member files, and rank 0 assembles the ensemble
+    into `results_folder/checkpoint-<milestone>`; every process ends holding all of it.
 
     An ensemble whose normalisation is fitted (a trained or loaded one) keeps its statistics when
     trained on further: `refit_normalization=True` fits them to this data again. A `train()`
@@ -49,7 +53,7 @@ class Trainer:
     again from the same initial weights, before the first checkpoint). `lr_scheduler` anneals
     the learning rate to 0 over the run (cosine, as deep-ensembles-pytorch does; the paper keeps
     it constant, which leaves each member's last weights as far from their optimum as one step
-    moves them: README, "Learning rate").
+    moves them: docs/benchmarks.md, "Learning rate").
 
     `progress` shows one bar for the whole ensemble (member-steps over all members and workers,
     rate, ETA, training loss, validation NLL). Every entry of `history` goes, in the driver
@@ -57,7 +61,7 @@ class Trainer:
     """
 
     # the loop's options default to TrainSettings' own, written there once
-    def __init__(self, ensemble: _Ensemble, dataset: TensorDataset, *,
+    def __init__(self, ensemble: Ensemble, dataset: TensorDataset, *,
                  train_batch_size: int = TrainSettings.batch_size, train_lr: float = TrainSettings.lr,
                  train_num_steps: int | None = None, train_num_epochs: int | None = None,
                  weight_decay: float = TrainSettings.weight_decay,
@@ -75,7 +79,7 @@ class Trainer:
             dataset = TensorDataset.from_torch(dataset)
         if isinstance(validation_dataset, torch.utils.data.TensorDataset):
             validation_dataset = TensorDataset.from_torch(validation_dataset)
-        if not isinstance(ensemble, _Ensemble):
+        if not isinstance(ensemble, Ensemble):
             raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
                             f"DeepEnsembleClassifier. Got {type(ensemble).__name__} instead.")
         if not isinstance(dataset, TensorDataset):
@@ -84,7 +88,7 @@ class Trainer:
         if dataset.X.shape[1] != ensemble.dim_in:
             raise ValueError(f"The 'dataset' parameter of Trainer must have dim_in={ensemble.dim_in} "
                              f"input columns. Got {dataset.X.shape[1]} instead.")
-        ensemble._check_y(dataset.y, len(dataset))  # wrong target shape or labels: fail now
+        ensemble.check_y(dataset.y, len(dataset))  # wrong target shape or labels: fail now
         batch_size = check_int(owner, "train_batch_size", train_batch_size, minimum=1)  # the length needs it
         self.settings = TrainSettings(  # checks every option of the loop
             batch_size=batch_size, lr=train_lr,
@@ -105,8 +109,8 @@ class Trainer:
             if not isinstance(validation_dataset, TensorDataset):
                 raise TypeError("The 'validation_dataset' parameter of Trainer must be a TensorDataset. "
                                 f"Got {type(validation_dataset).__name__} instead.")
-            ensemble._check_x(validation_dataset.X, allow_members=False, move=False)
-            ensemble._check_y(validation_dataset.y, len(validation_dataset))
+            ensemble.check_x(validation_dataset.X, allow_members=False, move=False)
+            ensemble.check_y(validation_dataset.y, len(validation_dataset))
 
         self.ensemble = ensemble
         self.dataset = dataset
@@ -127,27 +131,27 @@ class Trainer:
         self.run_name: str | None = None
         self.history: list[dict] = []  # per-epoch metrics of the last train()
         self.timings: dict = {}  # on Ray: worker start, training, checkpoint and assembly seconds
-        self.placement: dict = {}  # on Ray: member id -> the worker rank, device and GPU ids that trained it
+        self.placement: dict = {}  # on Ray or torchrun: member id -> the rank (and device) that trained it
         self.metrics: dict = {}
         self._fit: EnsembleFit | None = None
         self.resume_path: Path | None = None  # the checkpoint the next train() continues (load, interrupt)
         self._initial_members = None  # the weights an interrupted run restarts from, before its first checkpoint
         if scaling_config is not None:
             from .distributed import check_distributed_request
-            check_distributed_request(self)
+            check_distributed_request(ensemble, scaling_config, run_config)
 
     # in-process ---------------------------------------------------------------------------------
 
-    def _new_fit(self) -> EnsembleFit:
-        accelerator = make_accelerator(cpu=self.cpu)
-        return EnsembleFit(self.ensemble, self.dataset.X, self.dataset.y, self.settings, accelerator)
+    def _new_fit(self, ensemble=None) -> EnsembleFit:
+        return EnsembleFit(ensemble or self.ensemble, self.dataset.X, self.dataset.y, self.settings,
+                           local_device(self.cpu))
 
     def milestone_path(self, milestone: int) -> Path:
         return self.results_folder / f"checkpoint-{milestone}"
 
     def _save_milestone(self, fit: EnsembleFit):
         milestone = math.ceil(fit.step / self.settings.save_every)
-        self.checkpoint_path = fit.save_checkpoint(self.milestone_path(milestone))
+        self.checkpoint_path = checkpoint.save(fit, self._checkpoint_folder() / f"checkpoint-{milestone}")
         entries, self._pending_epochs = self._pending_epochs, []
         self.emit(attach_validation(entries, fit.step, self._validation_metrics(fit.evaluate)))
 
@@ -175,7 +179,7 @@ class Trainer:
         """Write `results_folder/checkpoint-<milestone>`: the training state when a run is held
         (after `load` or an interrupt) so that `load(milestone)` resumes it, else the ensemble."""
         path = self.milestone_path(check_int("Trainer.save", "milestone", milestone, minimum=0))
-        return self._fit.save_checkpoint(path) if self._fit is not None else self.ensemble.save(path)
+        return checkpoint.save(self._fit, path) if self._fit is not None else self.ensemble.save(path)
 
     def load(self, milestone: int):
         """Resume from `results_folder/checkpoint-<milestone>`: the next `train()` continues it,
@@ -196,9 +200,9 @@ class Trainer:
         if changed:
             warnings.warn(f"Resuming {path} with other training settings (saved -> now): "
                           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
-        self.ensemble.load_normalization_state(manifest["normalization"])
+        self.ensemble.standardizer.load_state(manifest["normalization"])
         fit = self._new_fit()
-        fit.restore(path)  # refuses other data
+        checkpoint.restore(fit, path)  # refuses other data
         self._fit, self.resume_path = fit, path
 
     def prepare_normalization(self):
@@ -222,10 +226,12 @@ class Trainer:
         for logger in self.loggers:
             logger.start(self.tracked_params())
         try:
+            if self._fit is None:
+                self.prepare_normalization()
             if self.scaling_config is not None:
-                from .distributed import fit_on_ray
-                member_metadata = fit_on_ray(self)
-                self.metrics = self._final_metrics({m: meta["train_loss"] for m, meta in member_metadata.items()})
+                self._train_on_ray()
+            elif launched_rank()[1] > 1:
+                self._train_launched()
             else:
                 self._train_here()
         except BaseException:
@@ -236,17 +242,33 @@ class Trainer:
             logger.finish(self.metrics, self.checkpoint_path)
         return self.ensemble
 
+    def _train_on_ray(self):
+        from .distributed import fit_on_ray
+
+        result = fit_on_ray(self.ensemble, self.dataset, self.settings, scaling_config=self.scaling_config,
+                            run_config=self.run_config, results_folder=self.results_folder,
+                            validation_dataset=self.validation_dataset, resume_from=self.resume_path,
+                            emit=self.emit, progress=self.progress)
+        self.checkpoint_path, self.run_name = result.checkpoint_path, result.run_name
+        self.placement, self.timings = result.placement, result.timings
+        self.metrics = self._final_metrics(result.train_losses)
+
     def _this_runs_checkpoint(self) -> Path | None:
         """The latest checkpoint the interrupted run wrote, if it wrote one (local ones only)."""
         path = self.checkpoint_path
         return Path(path) if path is not None and "://" not in str(path) and Path(path).exists() else self.resume_path
 
-    def _train_here(self):
+    def _checkpoint_folder(self) -> Path:
+        """Where this process writes its checkpoints: the results folder, or under torchrun a
+        folder per rank, since each rank writes only its own members."""
+        rank, world = launched_rank()
+        return self.results_folder / f"rank-{rank}" if world > 1 and self.scaling_config is None else self.results_folder
+
+    def _train_here(self, ensemble=None) -> EnsembleFit:
         if self._fit is None:
-            self.prepare_normalization()
-            self._fit = self._new_fit()
+            self._fit = self._new_fit(ensemble)
         fit = self._fit
-        members, steps = self.ensemble.num_members, self.settings.num_steps
+        members, steps = fit.ensemble.num_members, self.settings.num_steps
         bar = EnsembleProgress(members * steps, enabled=self.progress)
         tick = Every(0.5)
 
@@ -259,7 +281,33 @@ class Trainer:
                     on_epoch_end=lambda epoch, losses: self._report_epoch(fit, epoch, losses))
         finally:
             bar.close()
-        self.metrics = self._final_metrics(dict(zip(self.ensemble.member_ids, fit.last_finite_loss.tolist())))
+        self.metrics = self._final_metrics(dict(zip(fit.ensemble.member_ids, fit.last_finite_loss.tolist())))
+        return fit
+
+    def _train_launched(self):
+        """Under torchrun or accelerate launch: this rank trains its members in this process, and
+        rank 0 assembles every rank's last checkpoint into the ensemble's, which all ranks load."""
+        if self.resume_path is not None:
+            raise ValueError("Resuming a checkpoint is not supported under torchrun or accelerate "
+                             "launch; resume it in one process or on Ray.")
+        rank, world = launched_rank()
+        shares = assign_members(self.ensemble.member_ids, world)
+        with process_group() as dist:
+            fit = self._train_here(self.ensemble.subset(shares[rank]))
+            path = self.milestone_path(math.ceil(fit.step / self.settings.save_every))
+            dist.barrier()  # every rank's last checkpoint is written
+            if rank == 0:
+                files = {}
+                for r, ids in enumerate(shares):
+                    folder = self.results_folder / f"rank-{r}" / path.name
+                    files.update(zip(ids, storage.read_members(folder, self.ensemble.subset(ids))))
+                storage.write_ensemble(path, self.ensemble, files, training=checkpoint.training_state(fit))
+            dist.barrier()  # the ensemble is written
+        metadata = storage.load_members(path, self.ensemble)
+        self.ensemble.eval()
+        self.checkpoint_path = path
+        self.placement = {m: {"rank": r} for r, ids in enumerate(shares) for m in ids}
+        self.metrics = self._final_metrics({m: meta["train_loss"] for m, meta in metadata.items()})
 
     def latest(self, key: str):
         """The latest value of `key` in the history (e.g. "val_nll"), or None."""

@@ -8,6 +8,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "jobs"))  # the job scripts import as modules in tests
+sys.path.insert(0, str(REPO))  # and the benchmarks as benchmarks.<name>, as they run
 
 # Ray settings for quiet, fast tests; harmless for tests that never start Ray.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,4 +1,4 @@
-"""jobs/benchmark_mnist.py: bad data files, and a smoke run on a small MNIST subset."""
+"""benchmarks/benchmark_mnist.py: bad data files, and a smoke run on a small MNIST subset."""
 
 import csv
 import os
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import benchmark_mnist as bench
+from benchmarks import benchmark_mnist as bench
 from conftest import REPO, require_data
 from ray_ensembles import DeepEnsembleClassifier
 
@@ -54,9 +54,9 @@ def test_bad_data_and_options_exit_with_one_line(argv, message, files, tmp_path,
 def test_smoke_run_on_a_small_mnist_subset(tmp_path):
     require_data("mnist", "mnist.npz")
     require_data("notmnist", "notmnist_test10k.npz")
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark_mnist.py"), "--smoke-test",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark_mnist", "--smoke-test",
                            "--variants", "adversarial", "--num-members", "1,2", "--output", str(tmp_path)],
-                          capture_output=True, text=True, timeout=400, env=dict(os.environ, RAY_ADDRESS=""))
+                          capture_output=True, text=True, timeout=400, env=dict(os.environ, RAY_ADDRESS=""), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "mnist.csv").open()))
     assert list(rows[0]) == ["variant", "num_members", "error", "nll", "brier", "ece", "auroc_entropy", "auroc_mi"]

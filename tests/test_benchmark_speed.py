@@ -1,8 +1,8 @@
-"""jobs/benchmark_speed.py --smoke-test: every implementation runs, and they compute the same thing."""
+"""benchmarks/benchmark_speed.py --smoke-test: every implementation runs, and they compute the same thing."""
 
 import json
 
-import benchmark_speed as bench
+from benchmarks import benchmark_speed as bench
 import pytest
 
 pytestmark = pytest.mark.unit

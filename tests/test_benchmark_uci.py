@@ -1,4 +1,4 @@
-"""jobs/benchmark_uci.py: the protocol's units and statistics, and a quick real run."""
+"""benchmarks/benchmark_uci.py: the protocol's units and statistics, and a quick real run."""
 
 import csv
 import math
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import benchmark_uci as bench
+from benchmarks import benchmark_uci as bench
 from conftest import REPO, require_data
 from ray_ensembles import DeepEnsemble
 
@@ -93,10 +93,10 @@ def test_bad_options_exit_with_one_line(argv, message, capsys):
 @pytest.mark.ray
 def test_a_quick_run_writes_the_table(tmp_path):
     require_data("uci", "bostonHousing")
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark_uci.py"), "--datasets",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark_uci", "--datasets",
                            "bostonHousing,yacht", "--splits", "2", "--epochs", "3", "--num-workers", "2",
                            "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, RAY_ADDRESS=""))
+                          env=dict(os.environ, RAY_ADDRESS=""), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "uci.csv").open()))
     assert [r["dataset"] for r in rows] == ["bostonHousing", "yacht"]

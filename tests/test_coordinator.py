@@ -4,11 +4,13 @@ import os
 
 import pytest
 import torch
-from ray.train import RunConfig, ScalingConfig
+from ray.train import ScalingConfig
 
-from ray_ensembles import DeepEnsemble, TensorDataset, Trainer, storage
-from ray_ensembles.distributed import POLL_ENV, _env_default, assemble, assign_members
-from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+from ray_ensembles import DeepEnsemble, TensorDataset, Trainer, checkpoint, storage
+from ray_ensembles.distributed import POLL_ENV, env_default
+from ray_ensembles.placement import assign_members
+from ray_ensembles.storage import load_members as assemble  # the coordinator's assembly
+from ray_ensembles.training import EnsembleFit, TrainSettings
 
 pytestmark = pytest.mark.unit
 
@@ -25,9 +27,9 @@ def worker_checkpoint(directory, member_ids, steps=4, **ensemble_kwargs):
     """What one worker writes into a Ray checkpoint."""
     kwargs = dict(dim_in=2, hidden_dim=8, seed=1, **ensemble_kwargs)
     e = DeepEnsemble(num_members=len(member_ids), member_ids=member_ids, **kwargs)
-    fit = EnsembleFit(e, X, Y, TrainSettings(batch_size=20, num_steps=steps), make_accelerator(cpu=True))
+    fit = EnsembleFit(e, X, Y, TrainSettings(batch_size=20, num_steps=steps), "cpu")
     fit.run()
-    for m, (tensors, meta) in fit.member_files().items():
+    for m, (tensors, meta) in checkpoint.member_files(fit).items():
         storage.write_member_file(directory, m, tensors, meta)
     return e
 
@@ -76,10 +78,10 @@ def test_bad_ray_requests_fail_before_ray_starts(kwargs, error, message, tmp_pat
 
 def test_the_faster_controller_poll_is_set_for_the_fit_only_and_never_over_the_users(monkeypatch):
     monkeypatch.delenv(POLL_ENV, raising=False)
-    with _env_default(POLL_ENV, "0.2"):
+    with env_default(POLL_ENV, "0.2"):
         assert os.environ[POLL_ENV] == "0.2"
     assert POLL_ENV not in os.environ
     monkeypatch.setenv(POLL_ENV, "5")
-    with _env_default(POLL_ENV, "0.2"):
+    with env_default(POLL_ENV, "0.2"):
         assert os.environ[POLL_ENV] == "5"
     assert os.environ[POLL_ENV] == "5"

@@ -1,11 +1,14 @@
 """Members on Ray Train workers: placement invariance, fault resume, resource checks."""
 
+import json
+
 import pytest
 import ray
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
+import fault_injection  # tests/, on the path under pytest
 
 pytestmark = pytest.mark.ray
 
@@ -18,10 +21,20 @@ OPTIONS = dict(train_batch_size=32, train_num_epochs=6, train_lr=3e-3, ema_decay
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
-    yield
+def local_ray(tmp_path_factory, monkeypatch_module):
+    fault_file = tmp_path_factory.mktemp("fault") / "fault.json"  # armed by the killed-worker test
+    monkeypatch_module.setenv(fault_injection.FAULT_FILE_ENV, str(fault_file))
+    ray.cloudpickle.register_pickle_by_value(fault_injection)  # workers cannot import tests/
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": fault_injection.install})
+    yield fault_file
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
 
 
 def ensemble():
@@ -29,15 +42,13 @@ def ensemble():
                         use_adversarial_training=True, adversarial_eps=0.02)
 
 
-def train(tmp_path, workers=None, name=None, **extra):
+def train(tmp_path, workers=None, name=None):
     e = ensemble()
     sc = None if workers is None else ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5})
     rc = None if name is None else RunConfig(name=name, storage_path=str(tmp_path / "runs"),
                                              failure_config=FailureConfig(max_failures=1))
     trainer = Trainer(e, TensorDataset(X, Y), results_folder=tmp_path / "in-process", scaling_config=sc,
                       run_config=rc, **OPTIONS)
-    for key, value in extra.items():
-        setattr(trainer, key, value)
     trainer.train()
     return e, trainer
 
@@ -81,11 +92,14 @@ def test_same_ensemble_in_process_on_one_worker_and_one_worker_per_member(worker
     torch.testing.assert_close(loaded(X).mean, e(X).mean)
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_result(in_process, tmp_path):
+def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_result(in_process, tmp_path, local_ray):
     base, _ = in_process
     marker = tmp_path / "crashed"
-    e, trainer = train(tmp_path, workers=2, name="killed",
-                       _fault_injection={"rank": 0, "after_step": 10, "marker": str(marker)})
+    local_ray.write_text(json.dumps({"rank": 0, "after_step": 10, "marker": str(marker)}))
+    try:
+        e, trainer = train(tmp_path, workers=2, name="killed")
+    finally:
+        local_ray.unlink()
     assert marker.exists()  # the worker process really died once
     assert_same_ensemble(base, e)
 

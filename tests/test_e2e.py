@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from common import local_ray_head
+from ray_head import local_ray_head
 from conftest import REPO
 from ray_ensembles import DeepEnsemble
 

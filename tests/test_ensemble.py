@@ -35,23 +35,23 @@ def test_fgsm_takes_the_input_gradient_only_and_steps_eps_times_each_inputs_rang
     e(X, y)  # the call used to train must not write weight gradients
     assert all(p.grad is None for p in e.parameters())
 
-    xs, ys = e.standardize_x(X).expand(3, -1, -1).clone().requires_grad_(), e.standardize_y(y)
-    clean = e._member_nll(e.members(xs), ys)
+    xs, ys = e.standardizer.standardize_x(X).expand(3, -1, -1).clone().requires_grad_(), e.standardizer.standardize_y(y)
+    clean = e.head.loss(e.members(xs), ys)
     (g,) = torch.autograd.grad(clean.sum(), xs)
     x_adv = xs + e.adversarial_step * g.sign()
-    expected = clean + e._member_nll(e.members(x_adv), ys)
-    torch.testing.assert_close(e.member_losses(e.standardize_x(X), ys), expected)
+    expected = clean + e.head.loss(e.members(x_adv), ys)
+    torch.testing.assert_close(e.member_losses(e.standardizer.standardize_x(X), ys), expected)
 
 
 def test_classifier_supports_adversarial_training():
     e = DeepEnsembleClassifier(dim_in=4, num_classes=3, num_members=2, depth=1, hidden_dim=8,
                                use_adversarial_training=True, adversarial_eps=0.1)
     X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
-    xs = e.standardize_x(X).expand(2, -1, -1).clone().requires_grad_()
-    clean = e._member_nll(e.members(xs), y)
+    xs = e.standardizer.standardize_x(X).expand(2, -1, -1).clone().requires_grad_()
+    clean = e.head.loss(e.members(xs), y)
     (grad,) = torch.autograd.grad(clean.sum(), xs)
-    adversarial = e._member_nll(e.members(xs + e.adversarial_step * grad.sign()), y)
-    torch.testing.assert_close(e.member_losses(e.standardize_x(X), y), clean + adversarial)
+    adversarial = e.head.loss(e.members(xs + e.adversarial_step * grad.sign()), y)
+    torch.testing.assert_close(e.member_losses(e.standardizer.standardize_x(X), y), clean + adversarial)
     assert (adversarial > clean).all()  # the step is the loss's ascent direction, not zero
 
 

@@ -12,7 +12,8 @@ from ray.train import ScalingConfig
 
 import predict as job
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
-from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+from ray_ensembles.placement import local_device
+from ray_ensembles.training import EnsembleFit, TrainSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -51,7 +52,7 @@ def test_cuda_graphs_give_the_eager_members_through_a_restart(amp):
         e.fit_normalization(X, Y)
         settings = TrainSettings(batch_size=32, num_steps=100, lr=3e-3, max_grad_norm=1.0, ema_decay=0.9,
                                  ema_update_every=1, amp=amp, cuda_graphs=graphs, on_divergence="restart")
-        fit = EnsembleFit(e, X, Y, settings, make_accelerator(cpu=False))
+        fit = EnsembleFit(e, X, Y, settings, local_device())
         while fit.step < settings.num_steps:
             if fit.step == 70:
                 with torch.no_grad():
@@ -60,7 +61,7 @@ def test_cuda_graphs_give_the_eager_members_through_a_restart(amp):
         fit.finish()
         fits.append(fit)
     graphed, eager = fits
-    assert len(graphed._graphs) == 2 and eager._graphs is None
+    assert len(graphed.graphed_step.graphs) == 2 and eager.graphed_step is None
     assert graphed.attempts == eager.attempts == [0, 1, 0, 0]
     for k, v in eager.ensemble.state_dict().items():
         torch.testing.assert_close(graphed.ensemble.state_dict()[k], v, atol=1e-6, rtol=1e-5,

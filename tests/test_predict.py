@@ -250,7 +250,7 @@ def test_ray_data_actors_give_the_same_output(saved):
 
 @pytest.mark.e2e  # it runs the job and the naive job as real processes (the Ray Data path has its own tests)
 def test_the_benchmark_runs_and_saves_its_figures(tmp_path):
-    import benchmark_predict
+    from benchmarks import benchmark_predict
 
     benchmark_predict.main(["--rows", "3000", "--workdir", str(tmp_path)])
     [figures] = json.loads((tmp_path / "predict_speed.json").read_text())["runs"]

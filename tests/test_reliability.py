@@ -14,12 +14,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, checkpoint, storage
 from ray_ensembles import sweep
 from ray_ensembles.data import read_table, table_to_dataset
 from ray_ensembles.inference import load_any
 from ray_ensembles.metrics import calibration_curve, crps_gaussian, miscalibration_area
-from ray_ensembles.training import EnsembleFit, make_accelerator
+from ray_ensembles.training import EnsembleFit
 
 G = torch.Generator().manual_seed(0)
 X = torch.rand(200, 2, generator=G) * 8 - 4
@@ -90,7 +90,7 @@ def test_float64_features_and_targets_are_standardised_before_the_cast(tmp_path)
     Y64 = 1e8 + torch.sin(seconds / 600)
     e = DeepEnsemble(dim_in=1, num_members=2, hidden_dim=32)
     train(e, tmp_path, X=X64, Y=Y64, train_num_steps=600, train_lr=1e-2)
-    assert len(torch.unique(e.standardize_x(X64))) == 400
+    assert len(torch.unique(e.standardizer.standardize_x(X64))) == 400
     pred = e(X64)
     assert pred.mean.dtype == torch.float64  # the target's own precision
     rmse = (pred.mean - Y64).square().mean().sqrt()
@@ -154,14 +154,14 @@ def test_features_may_not_repeat_or_include_the_target_and_labels_follow_one_rul
 def test_continuing_a_trained_ensemble_keeps_its_statistics_unless_asked(tmp_path):
     e = small()
     train(e, tmp_path / "a", train_num_steps=200, train_lr=1e-2)
-    before, stats = e(X).mean, e.normalization_state()
+    before, stats = e(X).mean, e.standardizer.state()
     shifted = TensorDataset(X[:50] + 3, Y[:50] * 10)  # new rows of another scale
     Trainer(e, shifted, train_num_steps=1, train_lr=1e-12, results_folder=tmp_path / "b").train()
-    assert e.normalization_state() == stats
+    assert e.standardizer.state() == stats
     torch.testing.assert_close(e(X).mean, before, atol=1e-4, rtol=0)
     Trainer(e, shifted, train_num_steps=1, train_lr=1e-12, refit_normalization=True,
             results_folder=tmp_path / "c").train()
-    assert e.normalization_state()["y_std"] != stats["y_std"]
+    assert e.standardizer.state()["y_std"] != stats["y_std"]
 
 
 @pytest.mark.unit
@@ -211,18 +211,18 @@ def test_restart_attempts_and_a_partial_epoch_survive_a_checkpoint(tmp_path):
     full = train(small(), tmp_path / "full", **options)
     resumed = Trainer(small(), TensorDataset(X, Y), results_folder=tmp_path / "full", **options)
     resumed.load(1)  # step 6: one step into epoch 1
-    assert resumed._fit._epoch_steps.tolist() == [1, 1]
+    assert resumed._fit.epoch_steps.tolist() == [1, 1]
     resumed.train()
     full_epochs = [h["member_train_loss"] for h in full.history if "epoch" in h]
     resumed_epochs = [h["member_train_loss"] for h in resumed.history if "epoch" in h]
     assert resumed_epochs == pytest.approx(full_epochs[1:])  # epoch 1's mean over all 5 steps
 
-    fit = EnsembleFit(small(), X, Y, resumed.settings, make_accelerator(cpu=True))
+    fit = EnsembleFit(small(), X, Y, resumed.settings, "cpu")
     fit.attempts = [2, 0]
     fit.step = 3
-    fit.save_checkpoint(tmp_path / "attempts")
-    again = EnsembleFit(small(), X, Y, resumed.settings, make_accelerator(cpu=True))
-    again.restore(tmp_path / "attempts")
+    checkpoint.save(fit, tmp_path / "attempts")
+    again = EnsembleFit(small(), X, Y, resumed.settings, "cpu")
+    checkpoint.restore(again, tmp_path / "attempts")
     assert again.attempts == [2, 0]  # a second divergence gets attempt 3, a seed it never had
 
 
@@ -409,6 +409,10 @@ def test_the_format_version_is_3_and_versions_1_and_2_still_load(tmp_path):
     assert manifest["format_version"] == storage.FORMAT_VERSION == 3
     manifest["format_version"] = 1
     del manifest["normalization"]["target_dtype"], manifest["config"]["nll_beta"]
+    for entry in manifest["members"]:  # member files of then: their config had no nll_beta either
+        tensors, meta = storage.read_member_file(tmp_path / "ens" / entry["file"])
+        del meta["config"]["nll_beta"]
+        entry["sha256"] = storage.write_member_file(tmp_path / "ens", entry["id"], tensors, meta)
     (tmp_path / "ens" / "manifest.json").write_text(json.dumps(manifest))
     loaded = DeepEnsemble.load(tmp_path / "ens")
     assert torch.equal(loaded(X).mean, e(X).mean)

@@ -4,7 +4,6 @@ back) and TensorBoard event files (parsed back)."""
 import struct
 
 import pytest
-import torch
 
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
 from ray_ensembles.progress import EnsembleProgress

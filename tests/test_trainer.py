@@ -180,12 +180,13 @@ def test_stacked_adam_is_torch_fused_adam_per_member_and_restarts_one_member_afr
 def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_data, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+    from ray_ensembles import checkpoint
+    from ray_ensembles.training import EnsembleFit, TrainSettings
     X, y = toy_data
     settings = TrainSettings(batch_size=32, num_steps=10)
-    fit = EnsembleFit(make(), X, y, settings, make_accelerator(cpu=True))
+    fit = EnsembleFit(make(), X, y, settings, "cpu")
     fit.run()
-    fit.save_checkpoint(tmp_path / "new")
+    checkpoint.save(fit, tmp_path / "new")
     old = tmp_path / "old"  # member files as written before step counts were saved (no manifest)
     old.mkdir()
     for f in (tmp_path / "new").glob("member_*.safetensors"):
@@ -193,8 +194,8 @@ def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_dat
             tensors = {k: member.get_tensor(k) for k in member.keys() if not k.startswith("adam.step.")}
             save_file(tensors, old / f.name, metadata=member.metadata())
     with pytest.raises(ValueError, match=r"lacks the optimiser state \['adam.step.\*'\]"):
-        EnsembleFit(make(), X, y, settings, make_accelerator(cpu=True)).restore(old)
-    EnsembleFit(make(), X, y, settings, make_accelerator(cpu=True)).restore(tmp_path / "new")
+        checkpoint.restore(EnsembleFit(make(), X, y, settings, "cpu"), old)
+    checkpoint.restore(EnsembleFit(make(), X, y, settings, "cpu"), tmp_path / "new")
 
 
 @pytest.mark.parametrize("options, error, message", [

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ray_ensembles import DeepEnsemble
-from ray_ensembles.ensemble import VARIANCE_FLOOR, _mean_and_variance
-from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+from ray_ensembles.heads import VARIANCE_FLOOR, mean_and_variance
+from ray_ensembles.training import EnsembleFit, TrainSettings
 
 pytestmark = pytest.mark.unit
 
@@ -25,13 +25,13 @@ def worst_after_warm_start(nll_beta, seed, steps=200, settle=50):
     x, y = skewed_problem(seed=seed)
     e = DeepEnsemble(13, 1, num_members=5, hidden_dim=50, seed=seed, nll_beta=nll_beta)
     e.fit_normalization(x, y)
-    fit = EnsembleFit(e, x, y, TrainSettings(batch_size=100, lr=0.1, num_steps=steps), make_accelerator(cpu=True))
+    fit = EnsembleFit(e, x, y, TrainSettings(batch_size=100, lr=0.1, num_steps=steps), "cpu")
     rmse, high, low = 0.0, 0.0, float("inf")
     while fit.step < steps:
         fit.train_step()
         if fit.step >= settle:
             with torch.no_grad():
-                mean, var = _mean_and_variance(e.members(fit.xs.expand(5, -1, -1)))
+                mean, var = mean_and_variance(e.members(fit.xs.expand(5, -1, -1)))
             assert torch.isfinite(mean).all() and torch.isfinite(var).all()
             rmse = max(rmse, float((mean - fit.ys).square().mean((1, 2)).sqrt().max()))
             high, low = max(high, float(var.max())), min(low, float(var.min()))
@@ -60,10 +60,10 @@ def test_the_loss_value_is_the_nll_and_its_gradient_the_variance_weighted_one():
     torch.testing.assert_close(weighted.member_losses(xs, ys), plain.member_losses(xs, ys))
 
     out = plain.members(xs.expand(2, -1, -1)).detach().requires_grad_()
-    mean, var = _mean_and_variance(out)
+    mean, var = mean_and_variance(out)
     rows = 0.5 * (var.log() + (ys - mean).square() / var)
     (expected,) = torch.autograd.grad((rows * var.detach() ** 0.7).sum(-1).mean(-1).sum(), out)
-    (got,) = torch.autograd.grad(weighted._member_nll(out, ys).sum(), out)
+    (got,) = torch.autograd.grad(weighted.head.loss(out, ys).sum(), out)
     torch.testing.assert_close(got, expected)
 
 

@@ -1,0 +1,74 @@
+"""Training checkpoints: an ensemble directory whose member files also hold the training state.
+
+Per member: `model.*` the weights to predict with (EMA's when on), `online.*` the weights being
+trained when EMA is on, `adam.*` the optimiser's moments and step counts; its metadata adds the
+loop's step, settings and data fingerprint, restart attempts and the epoch's loss so far. Any
+checkpoint therefore loads as an ensemble; `restore` resumes one exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import storage
+from .optim import StackedAdam
+from .training import EnsembleFit
+
+
+def training_state(fit: EnsembleFit) -> dict:
+    return {"step": fit.step, "settings": asdict(fit.settings), "data": fit.data}
+
+
+def member_files(fit: EnsembleFit) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
+    """Per member id: the tensors of its checkpoint file and its metadata."""
+    members = fit.ensemble.members
+    adam = {key: fit.optimizer.named_state(key) for key in StackedAdam.KEYS}
+    files = {}
+    for i, m in enumerate(fit.ensemble.member_ids):
+        tensors = {f"model.{k}": v for k, v in fit.predicting_members.member_state(i).items()}
+        if fit.ema is not None:
+            tensors.update({f"online.{k}": v for k, v in members.member_state(i).items()})
+        for key, named in adam.items():
+            tensors.update({f"adam.{key}.{k}": v for k, v in members.member_view(i, named).items()})
+        metadata = dict(storage.member_metadata(fit.ensemble, i), training=training_state(fit),
+                        train_loss=float(fit.last_finite_loss[i]), attempt=fit.attempts[i],
+                        epoch_loss_sum=float(fit.epoch_loss_sum[i]), epoch_loss_steps=int(fit.epoch_steps[i]))
+        files[m] = (tensors, metadata)
+    return files
+
+
+def save(fit: EnsembleFit, path) -> Path:
+    """The standard ensemble directory, plus each member's training state."""
+    return storage.write_ensemble(path, fit.ensemble, member_files(fit), training=training_state(fit))
+
+
+def restore(fit: EnsembleFit, directory):
+    """Resume every member `fit` holds from a checkpoint directory (an ensemble directory, or a
+    Ray checkpoint of member files)."""
+    directory = Path(directory)
+    loaded = storage.read_members(directory, fit.ensemble)  # refuses other ensembles and mixed steps
+    saved = loaded[0][1].get("training", {}).get("data")
+    if saved is not None and saved != fit.data:
+        raise ValueError(f"Checkpoint {directory} was trained on other data (fingerprint {saved}, "
+                         f"this data's {fit.data}): resuming it here would not continue that "
+                         "run. Train afresh, or pass the data it was trained on.")
+    members = fit.ensemble.members
+    online_prefix = "online." if fit.ema is not None else "model."
+    for i, (tensors, meta) in enumerate(loaded):
+        members.load_member_state(i, storage.strip_prefix(tensors, online_prefix))
+        if fit.ema is not None:
+            fit.ema.ema_model.load_member_state(i, storage.strip_prefix(tensors, "model."))
+        fit.ensemble.member_seeds[i] = meta["seed"]
+        fit.attempts[i] = meta.get("attempt", 0)
+        fit.epoch_loss_sum[i] = meta.get("epoch_loss_sum", 0.0)
+        fit.epoch_steps[i] = meta.get("epoch_loss_steps", 0)
+        fit.last_finite_loss[i] = meta.get("train_loss", float("nan"))
+    fit.batches.reset()  # the restored seeds set the data order
+    fit.step = loaded[0][1]["training"]["step"]
+    if fit.step > 0:
+        fit.optimizer.load_state(
+            {key: members.assemble([storage.strip_prefix(t, f"adam.{key}.") for t, _ in loaded])
+             for key in StackedAdam.KEYS})

@@ -1,0 +1,116 @@
+"""What makes an ensemble a regressor or a classifier: its head.
+
+A head maps the members' raw outputs (M, B, outputs) to each member's training loss, to a
+prediction, and to each member's log-likelihood of the true targets; it also checks targets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .predictions import CategoricalPrediction, GaussianMixturePrediction
+from .validation import as_float_tensor, as_label_tensor, check_float, check_int
+
+_LOG_2PI = math.log(2 * math.pi)
+VARIANCE_FLOOR = 1e-6  # the paper's: variance = softplus(raw) + 1e-6
+
+
+def mean_and_variance(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Gaussian head's raw outputs (M, B, 2T) as means and variances, (M, B, T) each."""
+    mean, raw = out.float().chunk(2, dim=-1)
+    # softplus is far slower on the strided half than on a contiguous copy of it
+    return mean, F.softplus(raw.contiguous()) + VARIANCE_FLOOR
+
+
+class GaussianHead:
+    """Each member predicts a mean and a variance per target dimension; the ensemble is their
+    uniform mixture. `nll_beta` weights each row's NLL gradient by its variance ** beta."""
+
+    task = "regression"
+    prediction = GaussianMixturePrediction
+
+    def __init__(self, owner: str, dim_out, nll_beta):
+        self.owner = owner
+        self.dim_out = check_int(owner, "dim_out", dim_out, minimum=1)
+        self.nll_beta = check_float(owner, "nll_beta", nll_beta, minimum=0.0)
+        if self.nll_beta > 1:
+            raise ValueError(f"The 'nll_beta' parameter of {owner} must be in [0, 1]. Got {nll_beta} instead.")
+        self.num_outputs = 2 * self.dim_out
+
+    @property
+    def config(self) -> dict:
+        return {"dim_out": self.dim_out, "nll_beta": self.nll_beta}
+
+    def loss(self, out: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Gaussian NLL per member, (M,): mean over rows of the sum over target dimensions."""
+        mean, var = mean_and_variance(out)                       # (M, B, T) each
+        nll = 0.5 * (_LOG_2PI + var.log() + (ys - mean).square() / var)
+        if self.nll_beta:  # the gradient of the weighted NLL, the value of the NLL itself
+            weighted = nll * var.detach() ** self.nll_beta
+            nll = weighted + (nll - weighted).detach()
+        return nll.sum(-1).mean(-1)
+
+    def summarize(self, out, standardizer) -> tuple[torch.Tensor, ...]:
+        """Member means and variances (M, B, T) in original units."""
+        return standardizer.original_units(*mean_and_variance(out))
+
+    def member_log_lik(self, pred, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's log-likelihood of each row (M, N), and its means (M, N, T)."""
+        normal = torch.distributions.Normal(pred.member_mean, pred.member_variance.sqrt())
+        return normal.log_prob(y).sum(-1), pred.member_mean
+
+    def member_predictions(self, pred) -> list:
+        return pred.members()
+
+    def check_y(self, y, rows: int) -> torch.Tensor:
+        y = as_float_tensor(self.owner, "y", y, ndim=(1, 2, 3))
+        if y.ndim == 1:
+            y = y.unsqueeze(-1)
+        if y.shape[-2] != rows or y.shape[-1] != self.dim_out:
+            raise ValueError(f"The 'y' parameter of {self.owner} must be ({rows}, {self.dim_out}) to match "
+                             f"X and dim_out. Got shape {tuple(y.shape)} instead.")
+        return y
+
+
+class CategoricalHead:
+    """Each member predicts softmax probabilities over `num_classes`, trained with cross-entropy;
+    the ensemble averages them."""
+
+    task = "classification"
+    prediction = CategoricalPrediction
+    dim_out = None  # no target statistics
+
+    def __init__(self, owner: str, num_classes):
+        self.owner = owner
+        self.num_classes = self.num_outputs = check_int(owner, "num_classes", num_classes, minimum=2)
+
+    @property
+    def config(self) -> dict:
+        return {"num_classes": self.num_classes}
+
+    def loss(self, out: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy per member, (M,)."""
+        logits = out.float()                                     # (M, B, C)
+        ys = ys.expand(logits.shape[:2])
+        return F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none").view(ys.shape).mean(-1)
+
+    def summarize(self, out, standardizer) -> tuple[torch.Tensor, ...]:
+        return (out.float().softmax(-1),)                        # (M, B, C)
+
+    def member_log_lik(self, pred, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's log-probability of the true label (M, N), and its probabilities (M, N, C)."""
+        probs = pred.member_probs
+        return probs.gather(-1, y.expand(probs.shape[:2]).unsqueeze(-1)).squeeze(-1).clamp_min(1e-12).log(), probs
+
+    def member_predictions(self, pred) -> list:
+        return [CategoricalPrediction(p.unsqueeze(0)) for p in pred.member_probs]
+
+    def check_y(self, y, rows: int) -> torch.Tensor:
+        y = as_label_tensor(self.owner, "y", y, num_classes=self.num_classes)
+        if y.shape[-1] != rows:
+            raise ValueError(f"The 'y' parameter of {self.owner} must have {rows} labels to "
+                             f"match X. Got shape {tuple(y.shape)} instead.")
+        return y

@@ -1,0 +1,87 @@
+"""Input and target standardisation, fitted on the training data.
+
+Statistics are float64 and inputs are standardised in float64: a feature such as a Unix
+timestamp keeps its variation, which float32 (7 digits) would round away before the subtraction.
+Members see float32 standardised values; regression predictions come back in original units and
+in the fitted target's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Standardizer(nn.Module):
+    """Per-column mean and std of the inputs (D,) and, with `dim_out`, of the target (T,).
+    Identity until `fit`; a constant column gets std 1, so it standardises to 0, not NaN.
+    `x_range` sets the FGSM step (eps * range per input)."""
+
+    def __init__(self, dim_in: int, dim_out: int | None = None):
+        super().__init__()
+        self.register_buffer("x_mean", torch.zeros(dim_in, dtype=torch.float64))
+        self.register_buffer("x_std", torch.ones(dim_in, dtype=torch.float64))
+        self.register_buffer("x_range", torch.ones(dim_in, dtype=torch.float64))
+        if dim_out is not None:
+            self.register_buffer("y_mean", torch.zeros(dim_out, dtype=torch.float64))
+            self.register_buffer("y_std", torch.ones(dim_out, dtype=torch.float64))
+        self.has_target = dim_out is not None
+        self.fitted = False
+        self.feature_names: list[str] | None = None
+        self.target_dtype = torch.float32  # of the fitted target: regression predictions come in it
+
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return ("x_mean", "x_std", "x_range") + (("y_mean", "y_std") if self.has_target else ())
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """Fit to checked inputs (N, D) and, for a target-standardising one, targets (N, T)."""
+        x = x.double()
+        std = x.std(0, correction=0)
+        self.x_mean.copy_(x.mean(0))
+        self.x_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        self.x_range.copy_(x.amax(0) - x.amin(0))
+        if y is not None and self.has_target:
+            self.target_dtype = y.dtype  # predictions come back in it: a float64 target stays exact
+            y = y.double()
+            std = y.std(0, correction=0)
+            self.y_mean.copy_(y.mean(0))
+            self.y_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        self.fitted = True
+
+    def standardize_x(self, x: torch.Tensor) -> torch.Tensor:
+        """Original-unit inputs to the members' float32 standardised ones, computed in float64."""
+        return ((x.double() - self.x_mean) / self.x_std).float()
+
+    def standardize_y(self, y: torch.Tensor) -> torch.Tensor:
+        """Targets in the members' units: standardised for regression, labels unchanged."""
+        return ((y.double() - self.y_mean) / self.y_std).float() if self.has_target else y
+
+    def original_units(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised means and variances (M, B, T) in the target's units and dtype."""
+        y_mean, y_std = self.y_mean.to(self.target_dtype), self.y_std.to(self.target_dtype)
+        return mean.to(self.target_dtype) * y_std + y_mean, var.to(self.target_dtype) * y_std.square()
+
+    def adversarial_step(self, eps: float) -> torch.Tensor:
+        """FGSM step per input dimension in standardised units: eps * range / std, (D,)."""
+        return (eps * self.x_range / self.x_std).float()
+
+    def state(self) -> dict:
+        """The statistics as plain lists, as the manifest stores them."""
+        return dict({name: getattr(self, name).tolist() for name in self._names}, fitted=self.fitted,
+                    feature_names=self.feature_names,
+                    target_dtype=str(self.target_dtype).removeprefix("torch."))
+
+    def load_state(self, state: dict):
+        try:
+            for name in self._names:
+                value = torch.tensor(state[name], dtype=torch.float64)
+                if value.shape != getattr(self, name).shape:
+                    raise ValueError(f"'{name}' has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(getattr(self, name).shape)}")
+                getattr(self, name).copy_(value)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"normalisation statistics are incomplete ({err!r})") from None
+        self.fitted = bool(state.get("fitted", True))
+        self.feature_names = state.get("feature_names")
+        self.target_dtype = getattr(torch, state.get("target_dtype", "float32"))
