@@ -1,24 +1,11 @@
-"""What the jobs share: the data options, the built-in toy data, one-line errors."""
+"""What the jobs share: the data and console options, starting Ray, one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
-import psutil
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from ray_ensembles import TensorDataset  # noqa: E402
-from ray_ensembles.data import read_table, table_to_dataset  # noqa: E402
+from ray_ensembles.data import cubic_toy, read_table, table_to_dataset
 
 
 def add_data_arguments(parser):
@@ -39,18 +26,11 @@ def default_lr(args, num_rows: int) -> float:
     return horizon_lr(num_steps(num_rows, args.batch_size, None, args.epochs))
 
 
-def toy_data(n: int, seed: int) -> TensorDataset:
-    """The paper's Figure 1: x ~ U[-4, 4], y = x^3 + N(0, 3^2)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, generator=g) * 8 - 4
-    return TensorDataset(x, x ** 3 + 3 * torch.randn(n, 1, generator=g), feature_names=["x"])
-
-
 def load_data(args, allow_no_validation: bool = True):
     """(train, validation) datasets, checked before any Ray work. The toy problem's validation
     set is a fresh sample of the same distribution; a table's is carved from its rows."""
     if args.data is None:
-        return toy_data(20, args.seed), toy_data(1000, args.seed + 1)
+        return cubic_toy(20, args.seed), cubic_toy(1000, args.seed + 1)
     if not args.target:
         raise ValueError("The '--target' option is required with --data. Got nothing instead.")
     features = args.features.split(",") if args.features else None
@@ -122,59 +102,3 @@ def fail(message: str):
     """Exit with one line: the jobs' contract for bad options and data."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_ray_head(num_cpus: int = 2):
-    """A real `ray start --head --block` on this machine with its own ports and temp dir; yields
-    (dashboard address, environment for `ray job submit`, the head's process) and stops that
-    head, by its PID, on exit. Never `ray stop`, which would kill every Ray on the machine."""
-    bin_dir = Path(sys.executable).parent
-    # `python` in a job's entrypoint resolves with the head's PATH: put this interpreter first
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    dashboard, gcs = _free_port(), _free_port()
-    temp_dir = Path("/tmp") / f"rayens-{os.getpid()}-{gcs}"  # short: Ray's socket paths are length-limited
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}", f"--ray-client-server-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or head.poll() is not None:
-                    raise RuntimeError("the Ray head did not start within 90 s")
-                time.sleep(1)
-        yield address, env, head
-    finally:
-        # Job drivers run in sessions of their own: killing the head's group leaves them running,
-        # and a killed job's drivers spun at 40% of a core each for two minutes. Note them first.
-        descendants = []
-        with contextlib.suppress(psutil.Error):
-            descendants = psutil.Process(head.pid).children(recursive=True)
-        # SIGTERM to the head alone lets it stop its processes, in 2-4 s. Whatever is still running
-        # after 5 s is killed: after a Ray Data job, Ray Data's detached actors held the head for
-        # 30 s, and a SIGTERM to the whole group took 16-33 s.
-        head.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        for process in descendants:
-            with contextlib.suppress(psutil.Error):
-                process.kill()

@@ -233,7 +233,7 @@ def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dict
     ray.data.DataContext.get_current().enable_progress_bars = not (args.quiet or args.json)
     # Read and write tasks ask for no CPU. The predicting actors hold theirs for the whole run,
     # so a read that waited for a CPU could wait forever: behind them, and behind other jobs'
-    # tasks that wait in turn (seen in jobs/load_test.py with Tune trials beside this job).
+    # tasks that wait in turn (seen in benchmarks/load_test.py with Tune trials beside this job).
     # (Ray Data's V2 Parquet reader adds a file-listing task that always asks for one CPU.)
     # Asking for no CPU also lifts Ray's limit on how many run at once, so they are capped at
     # one per actor: uncapped, a 10M-row job on 2 actors started 26 worker processes and took

@@ -23,7 +23,8 @@ from common import add_console_arguments, add_data_arguments, default_lr, fail, 
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
 from ray_ensembles.data import filesystem_for
-from ray_ensembles.distributed import assign_members
+from ray_ensembles.distributed import resources_per_worker
+from ray_ensembles.placement import assign_members
 
 
 def parse_args(argv=None):
@@ -137,7 +138,7 @@ def placement(trainer) -> str:
     """Which worker trains which members, on what."""
     sc = trainer.scaling_config
     groups = assign_members(trainer.ensemble.member_ids, sc.num_workers)
-    per_worker = ", ".join(f"{v:g} {k}" for k, v in sc._resources_per_worker_not_none.items())
+    per_worker = ", ".join(f"{v:g} {k}" for k, v in resources_per_worker(sc).items())
     return (f"training {trainer.ensemble.num_members} members for {trainer.settings.num_steps} steps "
             f"on {sc.num_workers} Ray Train worker{'s' * (sc.num_workers != 1)} ({per_worker} each): "
             + " | ".join(",".join(map(str, g)) for g in groups))

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Training-step speed against the peers and the machine's matmul peak, in ONE process.
 
-    python jobs/benchmark_speed.py               # UCI, protein and MNIST sizes, M = 5, +/- FGSM
-    python jobs/benchmark_speed.py --smoke-test  # seconds, for CI
-    python jobs/benchmark_speed.py --device cuda # the same table on a GPU
+    python -m benchmarks.benchmark_speed               # UCI, protein and MNIST sizes, M = 5, +/- FGSM
+    python -m benchmarks.benchmark_speed --smoke-test  # seconds, for CI
+    python -m benchmarks.benchmark_speed --device cuda # the same table on a GPU
 
 Implementations, each taking one optimiser step for M members on batches of 100:
   ours      ray_ensembles' training step (EnsembleFit.train_step: stacked members, one fused Adam)
@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from common import fail
+from benchmarks.common import fail, unstacked
 
 from ray_ensembles import DeepEnsemble
-from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+from ray_ensembles.training import EnsembleFit, TrainSettings
 
 # name: (dim_in, hidden layers, dim_out of the Gaussian head, training rows)
 SHAPES = {"uci": (13, [50], 1, 455), "protein": (9, [100], 1, 40_000), "mnist": (784, [200, 200, 200], 5, 60_000)}
@@ -72,18 +71,6 @@ def step_flops(dims: list[int], adversarial: bool) -> float:
     return 2 * macs * BATCH * M * (7 if adversarial else 3)
 
 
-def unstacked(ensemble, dims) -> list[nn.Sequential]:
-    """One plain nn.Module per member of a stacked ensemble, with the same weights."""
-    nets = [nn.Sequential(*[layer for i, o in zip(dims[:-1], dims[1:]) for layer in (nn.Linear(i, o), nn.ReLU())][:-1])
-            for _ in range(ensemble.num_members)]
-    with torch.no_grad():
-        for m, net in enumerate(nets):
-            for k, linear in enumerate(net[::2]):
-                linear.weight.copy_(ensemble.members.weights[k][m].T)
-                linear.bias.copy_(ensemble.members.biases[k][m, 0])
-    return nets
-
-
 def gaussian_nll(out):
     mean, raw = out.chunk(2, dim=-1)
     var = F.softplus(raw) + 1e-6
@@ -101,7 +88,7 @@ class Ours:
                                      nll_beta=0.0)  # the plain NLL, as the implementations it is timed against
         self.ensemble.fit_normalization(X, y)
         settings = TrainSettings(batch_size=BATCH, num_steps=10 ** 9, amp=self.amp, cuda_graphs=self.graphs)
-        self.fit = EnsembleFit(self.ensemble, X, y, settings, make_accelerator(cpu=torch.device(device).type == "cpu"))
+        self.fit = EnsembleFit(self.ensemble, X, y, settings, device)
 
     def step(self):
         return self.fit.train_step()
@@ -138,7 +125,7 @@ class Loop:
     def next_rows(self) -> torch.Tensor:
         """(M, b) row indices: the same rows ours uses at this implementation's step."""
         self.steps += 1
-        return self.source.fit.batch_rows(self.steps - 1)
+        return self.source.fit.batches.rows(self.steps - 1)
 
     def step(self):
         fit, index = self.source.fit, self.next_rows()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Why Adam at the paper's learning rate of 0.1 fails with the plain Gaussian NLL: the evidence.
 
-    python jobs/lr_mechanism.py          # Boston and Kin8nm, the paper's settings; about 2 minutes
+    python -m benchmarks.lr_mechanism          # Boston and Kin8nm, the paper's settings; about 2 minutes
 
 Part 1 traces one ensemble (1 x 50 ReLU, batch 100, 40 epochs = 200 steps, M = 5) step by step,
 on the training rows in standardised units: the loss, each member's gradient norm, its largest,
@@ -10,7 +10,7 @@ the target's), and the RMSE of its mean (1.0 = predicting the target's mean). Pa
 candidate causes and cures on the test rows of splits 0-4 (original units). Part 3 counts, on
 Kin8nm's split 0 (2,950 steps), the hidden units that are dead (inactive on every training row,
 so never updated again) as training goes, at three rates.
-Results: jobs/results/lr_mechanism_{trace,candidates,dead_units}.csv.
+Results: benchmarks/results/lr_mechanism_{trace,candidates,dead_units}.csv.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import statistics
 from pathlib import Path
 
 import torch
-from benchmark_uci import REPO, load_uci, score, write_csv
-from common import fail
+from benchmarks.common import REPO, fail, load_uci, score, write_csv
 
 from ray_ensembles import DeepEnsemble
-from ray_ensembles.ensemble import VARIANCE_FLOOR, _mean_and_variance
+from ray_ensembles.heads import VARIANCE_FLOOR, mean_and_variance
 from ray_ensembles.trainer import num_steps
-from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+from ray_ensembles.training import EnsembleFit, TrainSettings
 
 DEAD_UNIT_STEPS = (10, 50, 100, 200, 500, 1000, 2000)
 TRACE_STEPS = (1, 2, 3, 5, 10, 20, 40, 60, 80, 100, 120, 140, 160, 180, 200)
@@ -53,14 +52,14 @@ def fit_for(X, y, lr, nll_beta, cosine, change=None, epochs=40):
     ensemble.fit_normalization(X, y)
     settings = TrainSettings(batch_size=100, lr=lr, lr_scheduler=cosine,
                              num_steps=num_steps(len(X), 100, None, epochs))
-    fit = EnsembleFit(ensemble, X, y, settings, make_accelerator(cpu=True))
+    fit = EnsembleFit(ensemble, X, y, settings, "cpu")
     if change == "warmup":
         object.__setattr__(fit.settings, "lr_at", lambda step: lr * min(1.0, (step + 1) / 100))
     elif change == "mse":
-        ensemble._member_nll = squared_error
+        ensemble.head.loss = squared_error
     elif change == "mean_first":
-        plain = ensemble._member_nll
-        ensemble._member_nll = lambda out, ys: plain(out, ys) if fit.step >= 20 else squared_error(out, ys)
+        plain = ensemble.head.loss
+        ensemble.head.loss = lambda out, ys: plain(out, ys) if fit.step >= 20 else squared_error(out, ys)
     return ensemble, fit
 
 
@@ -73,7 +72,7 @@ def trace(X, y, lr, nll_beta) -> list[dict]:
             continue
         grad = ensemble.members.grad_norms()  # of the step just taken
         with torch.no_grad():
-            mean, var = _mean_and_variance(ensemble.members(fit.xs.expand(5, -1, -1)))
+            mean, var = mean_and_variance(ensemble.members(fit.xs.expand(5, -1, -1)))
         rows.append({"lr": lr, "nll_beta": nll_beta, "step": fit.step, "loss": float(losses.mean()),
                      "grad_norm_max": float(grad.max()), "var_max": float(var.max()),
                      "var_min": float(var.min()), "var_median": float(var.median()),

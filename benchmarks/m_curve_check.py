@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does the cheap M curve (member subsets of ONE ensemble) agree with a real sweep over M?
 
-    python jobs/m_curve_check.py --dataset bostonHousing --seeds 3
+    python -m benchmarks.m_curve_check --dataset bostonHousing --seeds 3
 
 On one UCI split, with the validation part carved from its training rows: a real Ray Tune sweep
 trains a separate ensemble for every (M, seed); the M curve trains one ensemble of max(M) members
@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from benchmark_uci import REPO, load_uci
+from benchmarks.common import REPO, load_uci
 
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
 from ray_ensembles.sweep import m_curve, tune_ensemble
@@ -40,7 +40,7 @@ def main(argv=None):
     X = torch.tensor(data[:, features], dtype=torch.float32)[rows]
     y = torch.tensor(data[:, [target]], dtype=torch.float32)[rows]
     train, validation = TensorDataset(X, y).split(0.2, seed=0)
-    # the plain NLL at a constant rate, as its README results were measured
+    # the plain NLL at a constant rate, as its results in docs/usage.md were measured
     options = dict(train_num_epochs=args.epochs, train_lr=args.lr, train_batch_size=100, lr_scheduler=False)
     output = Path(args.output)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """MNIST classification and NotMNIST out-of-distribution: the paper's Figures 2a, 3 and 6.
 
-    python jobs/benchmark_mnist.py                       # plain, adversarial, random; M = 1, 5, 10
-    python jobs/benchmark_mnist.py --variants adversarial --num-members 5 --epochs 20
+    python -m benchmarks.benchmark_mnist                       # plain, adversarial, random; M = 1, 5, 10
+    python -m benchmarks.benchmark_mnist --variants adversarial --num-members 5 --epochs 20
 
 Members: 3 hidden layers of 200 ReLU units with batch normalisation, trained on Ray workers.
 Variants: a plain ensemble, adversarial training (FGSM, eps = 1% of each input's range), and the
@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import fail
+from benchmarks.common import REPO, fail
 from torch import nn
 
 from ray_ensembles import DeepEnsembleClassifier, TensorDataset, Trainer
 from ray_ensembles import metrics as M
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 VARIANTS = {"plain": {}, "adversarial": {"use_adversarial_training": True},
             "random": {"use_adversarial_training": True, "perturbation": "random"}}
@@ -113,7 +112,7 @@ def train_variant(name, options, x, y, args, factory=None, epochs=None):
     start = time.perf_counter()
     Trainer(ensemble, TensorDataset(x, y), train_batch_size=args.batch_size, train_lr=args.lr,
             train_num_epochs=epochs or args.epochs, save_every=10 ** 9,
-            lr_scheduler=False,  # the paper's constant rate, as the README's results were measured
+            lr_scheduler=False,  # the paper's constant rate, as its results in docs/benchmarks.md were measured
             scaling_config=ScalingConfig(num_workers=min(args.num_workers, m_max),
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=str((Path(args.output) / "runs").resolve()))).train()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput and peak memory of jobs/predict.py on a large 13-feature Parquet table, M = 5.
 
-    python jobs/benchmark_predict.py [--rows 1000000,10000000,30000000] [--ray-workers 2]
+    python -m benchmarks.benchmark_predict [--rows 1000000,10000000,30000000] [--ray-workers 2]
 
 For each size it writes the table (in row groups, never whole in memory), runs the prediction job
 in a child process, and samples the memory of that process and its children. Peak memory that
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from benchmark_speed import unstacked
+from benchmarks.common import REPO, unstacked
 
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
 
@@ -59,7 +59,7 @@ def run_job(command: list[str]) -> tuple[float, float, float]:
     """(seconds, peak RSS, peak PSS) of one run of a Python script; memory in MiB, summed over
     the process and its children."""
     start = time.perf_counter()
-    proc = psutil.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = psutil.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
     peak_rss = peak_pss = 0
     while proc.poll() is None:
         try:
@@ -77,8 +77,8 @@ def run_job(command: list[str]) -> tuple[float, float, float]:
 @torch.no_grad()
 def naive_columns(ensemble, nets, X: torch.Tensor, coverage: float = 0.9) -> dict[str, torch.Tensor]:
     """The job's regression columns from a loop over the members, each on all of X."""
-    outs = torch.stack([net(ensemble.standardize_x(X)) for net in nets])
-    y_mean, y_std = ensemble.y_mean.float(), ensemble.y_std.float()  # the target is float32
+    outs = torch.stack([net(ensemble.standardizer.standardize_x(X)) for net in nets])
+    y_mean, y_std = ensemble.standardizer.y_mean.float(), ensemble.standardizer.y_std.float()  # the target is float32
     means = outs[..., 0] * y_std + y_mean
     variances = (torch.nn.functional.softplus(outs[..., 1]) + 1e-6) * y_std ** 2
     mean, aleatoric, epistemic = means.mean(0), variances.mean(0), means.var(0, correction=0)
@@ -137,7 +137,7 @@ def main(argv=None):
         if not data.exists():
             write_table(data, rows)
         output, naive_output = work / f"pred_{rows}", work / f"naive_{rows}.parquet"
-        job = [str(Path(__file__).with_name("predict.py")), "--ensemble", str(work / "ensemble"),
+        job = [str(REPO / "jobs" / "predict.py"), "--ensemble", str(work / "ensemble"),
                "--data", str(data), "--batch-size", str(args.batch_size)]
         seconds, peak, _ = run_job([*job, "--output", str(output)])
         compute = naive_rows_per_second(e)
@@ -146,7 +146,7 @@ def main(argv=None):
         line = (f"{rows:>12,} rows: job {seconds:5.1f} s ({rows / seconds:>10,.0f} rows/s, peak RSS {peak:,.0f} MiB); "
                 f"naive compute alone {compute:,.0f} rows/s: {run['speedup_vs_naive_compute']:.1f}x")
         if rows <= NAIVE_JOB_MAX_ROWS:
-            naive_seconds, naive_peak, _ = run_job([__file__, "--naive-job", str(work / "ensemble"), str(data),
+            naive_seconds, naive_peak, _ = run_job(["-m", "benchmarks.benchmark_predict", "--naive-job", str(work / "ensemble"), str(data),
                                                     str(naive_output)])
             run.update(naive_job_seconds=naive_seconds, naive_job_peak_rss_mib=naive_peak,
                        speedup_vs_naive_job=naive_seconds / seconds,

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """What the live progress bar costs a Ray worker's training step.
 
-    python jobs/benchmark_progress.py               # the toy problem's step (the smallest: the worst case)
-    python jobs/benchmark_progress.py --smoke-test  # seconds, for CI
+    python -m benchmarks.benchmark_progress               # the toy problem's step (the smallest: the worst case)
+    python -m benchmarks.benchmark_progress --smoke-test  # seconds, for CI
 
 A worker's `on_step` (`distributed.progress_sender`) reads the clock every step and sends its
 progress to the driver's channel actor every REPORT_EVERY_S. This runs the same training loop in
 one process against a real channel actor on a local Ray, interleaved: without the hook, and with
 it. It also times the hook's two parts on their own, which the whole-run difference (noisy on a
 shared VM) can be checked against: one clock check per step, and one message per interval.
-Writes jobs/results/progress_cost.json.
+Writes benchmarks/results/progress_cost.json.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import ray
 import torch
-from common import toy_data
 
 from ray_ensembles import DeepEnsemble
-from ray_ensembles.distributed import RunChannel, progress_sender
+from ray_ensembles.data import cubic_toy
+from ray_ensembles.reporting import RunChannel, progress_sender
 from ray_ensembles.progress import REPORT_EVERY_S, Every
-from ray_ensembles.training import EnsembleFit, TrainSettings, make_accelerator
+from ray_ensembles.training import EnsembleFit, TrainSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "progress_cost.json"
 
@@ -35,11 +35,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "progress_cost.json"
 def fit_seconds(steps: int, on_step) -> float:
     """Seconds per step of the toy job's training (M = 5, 1 x 100, batch 20 of 20 rows)."""
     torch.manual_seed(0)
-    data = toy_data(20, 0)
+    data = cubic_toy(20, 0)
     ensemble = DeepEnsemble(1, num_members=5, hidden_dim=100)
     ensemble.fit_normalization(data.X, data.y)
     fit = EnsembleFit(ensemble, data.X, data.y, TrainSettings(batch_size=20, lr=0.01, num_steps=steps),
-                      make_accelerator(cpu=True))
+                      "cpu")
     start = time.perf_counter()
     fit.run(on_step=on_step)
     return (time.perf_counter() - start) / steps

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The paper's Table 1: RMSE and NLL on the UCI regression sets under the standard protocol.
 
-    python jobs/benchmark_uci.py                                    # all data sets, all splits
-    python jobs/benchmark_uci.py --datasets bostonHousing,yacht --splits 5 --tuned
+    python -m benchmarks.benchmark_uci                                    # all data sets, all splits
+    python -m benchmarks.benchmark_uci --datasets bostonHousing,yacht --splits 5 --tuned
 
 Per split: standardise on the training rows, train M members (1 x 50 ReLU, 40 epochs, batch 100,
 no adversarial training by default; beta-NLL 1, a cosine schedule and training.horizon_lr's rate
@@ -19,7 +19,6 @@ worker, not once per split.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import time
@@ -27,14 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import fail
+from benchmarks.common import REPO, fail, load_uci, score, write_csv
 
 from ray_ensembles import DeepEnsemble
-from ray_ensembles.metrics import gaussian_nll, mixture_gaussian_nll, rmse
 from ray_ensembles.trainer import num_steps
-from ray_ensembles.training import EnsembleFit, TrainSettings, horizon_lr, make_accelerator
+from ray_ensembles.training import EnsembleFit, TrainSettings, horizon_lr
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = {"bostonHousing": "Boston", "concrete": "Concrete", "energy": "Energy", "kin8nm": "Kin8nm",
          "naval-propulsion-plant": "Naval", "power-plant": "Power", "protein-tertiary-structure": "Protein",
          "wine-quality-red": "Wine (red)", "yacht": "Yacht", "synthetic-hard": "Synthetic (hard regime)"}
@@ -77,18 +74,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_uci(folder: Path, max_splits: int | None = None):
-    """(data, feature columns, target column, [(train rows, test rows), ...]) from the index files."""
-    data = np.loadtxt(folder / "data.txt", ndmin=2)
-    features = np.loadtxt(folder / "index_features.txt", dtype=int, ndmin=1).tolist()
-    target = int(np.loadtxt(folder / "index_target.txt", dtype=int))
-    n_splits = int(np.loadtxt(folder / "n_splits.txt")) if (folder / "n_splits.txt").exists() else \
-        len(list(folder.glob("index_train_*.txt")))
-    splits = [(np.loadtxt(folder / f"index_train_{k}.txt", dtype=int), np.loadtxt(folder / f"index_test_{k}.txt", dtype=int))
-              for k in range(min(n_splits, max_splits or n_splits))]
-    return data, features, target, splits
-
-
 def synthetic_hard_regime(rows: int = 20_000, max_splits: int | None = None, seed: int = 0):
     """load_uci's tuple for data shaped like the hard UCI regime of a physical plant (as Naval):
     12 sensors (std 0.04 to 1,000, on offsets up to 1e4) are set by an operating lever (9
@@ -124,15 +109,9 @@ def train_ensemble(X, y, cfg, on_epoch_end=None) -> DeepEnsemble:
                             adversarial_eps=cfg["adversarial_eps"] or 0.01, seed=cfg["seed"],
                             nll_beta=cfg["nll_beta"])
     ensemble.fit_normalization(X, y)
-    fit = EnsembleFit(ensemble, X, y, settings_for(cfg, len(X)), make_accelerator(cpu=True))
+    fit = EnsembleFit(ensemble, X, y, settings_for(cfg, len(X)), "cpu")
     fit.run(on_epoch_end=on_epoch_end and (lambda epoch, _: on_epoch_end(epoch, ensemble)))
     return ensemble
-
-
-def score(ensemble, X, y) -> dict:
-    pred = ensemble(X)
-    return {"rmse": rmse(pred.mean, y), "nll": gaussian_nll(pred.mean, pred.variance, y),
-            "nll_mixture": mixture_gaussian_nll(pred.member_mean, pred.member_variance, y)}
 
 
 def choose_by_validation(X, y, cfg, seed) -> dict:
@@ -196,13 +175,6 @@ def markdown(summary_rows, tuned: bool) -> str:
             if paper else ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_csv(rows, path: Path):
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv=None):

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Load test: many jobs at once on one small Ray head, with nothing lost and memory bounded.
 
-    python jobs/load_test.py               # 16 members on 2 workers + 4 sweeps + Ray Data predict
-    python jobs/load_test.py --smoke-test  # 4 members + 2 sweeps + predict, about 3 minutes
+    python -m benchmarks.load_test               # 16 members on 2 workers + 4 sweeps + Ray Data predict
+    python -m benchmarks.load_test --smoke-test  # 4 members + 2 sweeps + predict, about 3 minutes
 
 It starts its own local Ray head (2 CPUs, like this machine), submits every job with
 `ray job submit --no-wait`, and waits for all of them. The jobs compete for the same 2 CPUs:
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from common import local_ray_head
+from tests.ray_head import local_ray_head
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
 
 JOBS = Path(__file__).resolve().parent
