@@ -15,9 +15,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import storage
+from . import adversarial, storage
 from .heads import CategoricalHead, GaussianHead
-from .members import ACTIVATIONS, FactoryMembers, StackedMLP, member_seed
+from .members import ACTIVATIONS, build_members, member_seed
 from .predictions import CategoricalPrediction, GaussianMixturePrediction, MemberPrediction
 from .standardize import Standardizer
 from .validation import as_float_tensor, check_choice, check_float, check_int
@@ -74,14 +74,8 @@ class Ensemble(nn.Module):
         self.member_factory = member_factory
         self.member_ids = member_ids
         self.member_seeds = [member_seed(seed, m) for m in member_ids]
-        if member_factory is None:
-            self.members = StackedMLP(num_members, self.dim_in, head.num_outputs, self.hidden_dim,
-                                      self.depth, activation, batch_norm)
-            for i, s in enumerate(self.member_seeds):
-                self.members.reset_member(i, s)
-        else:
-            self.members = FactoryMembers(member_factory, self.member_seeds)
-            self._check_factory_output()
+        self.members = build_members(owner, self.member_seeds, self.dim_in, head.num_outputs, self.hidden_dim,
+                                     self.depth, activation, batch_norm, member_factory)
         self.standardizer = Standardizer(self.dim_in, head.dim_out)
 
     @property
@@ -96,18 +90,6 @@ class Ensemble(nn.Module):
         name = None if factory is None else \
             f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', repr(factory))}"
         return {**{k: getattr(self, k) for k in ARCHITECTURE}, **self.head.config, "member_factory": name}
-
-    @torch.no_grad()
-    def _check_factory_output(self):
-        net = self.members.nets[0]
-        was_training = net.training
-        net.eval()
-        out = self.members(torch.zeros(1, 2, self.dim_in))[0]
-        net.train(was_training)
-        if out.shape != (2, self.head.num_outputs):
-            raise ValueError(f"The 'member_factory' of {type(self).__name__} must build modules mapping "
-                             f"(B, {self.dim_in}) to (B, {self.head.num_outputs}). Got output shape "
-                             f"{tuple(out.shape)} for B=2 instead.")
 
     @property
     def num_members(self) -> int:
@@ -156,35 +138,9 @@ class Ensemble(nn.Module):
         return self.member_losses(self.standardizer.standardize_x(x), self.standardizer.standardize_y(y)).sum()
 
     def member_losses(self, xs, ys, step: int | None = None):
-        """Per-member training loss (M,) on standardised inputs xs, (B, D) or (M, B, D).
-
-        With adversarial training, member m minimises loss(x) + loss(x') with
-        x' = x + eps * sign(grad_x loss_m(x)). The input gradient comes from autograd.grad, so no
-        parameter's .grad is touched; summing member losses keeps each member's gradient its own.
-        `perturbation="random"` is the paper's control: a random sign instead of the gradient's,
-        drawn from (member seed, step).
-        """
-        xs = xs.expand(self.num_members, *xs.shape[-2:])
-        loss = self.head.loss
-        if not (self.use_adversarial_training and self.adversarial_eps > 0):
-            return loss(self.members(xs), ys)
-        step_size = self.adversarial_step
-        if self.perturbation == "random":
-            x_adv = xs + step_size * self._random_signs(xs.shape, step)
-            return loss(self.members(xs), ys) + loss(self.members(x_adv), ys)
-        xs = xs.detach().clone().requires_grad_(True)
-        clean = loss(self.members(xs), ys)
-        (grad_x,) = torch.autograd.grad(clean.sum(), xs, retain_graph=True)
-        x_adv = (xs + step_size * grad_x.sign()).detach()
-        return clean + loss(self.members(x_adv), ys)
-
-    def _random_signs(self, shape, step):
-        """(M, B, D) random +/-1, member m's from (its seed, step) when the step is known."""
-        if step is None:
-            return torch.randint(0, 2, shape, device=self.device) * 2.0 - 1.0
-        signs = [torch.randint(0, 2, shape[1:], generator=torch.Generator().manual_seed(
-                 member_seed(s, step, attempt=1))) for s in self.member_seeds]  # once per member per step
-        return torch.stack(signs).to(self.device) * 2.0 - 1.0
+        """Per-member training loss (M,) on standardised inputs xs, (B, D) or (M, B, D), with
+        each member's own adversarial term when adversarial training is on (`adversarial`)."""
+        return adversarial.member_losses(self, xs.expand(self.num_members, *xs.shape[-2:]), ys, step)
 
     # inference ----------------------------------------------------------------------------------
 
@@ -248,34 +204,8 @@ class Ensemble(nn.Module):
 
     @classmethod
     def load(cls, path, members: Sequence[int] | None = None, *, member_factory=None, map_location="cpu"):
-        """Load a saved ensemble, or the subset of it with the given member ids.
-
-        An ensemble of factory-built members needs the same `member_factory` again: the
-        manifest only names it, and loading never imports or runs code named in a file.
-        """
-        path = Path(path)
-        manifest = storage.read_manifest(path)
-        if manifest["task"] != cls.head_class.task:
-            raise ValueError(f"{path} holds a {manifest['task']} ensemble; load it with the "
-                             f"{manifest['task']} class, not {cls.__name__}.")
-        entries = {e["id"]: e for e in manifest["members"]}
-        ids = list(entries) if members is None else list(members)
-        unknown = [m for m in ids if m not in entries]
-        if unknown or not ids:
-            raise ValueError(f"The 'members' parameter of {cls.__name__}.load must be a non-empty "
-                             f"list of ids in {sorted(entries)}. Got {members!r} instead.")
-        saved_factory = manifest["config"].get("member_factory")
-        if saved_factory is not None and member_factory is None:
-            raise ValueError(f"{path} holds members built by the factory {saved_factory}; pass that "
-                             f"callable as {cls.__name__}.load(..., member_factory=...).")
-        try:
-            ensemble = build_ensemble(manifest["task"], manifest["config"], ids, member_factory)
-            ensemble.standardizer.load_state(manifest["normalization"])
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"The manifest in {path} does not describe a valid {cls.__name__}: "
-                             f"{err}") from None
-        storage.load_members(path, ensemble)
-        return ensemble.to(map_location).eval()
+        """Load a saved ensemble, or the subset of it with the given member ids (`load_ensemble`)."""
+        return load_ensemble(path, members, member_factory=member_factory, map_location=map_location, cls=cls)
 
     # input checks, for every module that takes inputs for this ensemble -----------------------
 
@@ -365,3 +295,36 @@ def build_ensemble(task: str, config: dict, member_ids: list[int], member_factor
     the one place that maps a task to its class."""
     return ENSEMBLE_CLASSES[task](**dict(config, member_factory=member_factory),
                                   num_members=len(member_ids), member_ids=list(member_ids))
+
+
+def load_ensemble(path, members: Sequence[int] | None = None, *, member_factory=None, map_location="cpu",
+                  cls: type[Ensemble] | None = None) -> Ensemble:
+    """The ensemble saved at `path` (of class `cls`, or whichever its manifest says), or the
+    subset with the given member ids, every member file checked by `storage.read_members`.
+
+    An ensemble of factory-built members needs the same `member_factory` again: the manifest
+    only names it, and loading never imports or runs code named in a file.
+    """
+    path = Path(path)
+    manifest = storage.read_manifest(path)
+    cls = cls or ENSEMBLE_CLASSES[manifest["task"]]
+    if manifest["task"] != cls.head_class.task:
+        raise ValueError(f"{path} holds a {manifest['task']} ensemble; load it with the "
+                         f"{manifest['task']} class, not {cls.__name__}.")
+    entries = {e["id"]: e for e in manifest["members"]}
+    ids = list(entries) if members is None else list(members)
+    unknown = [m for m in ids if m not in entries]
+    if unknown or not ids:
+        raise ValueError(f"The 'members' parameter of {cls.__name__}.load must be a non-empty "
+                         f"list of ids in {sorted(entries)}. Got {members!r} instead.")
+    saved_factory = manifest["config"].get("member_factory")
+    if saved_factory is not None and member_factory is None:
+        raise ValueError(f"{path} holds members built by the factory {saved_factory}; pass that "
+                         f"callable as {cls.__name__}.load(..., member_factory=...).")
+    try:
+        ensemble = build_ensemble(manifest["task"], manifest["config"], ids, member_factory)
+        ensemble.standardizer.load_state(manifest["normalization"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"The manifest in {path} does not describe a valid {cls.__name__}: {err}") from None
+    storage.load_members(path, ensemble)
+    return ensemble.to(map_location).eval()

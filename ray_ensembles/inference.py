@@ -17,9 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import storage
 from .data import filesystem_for
-from .ensemble import ENSEMBLE_CLASSES
+from .ensemble import load_ensemble
 
 
 def reuse_freed_memory():
@@ -51,8 +50,7 @@ def load_any(path_or_uri: str, map_location="cpu"):
 
 
 def _load_directory(directory: Path, map_location):
-    task = storage.read_manifest(directory)["task"]
-    return ENSEMBLE_CLASSES[task].load(directory, map_location=map_location)
+    return load_ensemble(directory, map_location=map_location)
 
 
 def feature_columns(ensemble, column_names: list[str], features: list[str] | None = None) -> list[str]:

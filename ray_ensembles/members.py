@@ -230,3 +230,25 @@ class FactoryMembers(nn.Module):
     def load_member_state(self, index: int, state: dict[str, torch.Tensor]):
         _check_state(self.nets[index].state_dict(), state, lambda v: v.shape)
         self.nets[index].load_state_dict(state)
+
+
+def build_members(owner: str, seeds: list[int], dim_in: int, dim_out: int, hidden_dim: int, depth: int,
+                  activation: str, batch_norm: bool, member_factory=None) -> StackedMLP | FactoryMembers:
+    """One member per seed, each initialised from its own seed: stacked MLPs, or the modules
+    `member_factory` builds, checked to map (B, dim_in) to (B, dim_out)."""
+    if member_factory is None:
+        members = StackedMLP(len(seeds), dim_in, dim_out, hidden_dim, depth, activation, batch_norm)
+        for i, s in enumerate(seeds):
+            members.reset_member(i, s)
+        return members
+    members = FactoryMembers(member_factory, seeds)
+    net = members.nets[0]
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        out = members(torch.zeros(1, 2, dim_in))[0]
+    net.train(was_training)
+    if out.shape != (2, dim_out):
+        raise ValueError(f"The 'member_factory' of {owner} must build modules mapping (B, {dim_in}) to "
+                         f"(B, {dim_out}). Got output shape {tuple(out.shape)} for B=2 instead.")
+    return members

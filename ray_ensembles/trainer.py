@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
 from pathlib import Path
 
 import torch.utils.data
@@ -29,6 +28,30 @@ def num_steps(num_rows: int, batch_size: int, steps: int | None, epochs: int | N
     if epochs is not None:
         return check_int("Trainer", "train_num_epochs", epochs, minimum=1) * math.ceil(num_rows / batch_size)
     return check_int("Trainer", "train_num_steps", TrainSettings.num_steps if steps is None else steps, minimum=1)
+
+
+def check_datasets(ensemble, dataset, validation_dataset) -> tuple[TensorDataset, TensorDataset | None]:
+    """The Trainer's data, as TensorDatasets (a torch one is converted), checked against the
+    ensemble: a wrong width, target shape or label fails here, before anything starts."""
+    if not isinstance(ensemble, Ensemble):
+        raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
+                        f"DeepEnsembleClassifier. Got {type(ensemble).__name__} instead.")
+    checked = []
+    for name, data in [("dataset", dataset), ("validation_dataset", validation_dataset)]:
+        if isinstance(data, torch.utils.data.TensorDataset):
+            data = TensorDataset.from_torch(data)
+        if data is not None:
+            if not isinstance(data, TensorDataset):
+                raise TypeError(f"The '{name}' parameter of Trainer must be a TensorDataset. "
+                                f"Got {type(data).__name__} instead.")
+            if data.X.shape[1] != ensemble.dim_in:
+                raise ValueError(f"The '{name}' parameter of Trainer must have dim_in={ensemble.dim_in} "
+                                 f"input columns. Got {data.X.shape[1]} instead.")
+            ensemble.check_y(data.y, len(data))
+        checked.append(data)
+    if checked[0] is None:
+        raise TypeError("The 'dataset' parameter of Trainer must be a TensorDataset. Got NoneType instead.")
+    return checked[0], checked[1]
 
 
 class Trainer:
@@ -74,22 +97,8 @@ class Trainer:
                  lr_scheduler: bool = TrainSettings.lr_scheduler, refit_normalization: bool = False,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
                  metrics_callback=None, loggers=()):
-        owner = "Trainer"
-        if isinstance(dataset, torch.utils.data.TensorDataset):
-            dataset = TensorDataset.from_torch(dataset)
-        if isinstance(validation_dataset, torch.utils.data.TensorDataset):
-            validation_dataset = TensorDataset.from_torch(validation_dataset)
-        if not isinstance(ensemble, Ensemble):
-            raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
-                            f"DeepEnsembleClassifier. Got {type(ensemble).__name__} instead.")
-        if not isinstance(dataset, TensorDataset):
-            raise TypeError(f"The 'dataset' parameter of Trainer must be a TensorDataset. "
-                            f"Got {type(dataset).__name__} instead.")
-        if dataset.X.shape[1] != ensemble.dim_in:
-            raise ValueError(f"The 'dataset' parameter of Trainer must have dim_in={ensemble.dim_in} "
-                             f"input columns. Got {dataset.X.shape[1]} instead.")
-        ensemble.check_y(dataset.y, len(dataset))  # wrong target shape or labels: fail now
-        batch_size = check_int(owner, "train_batch_size", train_batch_size, minimum=1)  # the length needs it
+        dataset, validation_dataset = check_datasets(ensemble, dataset, validation_dataset)
+        batch_size = check_int("Trainer", "train_batch_size", train_batch_size, minimum=1)  # the length needs it
         self.settings = TrainSettings(  # checks every option of the loop
             batch_size=batch_size, lr=train_lr,
             num_steps=num_steps(len(dataset), batch_size, train_num_steps, train_num_epochs),
@@ -105,12 +114,6 @@ class Trainer:
         if metrics_callback is not None and not callable(metrics_callback):
             raise TypeError(f"The 'metrics_callback' parameter of Trainer must be callable (it gets "
                             f"each history entry). Got {metrics_callback!r} instead.")
-        if validation_dataset is not None:
-            if not isinstance(validation_dataset, TensorDataset):
-                raise TypeError("The 'validation_dataset' parameter of Trainer must be a TensorDataset. "
-                                f"Got {type(validation_dataset).__name__} instead.")
-            ensemble.check_x(validation_dataset.X, allow_members=False, move=False)
-            ensemble.check_y(validation_dataset.y, len(validation_dataset))
 
         self.ensemble = ensemble
         self.dataset = dataset
@@ -188,19 +191,7 @@ class Trainer:
         self._load_checkpoint(self.milestone_path(check_int("Trainer.load", "milestone", milestone, minimum=0)))
 
     def _load_checkpoint(self, path: Path):
-        manifest = storage.read_manifest(path)
-        if manifest["config"] != self.ensemble.config or manifest["task"] != self.ensemble.task:
-            raise ValueError(f"Checkpoint {path} was saved by a {manifest['task']} ensemble with config "
-                             f"{manifest['config']}, not this one's {self.ensemble.config}.")
-        if "training" not in manifest:
-            raise ValueError(f"{path} holds an ensemble without training state; load it with "
-                             f"{type(self.ensemble).__name__}.load, or train it afresh.")
-        saved = manifest["training"]["settings"]
-        changed = {k: (saved[k], v) for k, v in dataclasses.asdict(self.settings).items() if k in saved and saved[k] != v}
-        if changed:
-            warnings.warn(f"Resuming {path} with other training settings (saved -> now): "
-                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
-        self.ensemble.standardizer.load_state(manifest["normalization"])
+        checkpoint.check_resumable(path, self.ensemble, self.settings)  # takes its normalisation
         fit = self._new_fit()
         checkpoint.restore(fit, path)  # refuses other data
         self._fit, self.resume_path = fit, path
