@@ -156,7 +156,7 @@ class Trainer:
         milestone = math.ceil(fit.step / self.settings.save_every)
         self.checkpoint_path = checkpoint.save(fit, self._checkpoint_folder() / f"checkpoint-{milestone}")
         entries, self._pending_epochs = self._pending_epochs, []
-        self.emit(attach_validation(entries, fit.step, self._validation_metrics(fit.evaluate)))
+        self.emit(attach_validation(entries, fit.step, self._validation_metrics(fit.evaluate, fit.ensemble.member_ids)))
 
     def emit(self, entries: list[dict]):
         """History entries to `history`, the callback and the loggers: the same entries, at the
@@ -224,7 +224,8 @@ class Trainer:
             elif launched_rank()[1] > 1:
                 self._train_launched()
             else:
-                self._train_here()
+                fit = self._train_here()
+                self.metrics = self._final_metrics(dict(zip(fit.ensemble.member_ids, fit.last_finite_loss.tolist())))
         except BaseException:
             self._fit, self.resume_path = None, self._this_runs_checkpoint()
             raise
@@ -272,7 +273,6 @@ class Trainer:
                     on_epoch_end=lambda epoch, losses: self._report_epoch(fit, epoch, losses))
         finally:
             bar.close()
-        self.metrics = self._final_metrics(dict(zip(fit.ensemble.member_ids, fit.last_finite_loss.tolist())))
         return fit
 
     def _train_launched(self):
@@ -304,21 +304,21 @@ class Trainer:
         """The latest value of `key` in the history (e.g. "val_nll"), or None."""
         return next((entry[key] for entry in reversed(self.history) if key in entry), None)
 
-    def _validation_metrics(self, evaluate) -> dict:
+    def _validation_metrics(self, evaluate, member_ids: list[int]) -> dict:
+        """Validation metrics of the members `evaluate` scores, which have these ids."""
         if self.validation_dataset is None:
             return {}
         log_lik, points = evaluate(self.validation_dataset.X, self.validation_dataset.y)
-        return ensemble_validation_metrics(self.ensemble.task, self.ensemble.member_ids, log_lik,
-                                           points, self.validation_dataset.y)
+        return ensemble_validation_metrics(self.ensemble.task, member_ids, log_lik, points, self.validation_dataset.y)
 
     def _report_epoch(self, fit, epoch, member_losses):
         self._pending_epochs.append({"epoch": epoch, "step": fit.step, "member_train_loss": dict(
-            zip(self.ensemble.member_ids, member_losses.tolist()))})
+            zip(fit.ensemble.member_ids, member_losses.tolist()))})
 
     def _final_metrics(self, train_losses: dict[int, float]) -> dict:
         """{"members": {id: {"train_loss", "val_nll"}}, and ensemble "val_nll", "val_rmse"/"val_accuracy"}."""
         members = {m: {"train_loss": loss} for m, loss in train_losses.items()}
-        validation = self._validation_metrics(self.ensemble.evaluate_members)
+        validation = self._validation_metrics(self.ensemble.evaluate_members, self.ensemble.member_ids)
         for m, nll in validation.pop("member_val_nll", {}).items():
             members[m]["val_nll"] = nll
         return {"members": members, **validation}

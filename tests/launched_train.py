@@ -13,8 +13,9 @@ from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
 G = torch.Generator().manual_seed(0)
 X = torch.randn(150, 3, generator=G)
 Y = X[:, :1] * X[:, 1:2] + 0.1 * torch.randn(150, 1, generator=G)
+VALIDATION = TensorDataset(torch.randn(40, 3, generator=G), torch.randn(40, 1, generator=G))
 OPTIONS = dict(train_batch_size=32, train_num_epochs=6, train_lr=3e-3, ema_decay=0.9, ema_update_every=1,
-               max_grad_norm=1.0, save_every=10, cpu=True)
+               max_grad_norm=1.0, save_every=10, cpu=True, validation_dataset=VALIDATION)
 
 
 def train(results_folder) -> Trainer:
@@ -31,4 +32,4 @@ if __name__ == "__main__":
     trainer = train(out)
     (out / f"rank-{os.environ['RANK']}.json").write_text(json.dumps({
         "placement": trainer.placement, "checkpoint": str(trainer.checkpoint_path),
-        "mean": trainer.ensemble(X).mean.tolist(), "train_loss": trainer.metrics["members"]}))
+        "mean": trainer.ensemble(X).mean.tolist(), "metrics": trainer.metrics, "history": trainer.history}))

@@ -2,14 +2,15 @@
 with): each process trains its round-robin share, rank 0 assembles."""
 
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import launched_train
+from conftest import REPO
 from ray_ensembles import DeepEnsemble
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.e2e
 def test_two_torchrun_processes_train_the_in_process_ensemble(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     launched_train.__file__, str(tmp_path / "launched")], check=True, timeout=300,
-                   cwd=Path(__file__).parents[1])
+                   cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))  # this tree's package
     ranks = [json.loads((tmp_path / "launched" / f"rank-{r}.json").read_text()) for r in range(2)]
     base = launched_train.train(tmp_path / "in-process")
     # members went round-robin to the ranks, and rank 0 assembled them into one checkpoint
@@ -30,4 +31,7 @@ def test_two_torchrun_processes_train_the_in_process_ensemble(tmp_path):
     for rank in ranks:  # every process ends holding the whole ensemble
         torch.testing.assert_close(torch.tensor(rank["mean"]), base.ensemble(launched_train.X).mean,
                                    atol=1e-5, rtol=1e-5)
-        assert rank["train_loss"].keys() == {"0", "1", "2"}
+        assert rank["metrics"]["val_nll"] == pytest.approx(base.metrics["val_nll"], rel=1e-5)
+        assert rank["metrics"]["members"].keys() == {"0", "1", "2"}
+    # each rank's history holds its own members' epochs
+    assert [set(h["member_train_loss"]) for h in ranks[1]["history"] if "member_train_loss" in h][0] == {"1"}
