@@ -6,6 +6,7 @@ import os
 import sys
 
 from ray_ensembles.data import cubic_toy, read_table, table_to_dataset
+from ray_ensembles.locations import check_store
 
 
 def add_data_arguments(parser):
@@ -34,6 +35,7 @@ def load_data(args, allow_no_validation: bool = True):
     if not args.target:
         raise ValueError("The '--target' option is required with --data. Got nothing instead.")
     features = args.features.split(",") if args.features else None
+    check_store(args.data, "--data")
     dataset = table_to_dataset(read_table(args.data), args.target, features, args.task)
     if args.validation_fraction == 0 and allow_no_validation:
         return dataset, None
@@ -98,7 +100,8 @@ def num_classes(*datasets) -> int:
     return max(2, max(int(d.y.max()) for d in datasets if d is not None) + 1)
 
 
-def fail(message: str):
-    """Exit with one line: the jobs' contract for bad options and data."""
+def fail(message: str, status: int = 2):
+    """Exit with one line: the jobs' contract for bad options and data (status 2) and for a store
+    that failed during the run (status 1)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)

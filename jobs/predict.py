@@ -39,8 +39,10 @@ import torch
 from common import add_console_arguments, fail, say, start_ray
 
 from ray_ensembles import storage
-from ray_ensembles.data import filesystem_for, table_source
-from ray_ensembles.inference import BatchPredictor, feature_columns, load_any
+from ray_ensembles.data import table_source
+from ray_ensembles.ensemble import load_ensemble
+from ray_ensembles.inference import BatchPredictor, feature_columns
+from ray_ensembles.locations import check_store, filesystem_for, is_uri
 
 MARKER = "_ray_ensembles_predictions.json"  # marks a folder this job wrote; Parquet readers skip "_" files
 
@@ -72,14 +74,14 @@ def check_output(args) -> str:
     def ours(path) -> bool:
         return (Path(path) / MARKER).is_file()
 
-    if "://" in args.output:
+    if is_uri(args.output):
         filesystem, root = filesystem_for(args.output, "--output")
         listing = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
         if listing and not args.overwrite and not any(i.base_name == MARKER for i in listing):
             raise ValueError(f"Refusing to write predictions to {args.output}: it holds files this job "
                              "did not write. Choose a new folder, or pass --overwrite.")
         return args.output
-    protect = [p for p in (args.data, args.ensemble) if "://" not in p]
+    protect = [p for p in (args.data, args.ensemble) if not is_uri(p)]
     return str(storage.check_writable(Path(args.output), is_ours=ours, what="predictions",
                                       overwrite=args.overwrite, protect=protect))
 
@@ -171,8 +173,11 @@ def main(argv=None):
             raise ValueError(f"'--batch-size' and '--threads' must be >= 1, '--num-workers' >= 0 and "
                              f"'--coverage' in (0, 1). Got {args.batch_size}, {args.threads}, "
                              f"{args.num_workers}, {args.coverage} instead.")
+        for location, option in [(args.ensemble, "--ensemble"), (args.data, "--data")]:
+            check_store(location, option)
+        check_store(args.output, "--output", write=True)
         output = check_output(args)
-        ensemble = load_any(args.ensemble)  # a clear error for a missing or damaged ensemble
+        ensemble = load_ensemble(args.ensemble)  # a clear error for a missing or damaged ensemble
         filesystem, path, fmt = table_source(args.data, "--data")
         features = args.features.split(",") if args.features else None
         # opened once: listing a folder and reading its footers is I/O, on S3 a round trip each
@@ -188,7 +193,7 @@ def main(argv=None):
         fail(str(err))
 
     # write next to the target, then swap it in: a failed run leaves no half-written output
-    local_output = "://" not in output
+    local_output = not is_uri(output)
     final = Path(output) if local_output else None
     target = str(final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")) if local_output else output
     kwargs = dict(features=features, coverage=args.coverage, use_gpu=args.use_gpu, keep=keep)
@@ -241,7 +246,7 @@ def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dict
     # task of a 30M-row file held 3.6 GiB, and all the job's processes 6.2 GiB (3.9 without).
     ray.data.DataContext.get_current().use_datasource_v2 = False
     io_tasks = dict(num_cpus=0, concurrency=args.num_workers)
-    source = args.data if "://" in args.data else path
+    source = args.data if is_uri(args.data) else path
     if fmt == "parquet":
         dataset = ray.data.read_parquet(source, **io_tasks, **NO_READ_AHEAD)
     else:
@@ -252,7 +257,7 @@ def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dict
                                   num_cpus=args.cpus_per_worker, num_gpus=1 if args.use_gpu else 0)
     dataset.write_parquet(target, ray_remote_args={"num_cpus": 0}, concurrency=args.num_workers,
                           use_dictionary=use_dictionary)
-    return pq.ParquetDataset(target).read(columns=[]).num_rows if "://" not in target else -1
+    return pq.ParquetDataset(target).read(columns=[]).num_rows if not is_uri(target) else -1
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 from common import add_console_arguments, add_data_arguments, default_lr, fail, load_data, loggers, num_classes, say, start_ray
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
-from ray_ensembles.data import filesystem_for
 from ray_ensembles.distributed import resources_per_worker
+from ray_ensembles.locations import check_store, filesystem_for
 from ray_ensembles.placement import assign_members
 
 
@@ -120,6 +120,7 @@ def run_config(args, output: Path):
     from ray.train import FailureConfig, LoggingConfig, RunConfig
 
     storage = args.storage_path or str((output / "runs").resolve())
+    check_store(storage, "--storage-path", write=True)
     if args.name:
         filesystem, root = filesystem_for(storage, "--storage-path")
         exists = filesystem.get_file_info(f"{root}/{args.name}").type != pyarrow.fs.FileType.NotFound
@@ -154,12 +155,12 @@ def report(trainer, output: Path, args):
         print(json.dumps({k: summary[k] for k in ("metrics", "placement", "timings", "checkpoint", "ensemble")},
                          default=str))
         return
-    print(f"\n{'member':>6} {'seed':>20} {'train loss':>11} {'val NLL':>9}  worker, device (Ray's GPU ids)")
+    print(f"\n{'member':>6} {'seed':>20} {'train loss':>11} {'val NLL':>9}  worker, node, device (Ray's GPU ids)")
     for i, (m, row) in enumerate(metrics["members"].items()):
         where = trainer.placement[m]
         gpus = f" ({','.join(where['gpu_ids'])})" if where["gpu_ids"] else ""
         print(f"{m:>6} {trainer.ensemble.member_seeds[i]:>20} {row['train_loss']:>11.4f} "
-              f"{row.get('val_nll', float('nan')):>9.4f}  {where['rank']}, {where['device']}{gpus}")
+              f"{row.get('val_nll', float('nan')):>9.4f}  {where['rank']}, {where['node_id'][:8]}, {where['device']}{gpus}")
     summary = {k: v for k, v in metrics.items() if k != "members"}
     if summary:
         print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
@@ -203,6 +204,8 @@ def main(argv=None):
         trainer.train()
     except (ValueError, TypeError) as err:
         fail(str(err))
+    except OSError as err:  # the store, during the run: the message names it (check_storage_after)
+        fail(" ".join(str(err).split()), status=1)
     output.mkdir(parents=True, exist_ok=True)
     ensemble.save(output / "ensemble")
     report(trainer, output, args)

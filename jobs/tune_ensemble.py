@@ -20,7 +20,8 @@ from pathlib import Path
 
 from common import add_console_arguments, add_data_arguments, default_lr, fail, load_data, num_classes, say, start_ray
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, Trainer
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, Trainer, storage
+from ray_ensembles.locations import check_store
 from ray_ensembles.sweep import m_curve, normalize_param_space, tune_ensemble
 
 
@@ -134,7 +135,8 @@ def run_sweep(args, space, train, validation, output: Path):
         if r.get("val_nll") is not None:
             series.setdefault(r["adversarial_eps"], []).append((r["num_members"], r["val_nll"]))
     plot(series, output / "val_nll_vs_m.png")
-    shutil.copytree(result.best_ensemble_path, output / "best_ensemble", dirs_exist_ok=True)
+    with storage.local_copy(result.best_ensemble_path) as best:
+        shutil.copytree(best, output / "best_ensemble", dirs_exist_ok=True)
     say(args, f"best: {result.best_config} -> {output / 'best_ensemble'}")
 
 
@@ -195,6 +197,8 @@ def main(argv=None):
         train, validation = load_data(args, allow_no_validation=False)
         if args.lr is None:
             args.lr = [default_lr(args, len(train))]
+        if args.storage_path:
+            check_store(args.storage_path, "--storage-path", write=True)
         say(args, start_ray(args))
         if args.m_curve:
             run_m_curve(args, train, validation, output)

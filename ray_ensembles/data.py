@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .locations import filesystem_for
 from .validation import as_float_tensor, as_labels, as_tensor
 
 
@@ -72,21 +72,6 @@ class TensorDataset:
         parts = order[n_val:], order[:n_val]
         return tuple(TensorDataset(self.X[i], self.y[i], feature_names=self.feature_names)
                      for i in parts)
-
-
-def filesystem_for(path_or_uri: str, name: str = "data"):
-    """(pyarrow filesystem, path) for a local path or any URI pyarrow.fs understands
-    (s3://, gs://, hdfs://, file://); a clear error naming `name` for an unsupported scheme."""
-    import pyarrow
-    import pyarrow.fs
-
-    try:
-        return pyarrow.fs.FileSystem.from_uri(str(path_or_uri))
-    except (pyarrow.ArrowInvalid, ValueError) as err:
-        if "://" in str(path_or_uri):
-            raise ValueError(f"The '{name}' parameter must be a local path or a URI that pyarrow.fs "
-                             f"supports. Got {path_or_uri!r} instead ({err}).") from None
-        return pyarrow.fs.LocalFileSystem(), str(Path(path_or_uri).resolve())
 
 
 def table_source(path_or_uri: str, name: str = "data"):

@@ -27,6 +27,7 @@ from safetensors.torch import save as safetensors_save
 
 from . import checkpoint, storage
 from .ensemble import build_ensemble
+from .locations import check_store, is_uri, join
 from .placement import assign_members, local_device
 from .ray_internals import data_parallel_trainer, quiet_worker_reports
 from .reporting import EpochMetricsCallback, Follower, RunChannel, progress_sender
@@ -40,8 +41,8 @@ POLL_ENV, POLL_DEFAULT_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 @dataclasses.dataclass
 class RayFit:
-    """What a Ray fit returns. `placement`: member id -> the worker rank, device and GPU ids that
-    trained it; `timings`: seconds (workers run in parallel, so their figures are maxima)."""
+    """What a Ray fit returns. `placement`: member id -> the worker rank, Ray node id, device and
+    GPU ids that trained it; `timings`: seconds (workers run in parallel, so their figures are maxima)."""
 
     checkpoint_path: str | Path
     run_name: str
@@ -134,8 +135,12 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     follower = Follower(channel, emit or (lambda entries: None), ensemble.num_members * settings.num_steps, progress)
     try:
         with env_default(POLL_ENV, POLL_DEFAULT_S):  # the driver's value reaches the controller
-            result = data_parallel_trainer()(_train_worker, train_loop_config=config, backend_config=BackendConfig(),
-                                             scaling_config=sc, run_config=rc).fit()
+            try:
+                result = data_parallel_trainer()(_train_worker, train_loop_config=config, backend_config=BackendConfig(),
+                                                 scaling_config=sc, run_config=rc).fit()
+            except ray.train.TrainingFailedError as err:
+                check_storage_after(err, rc)
+                raise
     finally:
         try:
             follower.stop()
@@ -146,7 +151,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     fit_done = time.time()
     with result.checkpoint.as_directory() as directory:
         metadata = storage.load_members(directory, ensemble)  # the coordinator
-    path = _publish(ensemble, rc.storage_path, rc.name)
+    path = ensemble.save(join(rc.storage_path, rc.name, "ensemble"))
     ensemble.eval()
     timing = [meta["timing"] for meta in metadata.values()]
     return RayFit(checkpoint_path=path, run_name=rc.name,
@@ -156,6 +161,20 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
                            "training_s": max(t["training_s"] for t in timing),
                            "checkpoint_s": max(t["checkpoint_s"] for t in timing),
                            "ray_train_total_s": fit_done - started, "assembly_s": time.time() - fit_done})
+
+
+def check_storage_after(err, run_config):
+    """After a failed run: if an I/O error stopped it and its storage URI does not answer now,
+    an OSError that says so in one line, naming the URI; otherwise nothing (the caller re-raises)."""
+    failures = [getattr(err, "controller_failure", None), *getattr(err, "worker_failures", {}).values()]
+    if not is_uri(run_config.storage_path) or not any(isinstance(f, OSError) for f in failures):
+        return
+    try:
+        check_store(run_config.storage_path, "storage_path", write=True)
+    except ValueError as down:
+        raise OSError(f"The Ray run {run_config.name} stopped because its storage failed. {down}. Its "
+                      "checkpoints so far are kept: once the store answers, run it again with the same "
+                      "name to resume (the jobs: --resume).") from err
 
 
 @contextlib.contextmanager
@@ -169,20 +188,6 @@ def env_default(name: str, value: str):
         yield
     finally:
         os.environ.pop(name, None)
-
-
-def _publish(ensemble, storage_path: str, name: str) -> str | Path:
-    """Save the assembled ensemble as `<storage_path>/<name>/ensemble` (local path or URI)."""
-    import pyarrow.fs
-
-    if "://" not in storage_path:
-        return ensemble.save(Path(storage_path) / name / "ensemble")
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = ensemble.save(Path(tmp) / "ensemble")
-        pyarrow.fs.copy_files(str(local), f"{root.rstrip('/')}/{name}/ensemble",
-                              destination_filesystem=filesystem)
-    return f"{storage_path.rstrip('/')}/{name}/ensemble"
 
 
 def _train_worker(config):
@@ -210,7 +215,7 @@ def _train_worker(config):
 
     timing = {"started": time.time(), "checkpoint_s": 0.0}
     # the GPU ids are Ray's (the node's numbering); inside the worker its one GPU is cuda:0
-    placement = {"rank": rank, "device": str(fit.ensemble.device),
+    placement = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "device": str(fit.ensemble.device),
                  "gpu_ids": [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]}
     epochs = []  # per-epoch training losses since the last report
 

@@ -198,8 +198,9 @@ class Ensemble(nn.Module):
             new.member_seeds[j] = self.member_seeds[index[m]]
         return new.to(self.device)
 
-    def save(self, path) -> Path:
-        """Save as an ensemble directory (see `storage`), replacing `path` atomically."""
+    def save(self, path) -> Path | str:
+        """Save as an ensemble directory (see `storage`), replacing `path` (a folder or a URI)
+        atomically."""
         return storage.write_ensemble(path, self)
 
     @classmethod
@@ -303,9 +304,16 @@ def load_ensemble(path, members: Sequence[int] | None = None, *, member_factory=
     subset with the given member ids, every member file checked by `storage.read_members`.
 
     An ensemble of factory-built members needs the same `member_factory` again: the manifest
-    only names it, and loading never imports or runs code named in a file.
+    only names it, and loading never imports or runs code named in a file. `path` may be a URI.
     """
-    path = Path(path)
+    with storage.local_copy(path) as directory:
+        try:
+            return _load_directory(directory, members, member_factory, map_location, cls)
+        except ValueError as err:  # name the URI, not the temporary download
+            raise ValueError(str(err).replace(str(directory), str(path))) from None
+
+
+def _load_directory(path: Path, members, member_factory, map_location, cls) -> Ensemble:
     manifest = storage.read_manifest(path)
     cls = cls or ENSEMBLE_CLASSES[manifest["task"]]
     if manifest["task"] != cls.head_class.task:

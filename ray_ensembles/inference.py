@@ -10,14 +10,12 @@ ensemble, so column order and extra columns do not matter.
 from __future__ import annotations
 
 import ctypes
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .data import filesystem_for
 from .ensemble import load_ensemble
 
 
@@ -35,22 +33,6 @@ def reuse_freed_memory():
         libc.mallopt(m_trim_threshold, 64 << 20)
     except (OSError, AttributeError):
         pass
-
-
-def load_any(path_or_uri: str, map_location="cpu"):
-    """A saved DeepEnsemble or DeepEnsembleClassifier, whichever the manifest says, from a folder
-    or a URI (downloaded to a temporary folder, removed once loaded)."""
-    if "://" not in str(path_or_uri):
-        return _load_directory(Path(path_or_uri), map_location)
-    import pyarrow.fs
-    filesystem, root = filesystem_for(path_or_uri, "ensemble")
-    with tempfile.TemporaryDirectory(prefix="ensemble-") as local:
-        pyarrow.fs.copy_files(root, local, source_filesystem=filesystem)
-        return _load_directory(Path(local), map_location)
-
-
-def _load_directory(directory: Path, map_location):
-    return load_ensemble(directory, map_location=map_location)
 
 
 def feature_columns(ensemble, column_names: list[str], features: list[str] | None = None) -> list[str]:
@@ -101,7 +83,7 @@ class BatchPredictor:
         reuse_freed_memory()  # a predictor owns its process: the job's, or a Ray Data actor
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if isinstance(ensemble, (str, Path)):
-            ensemble = load_any(ensemble, map_location=device)
+            ensemble = load_ensemble(ensemble, map_location=device)
         self.ensemble = ensemble.to(device).eval()
         self.features, self.coverage, self.keep = features, coverage, keep
 

@@ -17,6 +17,11 @@ then takes the target's place in one atomic exchange (Linux renameat2, macOS ren
 every instant the path holds the old ensemble or the new one. Only a previous ensemble is ever
 replaced: an existing file or any other non-empty folder is refused. New directories and files
 get the user's umask.
+
+An ensemble at a URI (s3://, gs://, ...) is the same directory as objects. A store renames
+nothing at once, so `publish` deletes the old manifest first and writes the new one last: at
+every instant the URI holds the old ensemble, no ensemble (no manifest: loading refuses it), or
+the new one. Loading a URI downloads the manifest, then the files it names.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from ._version import __version__
+from .locations import filesystem_for, is_uri, store_failure
 
 FORMAT = "ray_ensembles.ensemble"
 # 2: per-member Adam step counts, restart attempts and epoch loss sums in checkpoints, float64
@@ -120,7 +127,11 @@ def write_ensemble(path, ensemble, member_files: dict | None = None, training: d
     """Write `ensemble` as a directory that atomically replaces `path`: the member files, then
     the manifest. `member_files` (per member id: tensors and metadata) are the members' weights
     unless a training checkpoint passes its own, with the optimiser's state; `training` is the
-    loop's state, recorded in the manifest of a checkpoint."""
+    loop's state, recorded in the manifest of a checkpoint. `path` may be a URI (`publish`)."""
+    if is_uri(path):
+        with tempfile.TemporaryDirectory(prefix="ensemble-") as local:
+            publish(write_ensemble(Path(local) / "ensemble", ensemble, member_files, training), str(path))
+        return str(path)
     member_files = weight_files(ensemble) if member_files is None else member_files
     path = Path(path)
     with atomic_directory(path) as tmp:
@@ -136,6 +147,64 @@ def write_ensemble(path, ensemble, member_files: dict | None = None, training: d
             manifest["training"] = training
         write_manifest(tmp, manifest)
     return path
+
+
+def _is_ours(name: str) -> bool:
+    return name == MANIFEST or (name.startswith("member_") and name.endswith(".safetensors"))
+
+
+def publish(directory: Path, location: str):
+    """Copy the ensemble directory `directory` to the URI `location`: the old manifest goes
+    first, the new one last (the module's docstring says why). Only an ensemble, or member files
+    an interrupted publish left, are replaced; a store that fails is an OSError naming the URI."""
+    import pyarrow.fs
+
+    filesystem, root = filesystem_for(location, "path")
+    try:
+        present = [info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(
+            root, allow_not_found=True)) if info.type == pyarrow.fs.FileType.File]
+        strangers = [name for name in present if not _is_ours(name)]
+        if strangers:
+            raise ValueError(f"Refusing to write an ensemble to {location}: it holds files that are "
+                             f"not an ensemble's ({strangers[:3]}). Choose a new location.")
+        if MANIFEST in present:
+            filesystem.delete_file(f"{root}/{MANIFEST}")
+        files = sorted(directory.iterdir(), key=lambda f: f.name == MANIFEST)  # the manifest last
+        for file in files:
+            with filesystem.open_output_stream(f"{root}/{file.name}") as out:
+                out.write(file.read_bytes())
+        for stale in set(present) - {f.name for f in files}:  # an older ensemble's other members
+            filesystem.delete_file(f"{root}/{stale}")
+    except OSError as err:
+        raise OSError(store_failure(location, "path", err)) from err
+
+
+@contextlib.contextmanager
+def local_copy(location):
+    """A local directory holding the ensemble at `location`: the directory itself, or for a URI
+    a temporary download of its manifest and of the member files the manifest names."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    filesystem, root = filesystem_for(location, "path")
+    with tempfile.TemporaryDirectory(prefix="ensemble-") as local:
+        def download(name):
+            try:
+                with filesystem.open_input_stream(f"{root}/{name}") as source:
+                    (Path(local) / name).write_bytes(source.read())
+            except FileNotFoundError:
+                raise ValueError(f"{location} is not a complete saved ensemble: it has no {name}.") from None
+            except OSError as err:
+                raise OSError(store_failure(location, "path", err)) from err
+
+        download(MANIFEST)
+        try:
+            names = [e["file"] for e in read_manifest(Path(local))["members"]]
+        except ValueError as err:
+            raise ValueError(str(err).replace(local, location)) from None
+        for name in names:
+            download(name)
+        yield Path(local)
 
 
 def read_members(directory, ensemble) -> list[tuple[dict[str, torch.Tensor], dict]]:

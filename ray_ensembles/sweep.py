@@ -22,6 +22,7 @@ import numpy as np
 from ray.tune import Callback
 
 from .data import TensorDataset
+from .locations import is_uri, join
 from .metrics import ensemble_validation_metrics
 
 ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size",
@@ -164,7 +165,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
         raise ValueError("The 'resume' parameter of tune_ensemble needs the 'name' of the sweep. Got no name instead.")
     name = name or f"sweep-{os.urandom(3).hex()}"
     storage = str(storage_path or "tune_results")
-    if "://" not in storage:
+    if not is_uri(storage):
         storage = str(Path(storage).resolve())
 
     # A trial is its driver (DRIVER_CPU) plus up to M Ray Train workers, capped at what the
@@ -195,11 +196,11 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
         {"num_classes": int(max(dataset.y.max(), validation_dataset.y.max())) + 1}
     base = {"cls": cls, "dim_out": dim_out, "ensemble": ensemble_options, "trainer": trainer_options,
             "num_reports": num_reports, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
-            "max_workers": workers, "trials_dir": f"{storage.rstrip('/')}/{name}/trials"}
+            "max_workers": workers, "trials_dir": join(storage, name, "trials")}
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, train=dataset, validation=validation_dataset, base=base),
         {"CPU": DRIVER_CPU})
-    path = f"{storage.rstrip('/')}/{name}"
+    path = join(storage, name)
     console = {"callbacks": list(callbacks or [])}
     if progress:
         print(placement, flush=True)
@@ -229,7 +230,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                     if k in metrics})
         trial_id = metrics.get("trial_id") or (result.path and Path(result.path).name)
         row.update(trial_id=trial_id, error=None if result.error is None else str(result.error).splitlines()[0],
-                   ensemble_path=f"{base['trials_dir']}/{trial_id}/ensemble")
+                   ensemble_path=join(base["trials_dir"], trial_id, "ensemble"))
         table.append(row)
     table.sort(key=lambda r: (r.get("val_nll") is None, r.get("val_nll") or 0.0))
     if not table or table[0].get("val_nll") is None:

@@ -13,6 +13,7 @@ from . import checkpoint, storage
 from .data import TensorDataset
 from .ensemble import Ensemble
 from .metrics import ensemble_validation_metrics
+from .locations import is_uri
 from .placement import assign_members, launched_rank, local_device, process_group
 from .progress import EnsembleProgress, Every
 from .training import EnsembleFit, TrainSettings, attach_validation
@@ -248,7 +249,7 @@ class Trainer:
     def _this_runs_checkpoint(self) -> Path | None:
         """The latest checkpoint the interrupted run wrote, if it wrote one (local ones only)."""
         path = self.checkpoint_path
-        return Path(path) if path is not None and "://" not in str(path) and Path(path).exists() else self.resume_path
+        return Path(path) if path is not None and not is_uri(path) and Path(path).exists() else self.resume_path
 
     def _checkpoint_folder(self) -> Path:
         """Where this process writes its checkpoints: the results folder, or under torchrun a

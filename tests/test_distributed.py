@@ -73,7 +73,8 @@ def test_a_loaded_checkpoint_resumes_on_one_worker_holding_every_member(in_proce
     trainer.train()
     assert_same_ensemble(base, e)  # resumed, and the same members stacked on one worker
     assert [h["step"] for h in trainer.history] == [h["step"] for h in base_trainer.history if h["step"] > 10]
-    assert trainer.placement == {m: {"rank": 0, "device": "cpu", "gpu_ids": []} for m in range(3)}
+    node = ray.get_runtime_context().get_node_id()
+    assert trainer.placement == {m: {"rank": 0, "node_id": node, "device": "cpu", "gpu_ids": []} for m in range(3)}
 
 
 @pytest.mark.parametrize("workers", [3])  # one worker: the test above
@@ -84,7 +85,8 @@ def test_same_ensemble_in_process_on_one_worker_and_one_worker_per_member(worker
     assert trainer.metrics["val_nll"] == pytest.approx(base_trainer.metrics["val_nll"], rel=1e-5)
     assert set(trainer.metrics["members"]) == {0, 1, 2}
     # members go round-robin to the workers, and each says where it was trained
-    assert trainer.placement == {m: {"rank": m % workers, "device": "cpu", "gpu_ids": []} for m in range(3)}
+    node = ray.get_runtime_context().get_node_id()
+    assert trainer.placement == {m: {"rank": m % workers, "node_id": node, "device": "cpu", "gpu_ids": []} for m in range(3)}
     # the same history, with validation at the checkpoints, reaches the driver
     assert [h["step"] for h in trainer.history] == [h["step"] for h in base_trainer.history]
     assert trainer.history[-1]["val_nll"] == pytest.approx(base_trainer.history[-1]["val_nll"], rel=1e-5)

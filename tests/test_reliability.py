@@ -17,7 +17,7 @@ import torch
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, checkpoint, storage
 from ray_ensembles import sweep
 from ray_ensembles.data import read_table, table_to_dataset
-from ray_ensembles.inference import load_any
+from ray_ensembles.ensemble import load_ensemble
 from ray_ensembles.metrics import calibration_curve, crps_gaussian, miscalibration_area
 from ray_ensembles.training import EnsembleFit
 
@@ -397,7 +397,7 @@ def test_one_rule_for_table_formats_and_uri_loads_leave_nothing_behind(tmp_path)
         read_table(str(tmp_path / "t.txt"))
     small().save(tmp_path / "ens")
     before = set(Path(tempfile.gettempdir()).glob("ensemble-*"))
-    load_any(f"file://{tmp_path / 'ens'}")
+    load_ensemble(f"file://{tmp_path / 'ens'}")
     assert set(Path(tempfile.gettempdir()).glob("ensemble-*")) == before
 
 
