@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
@@ -108,6 +109,7 @@ def main(argv=None):
 
     baseline = psutil.virtual_memory().used
     with local_ray_head(num_cpus=2) as (address, env, head):
+        os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # the client below sends the token
         head_process = psutil.Process(head.pid)
         idle_rss = tree_rss(head_process)
         start = time.time()
