@@ -1,7 +1,7 @@
 """A real S3 API on localhost for the tests: moto's server, in this process, stopped by its handle.
 
 The server is moto's own WSGI application on a werkzeug server of ours, for two things moto's
-ThreadedMotoServer lacks: a count of the requests and bytes it receives, and a stop and restart
+ThreadedMotoServer lacks: a log of the requests it receives, and a stop and restart
 on the same port that keeps the buckets (the state lives in this process), which is what a client
 sees of a store that goes down and comes back. Nothing but this server is ever contacted: the
 environment names its endpoint and fake credentials, and turns off the EC2 metadata lookup.
@@ -35,7 +35,6 @@ class S3Store:
         self.bucket, self.port = bucket, _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.requests = collections.Counter()  # method -> count
-        self.bytes_received = 0
         self.log: list[tuple[str, str, str]] = []  # (method, path, query) of every request, in order
         self._app = DomainDispatcherApplication(create_backend_app)
         self._server = self._thread = None
@@ -59,7 +58,6 @@ class S3Store:
     def _counting(self, environ, start_response):
         self.requests[environ["REQUEST_METHOD"]] += 1
         self.log.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("QUERY_STRING", "")))
-        self.bytes_received += int(environ.get("CONTENT_LENGTH") or 0)
         return self._app(environ, start_response)
 
     def start(self):
