@@ -3,10 +3,11 @@
 Users point at an S3-compatible store in either of the two ways pyarrow users expect: the
 standard AWS environment (`AWS_ENDPOINT_URL` or `AWS_ENDPOINT_URL_S3`, the credentials, the
 region), or the URI's own query, `s3://bucket/path?endpoint_override=host:port&scheme=http`.
-pyarrow 26 and Ray 2.60 honour both by themselves: Ray Train's `storage_path` and Ray Data's
-paths go through `pyarrow.fs.FileSystem.from_uri` too (tests/test_s3.py shows each). What breaks
-is a path appended to a URI that has a query, so every location in the package is resolved and
-joined here.
+pyarrow 26 and Ray 2.60 honour both by themselves: Ray Train's and Tune's `storage_path` and Ray
+Data's paths go through `pyarrow.fs.FileSystem.from_uri` too (tests/test_s3.py shows pyarrow with
+either; tests/test_e2e.py runs Train, Tune and Data on two nodes with the endpoint in the query
+alone). What breaks is a path appended to a URI that has a query, so every location in the
+package is resolved and joined here.
 """
 
 from __future__ import annotations

@@ -82,27 +82,33 @@ class S3Store:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")}
 
+    def _moto_api(self, action: str, body: str = ""):
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/{action}", data=body.encode(), method="POST",
+                                         headers={"Content-Type": "text/plain"})  # a form body reads as empty
+        json.load(urllib.request.urlopen(request, timeout=10))
+
+    def reset(self):
+        """Empty the store. moto keeps its state in this process, across servers: without this,
+        a store started by one test module holds the buckets of the previous one."""
+        self._moto_api("reset")
+
     @contextlib.contextmanager
     def authentication(self):
         """Inside: moto checks every request's credentials (none are valid: no IAM user exists)."""
-        def set_count(count: str):
-            request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
-                                             headers={"Content-Type": "text/plain"})  # a form body reads as empty
-            json.load(urllib.request.urlopen(request, timeout=10))
-
-        set_count("0")
+        self._moto_api("reset-auth", "0")
         try:
             yield
         finally:
-            set_count("inf")
+            self._moto_api("reset-auth", "inf")
 
 
 @contextlib.contextmanager
 def s3_store(bucket: str = "ensembles"):
-    """A started store with `bucket` created; stopped on exit."""
+    """A started, empty store with `bucket` created; stopped on exit."""
     store = S3Store(bucket)
     store.start()
     try:
+        store.reset()
         store.client().create_bucket(Bucket=bucket)
         yield store
     finally:
