@@ -65,12 +65,12 @@ def main():
             for kind in ("s3", "local"):
                 name = f"{kind}{k}"
                 if kind == "s3":
-                    requests = sum(store.requests.values())
+                    requests = len(store.log)
                     wall, timings = run(address, env, "--data", store.uri("data/train.parquet"),
                                         "--storage-path", store.uri("runs"), "--name", name, "--output", f"{tmp}/{name}")
                     checkpoints = {key.split("/")[2] for key in store.keys(f"runs/{name}/") if "/checkpoint_" in key}
                     one = min(checkpoints)
-                    row = {"requests_per_checkpoint": (sum(store.requests.values()) - requests) / len(checkpoints),
+                    row = {"requests_per_checkpoint": (len(store.log) - requests) / len(checkpoints),
                            "checkpoint_bytes": sum(size for key, size in store.keys(f"runs/{name}/{one}/").items()),
                            "checkpoint_files": len(store.keys(f"runs/{name}/{one}/")), "checkpoints": len(checkpoints)}
                 else:

@@ -9,7 +9,6 @@ environment names its endpoint and fake credentials, and turns off the EC2 metad
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -34,7 +33,6 @@ class S3Store:
     def __init__(self, bucket: str = "ensembles"):
         self.bucket, self.port = bucket, _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.requests = collections.Counter()  # method -> count
         self.log: list[tuple[str, str, str]] = []  # (method, path, query) of every request, in order
         self._app = DomainDispatcherApplication(create_backend_app)
         self._server = self._thread = None
@@ -55,13 +53,12 @@ class S3Store:
         uri = "/".join([f"s3://{self.bucket}", *parts])
         return f"{uri}?endpoint_override=127.0.0.1:{self.port}&scheme=http" if query else uri
 
-    def _counting(self, environ, start_response):
-        self.requests[environ["REQUEST_METHOD"]] += 1
+    def _logging(self, environ, start_response):
         self.log.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("QUERY_STRING", "")))
         return self._app(environ, start_response)
 
     def start(self):
-        self._server = make_server("127.0.0.1", self.port, self._counting, threaded=True,
+        self._server = make_server("127.0.0.1", self.port, self._logging, threaded=True,
                                    request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
