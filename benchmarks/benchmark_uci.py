@@ -12,8 +12,8 @@ table shows the Gaussian NLL of the moment-matched mixture (the paper's summary)
 mixture NLL is in the CSV files. `--tuned` adds a column whose learning rate and epoch count are
 chosen per split on a validation part of that split's TRAINING rows only.
 
-Ray runs one task per split on long-lived workers (one per CPU): start-up is paid once per
-worker, not once per split.
+The library's `EnsemblePool.fit_many` trains every split's ensemble (and the tuned column's
+searches) on long-lived Ray actors, one per CPU: start-up is paid once per actor, not per split.
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ import numpy as np
 import torch
 from benchmarks.common import REPO, fail, load_uci, score, write_csv
 
-from ray_ensembles import DeepEnsemble
-from ray_ensembles.trainer import num_steps
-from ray_ensembles.training import EnsembleFit, TrainSettings, horizon_lr
+from ray_ensembles import DeepEnsemble, EnsemblePool, TensorDataset, horizon_lr
 
 NAMES = {"bostonHousing": "Boston", "concrete": "Concrete", "energy": "Energy", "kin8nm": "Kin8nm",
          "naval-propulsion-plant": "Naval", "power-plant": "Power", "protein-tertiary-structure": "Protein",
@@ -96,58 +94,78 @@ def synthetic_hard_regime(rows: int = 20_000, max_splits: int | None = None, see
     return (data, list(range(16)), 16, splits), noise
 
 
-def settings_for(cfg, num_rows: int) -> TrainSettings:
-    steps = num_steps(num_rows, cfg["batch_size"], None, cfg["epochs"])
-    return TrainSettings(batch_size=cfg["batch_size"], lr=cfg["lr"] or horizon_lr(steps), num_steps=steps,
-                         lr_scheduler=cfg["lr_schedule"] == "cosine")
+def trainer_options(cfg, num_rows: int) -> dict:
+    """The Trainer's options for a run of cfg["epochs"] on `num_rows` rows."""
+    steps = cfg["epochs"] * math.ceil(num_rows / cfg["batch_size"])
+    return {"train_batch_size": cfg["batch_size"], "train_num_epochs": cfg["epochs"],
+            "train_lr": cfg["lr"] or horizon_lr(steps), "lr_scheduler": cfg["lr_schedule"] == "cosine"}
 
 
-def train_ensemble(X, y, cfg, on_epoch_end=None) -> DeepEnsemble:
-    """The library's one loop on a split's training rows (standardised on those rows only)."""
+def job(X, y, cfg, validation=None) -> dict:
+    """Trainer arguments for M members on these rows (the Trainer standardises on them only)."""
     ensemble = DeepEnsemble(X.shape[1], 1, num_members=cfg["num_members"], hidden_dim=cfg["hidden_dim"],
                             depth=1, use_adversarial_training=cfg["adversarial_eps"] > 0,
                             adversarial_eps=cfg["adversarial_eps"] or 0.01, seed=cfg["seed"],
                             nll_beta=cfg["nll_beta"])
-    ensemble.fit_normalization(X, y)
-    fit = EnsembleFit(ensemble, X, y, settings_for(cfg, len(X)), "cpu")
-    fit.run(on_epoch_end=on_epoch_end and (lambda epoch, _: on_epoch_end(epoch, ensemble)))
-    return ensemble
+    return {"ensemble": ensemble, "dataset": TensorDataset(X, y), "validation_dataset": validation,
+            **trainer_options(cfg, len(X))}
 
 
-def choose_by_validation(X, y, cfg, seed) -> dict:
-    """Learning rate and epoch count with the lowest validation NLL on 20% of the training rows."""
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, len(X) // 5)
-    val, fit_rows = order[:n_val], order[n_val:]
-    best = (math.inf, None)
-    for lr in TUNED_LRS:
-        def check(epoch, ensemble, lr=lr):
-            nonlocal best
-            if (epoch + 1) % TUNED_EVAL_EVERY == 0:
-                nll = score(ensemble, X[val], y[val])["nll"]
-                ensemble.train()
-                if nll < best[0]:
-                    best = (nll, {"lr": lr, "epochs": epoch + 1})
-        train_ensemble(X[fit_rows], y[fit_rows], dict(cfg, lr=lr, epochs=TUNED_MAX_EPOCHS), check)
-    return best[1]
-
-
-def run_split(dataset: str, k: int, arrays, cfg) -> dict:
-    """One split, end to end. Runs in a Ray task; returns its scores and timings."""
-    torch.set_num_threads(1)
-    start = time.perf_counter()
+def split_arrays(arrays):
+    """(X train, y train, X test, y test) of one split, as float64 tensors."""
     data, features, target, (train, test) = arrays
-    train, test = torch.from_numpy(train.copy()), torch.from_numpy(test.copy())  # object-store arrays are read-only
-    X, y = torch.from_numpy(data[:, features]), torch.from_numpy(data[:, [target]])  # float64, standardised as such
-    row = {"dataset": dataset, "split": k, "lr": settings_for(cfg, len(train)).lr}
-    row.update(score(train_ensemble(X[train], y[train], cfg), X[test], y[test]))
+    X, y = torch.from_numpy(data[:, features]), torch.from_numpy(data[:, [target]])
+    return X[train], y[train], X[test], y[test]
+
+
+def search_jobs(key, X, y, cfg, seed) -> dict:
+    """The tuned column's search: per rate, TUNED_MAX_EPOCHS epochs on 80% of the training rows,
+    scored on the other 20% every TUNED_EVAL_EVERY epochs (the Trainer's validation metrics)."""
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    val, fit_rows = order[:max(1, len(X) // 5)], order[max(1, len(X) // 5):]
+    validation = TensorDataset(X[val], y[val])
+    jobs = {}
+    for lr in TUNED_LRS:
+        spec = job(X[fit_rows], y[fit_rows], dict(cfg, lr=lr, epochs=TUNED_MAX_EPOCHS), validation)
+        spec["save_every"] = TUNED_EVAL_EVERY * math.ceil(len(fit_rows) / cfg["batch_size"])
+        jobs[(*key, lr)] = spec
+    return jobs
+
+
+def chosen(searches) -> dict:
+    """The rate and epoch count of the lowest validation NLL (the exact mixture's) among the
+    searches' reports, [(lr, FitResult)]."""
+    nll, lr, epoch = min((entry["val_nll"], lr, entry["epoch"]) for lr, result in searches
+                         for entry in result.history if "val_nll" in entry)
+    return {"lr": lr, "epochs": epoch + 1}
+
+
+def run_splits(splits: dict, cfg, fit) -> list[dict]:
+    """Every split, end to end: `splits` {(dataset, k): load_uci arrays}; `fit(jobs)` trains
+    {key: Trainer arguments} and returns {key: FitResult} (fit_many on a pool, in the benchmark)."""
+    data = {key: split_arrays(arrays) for key, arrays in splits.items()}
+    jobs = {key: job(X, y, cfg) for key, (X, y, _, _) in data.items()}
     if cfg["tuned"]:
-        chosen = choose_by_validation(X[train], y[train], cfg, seed=cfg["seed"] + k)
-        tuned = score(train_ensemble(X[train], y[train], dict(cfg, **chosen)), X[test], y[test])
-        row.update({f"tuned_{key}": v for key, v in tuned.items()}, tuned_lr=chosen["lr"],
-                   tuned_epochs=chosen["epochs"])
-    row["task_s"] = time.perf_counter() - start
-    return row
+        for key, (X, y, _, _) in data.items():
+            jobs.update(search_jobs(key, X, y, cfg, seed=cfg["seed"] + key[1]))
+    results = fit(dict(sorted(jobs.items(), key=lambda kv: -len(kv[1]["dataset"]))))  # large first: no idle end
+    rows = {}
+    for key, (X, y, X_test, y_test) in data.items():
+        rows[key] = {"dataset": key[0], "split": key[1], "lr": jobs[key]["train_lr"],
+                     **score(results[key].ensemble, X_test, y_test), "worker_s": results[key].worker_s}
+    if cfg["tuned"]:
+        finals = {}
+        for key, (X, y, _, _) in data.items():
+            searches = [(lr, results[(*key, lr)]) for lr in TUNED_LRS]
+            pick = chosen(searches)
+            rows[key].update(tuned_lr=pick["lr"], tuned_epochs=pick["epochs"])
+            rows[key]["worker_s"] += sum(r.worker_s for _, r in searches)
+            finals[key] = job(X, y, dict(cfg, **pick))
+        for key, result in fit(finals).items():
+            X_test, y_test = data[key][2:]
+            rows[key].update({f"tuned_{k}": v for k, v in score(result.ensemble, X_test, y_test).items()})
+            rows[key]["worker_s"] += result.worker_s
+    return list(rows.values())
 
 
 def summarize(rows, prefix=""):
@@ -212,27 +230,17 @@ def main(argv=None):
     if not ray.is_initialized():
         ray.init(**({"num_cpus": args.num_workers} if args.num_workers else {}))
     ray_start_s = time.perf_counter() - wall_start
-    workers = args.num_workers or int(ray.cluster_resources().get("CPU", 1))
-    task = ray.remote(num_cpus=1)(run_split)
-    jobs = []
-    noise = {}
+    splits, noise = {}, {}
     for name in names:
         if name == SYNTHETIC:
-            (data, features, target, splits), noise[name] = synthetic_hard_regime(max_splits=args.splits)
+            (data, features, target, found_splits), noise[name] = synthetic_hard_regime(max_splits=args.splits)
         else:
-            data, features, target, splits = load_uci(root / name, args.splits)
-        for k, split in enumerate(splits):
-            cost = len(split[0])  # larger data sets first, so no worker idles at the end
-            jobs.append((cost, name, k, (data, features, target, split)))
-    jobs.sort(key=lambda j: -j[0])
-    pending = [task.remote(name, k, arrays, cfg) for _, name, k, arrays in jobs]
-    rows = []
-    while pending:
-        done, pending = ray.wait(pending)
-        rows.extend(ray.get(done))
-        print(f"\r{len(rows)}/{len(jobs)} splits", end="", flush=True)
+            data, features, target, found_splits = load_uci(root / name, args.splits)
+        splits.update({(name, k): (data, features, target, split) for k, split in enumerate(found_splits)})
+    with EnsemblePool(args.num_workers) as pool:
+        workers = pool.num_workers
+        rows = run_splits(splits, cfg, lambda jobs: pool.fit_many(jobs, progress=True))
     wall = time.perf_counter() - wall_start
-    print()
 
     summary_rows = []
     for name in names:
@@ -241,7 +249,7 @@ def main(argv=None):
         if args.tuned:
             summary.update(summarize(mine, "tuned_"))
         summary["noise_std"] = noise.get(name, "")  # known only for the synthetic set
-        summary["wall_s"] = sum(r["task_s"] for r in mine)
+        summary["worker_s"] = sum(r["worker_s"] for r in mine)
         summary_rows.append(summary)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -249,7 +257,7 @@ def main(argv=None):
     write_csv(sorted(rows, key=lambda r: (r["dataset"], r["split"])), output / "uci_splits.csv")
     table = markdown(summary_rows, args.tuned)
     (output / "uci.md").write_text(table + "\n")
-    busy = sum(r["task_s"] for r in rows)
+    busy = sum(r["worker_s"] for r in rows)
     outside = 1 - busy / (wall * workers)
     print(table)
     for s in summary_rows:
@@ -258,7 +266,7 @@ def main(argv=None):
                   f"minus exact-mixture NLL {s['nll_mean'] - s['nll_mixture_mean']:+.3f} nats")
     print(f"\nOurs: mean ± standard error over splits; NLL of the moment-matched Gaussian, in original units. "
           f"Paper: mean ± as printed.\nwall time {wall:.1f} s on {workers} workers (Ray start {ray_start_s:.1f} s); "
-          f"{100 * outside:.0f}% of worker time outside training and scoring")
+          f"{100 * outside:.0f}% of worker time outside the ensembles' fits")
     (output / "timing.txt").write_text(f"wall_s {wall:.1f}\nworkers {workers}\nray_start_s {ray_start_s:.1f}\n"
                                        f"fraction_outside_training {outside:.3f}\n")
 

@@ -50,6 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--max-concurrent", type=int, default=None, help="default: as many as the cluster fits")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--trial-training", choices=["auto", "in_trial", "ray_train"], default="auto",
+                   help="where a trial trains: in its own process, or a Ray Train run (auto: in_trial "
+                        "unless --use-gpu or --max-workers-per-trial > 1)")
+    p.add_argument("--max-workers-per-trial", type=int, default=None,
+                   help="Ray Train workers per trial (default: up to M)")
     p.add_argument("--storage-path", default=None, help="default: OUTPUT/runs")
     p.add_argument("--name", default=None, help="sweep name (default: unique)")
     p.add_argument("--resume", action="store_true", help="continue the sweep called --name")
@@ -118,6 +123,7 @@ def run_sweep(args, space, train, validation, output: Path):
                          "train_batch_size": args.batch_size},
         scheduler=None if args.scheduler == "none" else args.scheduler, num_reports=args.num_reports,
         max_concurrent=args.max_concurrent, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
+        trial_training=args.trial_training, max_workers_per_trial=args.max_workers_per_trial,
         storage_path=args.storage_path or str((output / "runs").resolve()), name=args.name,
         resume=args.resume, seed=args.seed, progress=not (args.quiet or args.json),
         callbacks=tracking_callbacks(args))
@@ -128,8 +134,8 @@ def run_sweep(args, space, train, validation, output: Path):
         print(json.dumps({"trials": result.table, "best_config": result.best_config,
                           "best_ensemble": str(output / "best_ensemble")}, default=str))
     else:
-        print_table(result.table, first + [c for c in ("train_lr", "val_rmse", "val_accuracy", "training_iteration")
-                                           if c in result.table[0]])
+        print_table(result.table, first + [c for c in ("train_lr", "val_rmse", "val_accuracy", "training_iteration",
+                                                        "training") if c in result.table[0]])
     series = {}
     for r in result.table:
         if r.get("val_nll") is not None:

@@ -3,10 +3,11 @@
 from ._version import __version__
 from .data import TensorDataset
 from .ensemble import DeepEnsemble, DeepEnsembleClassifier
+from .many import EnsemblePool, FitResult, fit_many, iter_fit_many
 from .predictions import CategoricalPrediction, GaussianMixturePrediction, MemberPrediction
 from .trainer import Trainer
-from .training import MemberDivergedError
+from .training import MemberDivergedError, horizon_lr
 
 __all__ = ["DeepEnsemble", "DeepEnsembleClassifier", "TensorDataset", "Trainer",
            "GaussianMixturePrediction", "CategoricalPrediction", "MemberPrediction",
-           "MemberDivergedError", "__version__"]
+           "MemberDivergedError", "horizon_lr", "fit_many", "iter_fit_many", "EnsemblePool", "FitResult", "__version__"]

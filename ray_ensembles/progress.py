@@ -23,15 +23,15 @@ class EnsembleProgress:
     start of Ray's workers before it.
     """
 
-    def __init__(self, total_member_steps: int, *, enabled: bool = True):
-        self.total, self.enabled, self.bar = total_member_steps, enabled, None
+    def __init__(self, total_member_steps: int, *, enabled: bool = True, desc: str = "training"):
+        self.total, self.enabled, self.desc, self.bar = total_member_steps, enabled, desc, None
         self.postfix: dict[str, str] = {}
 
     def update(self, done: int, train_loss: float | None = None, val_nll: float | None = None):
         if not self.enabled:
             return
         if self.bar is None:
-            self.bar = tqdm(total=self.total, initial=done, unit="member-step", desc="training",
+            self.bar = tqdm(total=self.total, initial=done, unit="member-step", desc=self.desc,
                             dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
         postfix = dict(self.postfix)
         if train_loss is not None and math.isfinite(train_loss):

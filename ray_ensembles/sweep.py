@@ -1,8 +1,10 @@
 """Ray Tune sweeps over ensemble size, adversarial epsilon and any other option, and the M curve.
 
-Every trial trains a whole ensemble through the same path as `Trainer(..., scaling_config=...)`
-(M members on up to M workers) and is scored by the ensemble's NLL on a validation part carved
-out of the TRAINING rows. Members are i.i.d., so `m_curve` estimates the NLL for every M from one
+Every trial trains a whole ensemble with the Trainer and is scored by the ensemble's NLL on a
+validation part carved out of the TRAINING rows. A CPU trial trains in its own Tune process
+(members stacked), without Ray Train's start-up; a trial with a GPU or several workers runs
+`Trainer(..., scaling_config=...)`, M members on up to M workers. Either way its members are the
+same networks: they depend on (seed, member id) alone. Members are i.i.d., so `m_curve` estimates the NLL for every M from one
 trained ensemble by scoring random member subsets.
 """
 
@@ -15,6 +17,7 @@ import math
 import os
 import random
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,8 @@ from .metrics import ensemble_validation_metrics
 
 ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size",
            "steps": "train_num_steps"}
-DRIVER_CPU = 0.1  # the trial's own function only builds and waits on its Ray Train run
+DRIVER_CPU = 0.1  # a Ray Train trial's own function only builds and waits on its run
+TRIAL_TRAINING = ("auto", "in_trial", "ray_train")
 # What the sweep itself sets for every trial, from the data and its own arguments.
 _SET_BY_SWEEP = {"self", "dim_in", "dim_out", "num_classes", "member_ids", "member_factory",
                  "ensemble", "dataset", "validation_dataset", "scaling_config", "run_config",
@@ -127,7 +131,8 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                   ensemble_options: dict | None = None, trainer_options: dict | None = None,
                   scheduler: str | None = None, num_reports: int = 4, max_concurrent: int | None = None,
                   cpus_per_worker: float = 1.0, use_gpu: bool = False,
-                  max_workers_per_trial: int | None = None, storage_path=None, name: str | None = None,
+                  max_workers_per_trial: int | None = None, trial_training: str = "auto",
+                  storage_path=None, name: str | None = None,
                   resume: bool = False, seed: int = 0, progress: bool = False,
                   callbacks: list | None = None) -> SweepResult:
     """One Tune trial per combination of `param_space` (lists are grids), each a distributed
@@ -135,8 +140,12 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
 
     The validation rows come from `validation_dataset`, or else a `validation_fraction` of the
     training rows: never test rows. Each trial reports `num_reports` times (at its checkpoints);
-    `scheduler="asha"` stops poor trials early. Concurrency is sized so that trials never wait
-    for each other's CPUs or GPUs; `resume=True` continues the sweep called `name`. With
+    `scheduler="asha"` stops poor trials early. `trial_training`: "in_trial" trains each trial in
+    its own Tune process (`cpus_per_worker` CPUs, members stacked), "ray_train" runs a Ray Train
+    run of up to M workers per trial (up to `max_workers_per_trial`), and "auto" (the default)
+    picks in_trial unless the sweep asks for a GPU or `max_workers_per_trial` > 1. The table's
+    `training` column says which. Concurrency is sized so that trials never wait for each
+    other's CPUs or GPUs; `resume=True` continues the sweep called `name`. With
     `progress`, it prints the trials' placement, one line per finished trial and Tune's status
     table at most every 30 s. `callbacks` are Tune callbacks (e.g. Ray's MLflowLoggerCallback).
     """
@@ -154,6 +163,11 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     check_choice(owner, "scheduler", scheduler, {None, "asha"})
     check_int(owner, "num_reports", num_reports, minimum=1)
     check_float(owner, "cpus_per_worker", cpus_per_worker, strict_minimum=0.0)
+    check_choice(owner, "trial_training", trial_training, set(TRIAL_TRAINING))
+    if max_workers_per_trial is not None:
+        check_int(owner, "max_workers_per_trial", max_workers_per_trial, minimum=1)
+    if trial_training == "auto":
+        trial_training = "ray_train" if use_gpu or (max_workers_per_trial or 1) > 1 else "in_trial"
     if not isinstance(dataset, TensorDataset):
         raise TypeError(f"The 'dataset' parameter of tune_ensemble must be a TensorDataset. "
                         f"Got {type(dataset).__name__} instead.")
@@ -168,38 +182,44 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     if not is_uri(storage):
         storage = str(Path(storage).resolve())
 
-    # A trial is its driver (DRIVER_CPU) plus up to M Ray Train workers, capped at what the
-    # cluster can hold beside that driver: members stack on the workers that fit. Only a trial
-    # that cannot get even one worker is refused. The largest trial decides how many run at once.
+    # A Ray Train trial is its driver (DRIVER_CPU) plus up to M workers, capped at what the
+    # cluster can hold beside that driver: members stack on the workers that fit. An in-trial
+    # trial is one worker's worth in Tune's own process. Only a trial that cannot get even one
+    # worker is refused. The largest trial decides how many run at once.
     largest_m = _largest(space, "num_members", ensemble_options.get("num_members", 5))
     if not ray.is_initialized():
         ray.init()
     have = ray.cluster_resources()
     autoscaling = os.environ.get(AUTOSCALING_ENV) == "1"
-    workers = min(largest_m, max_workers_per_trial or largest_m)
+    in_trial = trial_training == "in_trial"
+    driver = 0.0 if in_trial else DRIVER_CPU
+    workers = 1 if in_trial else min(largest_m, max_workers_per_trial or largest_m)
     if not autoscaling:
-        room = math.floor((have.get("CPU", 0) - DRIVER_CPU) / cpus_per_worker + 1e-9)
+        room = math.floor((have.get("CPU", 0) - driver) / cpus_per_worker + 1e-9)
         workers = min(workers, room, *([int(have.get("GPU", 0))] if use_gpu else []))
-    need = {"CPU": DRIVER_CPU + max(workers, 1) * cpus_per_worker, "GPU": max(workers, 1) if use_gpu else 0}
+    need = {"CPU": driver + max(workers, 1) * cpus_per_worker, "GPU": max(workers, 1) if use_gpu else 0}
     if workers < 1 and not autoscaling:
         raise ValueError(f"The largest trial of tune_ensemble needs at least {need} (M={largest_m} on 1 "
-                         f"worker, {cpus_per_worker:g} CPU each, plus {DRIVER_CPU} CPU for the trial) but "
-                         f"the Ray cluster has {dict((r, have.get(r, 0)) for r in need)}.")
+                         f"worker, {cpus_per_worker:g} CPU each{'' if in_trial else f', plus {DRIVER_CPU} CPU for the trial'}) "
+                         f"but the Ray cluster has {dict((r, have.get(r, 0)) for r in need)}.")
     fits = [math.floor(have.get(r, 0) / n + 1e-9) for r, n in need.items() if n > 0]
     concurrent = max(1, min(fits)) if max_concurrent is None else check_int(owner, "max_concurrent", max_concurrent, minimum=1)
-    placement = (f"each trial: up to {workers} Ray Train worker{'s' * (workers != 1)} x {cpus_per_worker:g} CPU"
+    at_once = f"{concurrent} trial{'s' * (concurrent != 1)} at a time"
+    placement = (f"each trial: in its own process, {cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} "
+                 f"(members stacked, no Ray Train run); {at_once}" if in_trial else
+                 f"each trial: up to {workers} Ray Train worker{'s' * (workers != 1)} x {cpus_per_worker:g} CPU"
                  f"{' + 1 GPU' if use_gpu else ''} (members stacked round-robin) + {DRIVER_CPU} CPU for the "
-                 f"trial; {concurrent} trial{'s' * (concurrent != 1)} at a time")
+                 f"trial; {at_once}")
 
     cls = ENSEMBLE_CLASSES[task]
     dim_out = {"dim_out": dataset.y.shape[1] if dataset.y.ndim == 2 else 1} if task == "regression" else \
         {"num_classes": int(max(dataset.y.max(), validation_dataset.y.max())) + 1}
     base = {"cls": cls, "dim_out": dim_out, "ensemble": ensemble_options, "trainer": trainer_options,
             "num_reports": num_reports, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
-            "max_workers": workers, "trials_dir": join(storage, name, "trials")}
+            "max_workers": workers, "trials_dir": join(storage, name, "trials"), "training": trial_training}
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, train=dataset, validation=validation_dataset, base=base),
-        {"CPU": DRIVER_CPU})
+        {"CPU": cpus_per_worker, "GPU": int(use_gpu)} if in_trial else {"CPU": DRIVER_CPU})
     path = join(storage, name)
     console = {"callbacks": list(callbacks or [])}
     if progress:
@@ -229,7 +249,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                                                 "mean_member_val_nll", "training_iteration")
                     if k in metrics})
         trial_id = metrics.get("trial_id") or (result.path and Path(result.path).name)
-        row.update(trial_id=trial_id, error=None if result.error is None else str(result.error).splitlines()[0],
+        row.update(training=trial_training, trial_id=trial_id, error=None if result.error is None else str(result.error).splitlines()[0],
                    ensemble_path=join(base["trials_dir"], trial_id, "ensemble"))
         table.append(row)
     table.sort(key=lambda r: (r.get("val_nll") is None, r.get("val_nll") or 0.0))
@@ -261,13 +281,12 @@ class TrialLines(Callback):
 
 
 def _run_trial(config, *, train, validation, base):
-    """One Tune trial: a distributed ensemble through the Trainer, reporting to Tune."""
+    """One Tune trial: an ensemble through the Trainer, in this process or on Ray Train workers,
+    reporting the ensemble's validation metrics to Tune at each checkpoint."""
     from ray import tune
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
 
-    from .trainer import Trainer
-
-    from .trainer import num_steps
+    from .trainer import Trainer, num_steps
 
     options = {**base["ensemble"], **base["trainer"], **config}
     ensemble_names, trainer_names = option_names(base["cls"].head_class.task)
@@ -278,18 +297,39 @@ def _run_trial(config, *, train, validation, base):
     # the Trainer's own rule for the run's length, so save_every splits it into num_reports reports
     steps = num_steps(len(train), trainer_kwargs.get("train_batch_size", 100),
                       trainer_kwargs.get("train_num_steps"), trainer_kwargs.get("train_num_epochs"))
+    save_every = max(1, math.ceil(steps / base["num_reports"]))
+    trial_id = tune.get_context().get_trial_id()
+    if base["training"] == "in_trial":
+        import torch
+
+        def report(entry):
+            if "val_nll" in entry:
+                tune.report(tune_metrics(entry))
+
+        torch.set_num_threads(max(1, int(base["cpus_per_worker"])))
+        with tempfile.TemporaryDirectory(prefix="ray_ensembles-trial-") as folder:
+            Trainer(ensemble, train, validation_dataset=validation, **trainer_kwargs, save_every=save_every,
+                    results_folder=folder, cpu=not base["use_gpu"], metrics_callback=report).train()
+        ensemble.save(join(base["trials_dir"], trial_id, "ensemble"))
+        return
     workers = min(ensemble.num_members, base["max_workers"])
     per_worker = {"CPU": base["cpus_per_worker"], **({"GPU": 1} if base["use_gpu"] else {})}
-    trial_id = tune.get_context().get_trial_id()
     trainer = Trainer(
-        ensemble, train, validation_dataset=validation, **trainer_kwargs,
-        save_every=max(1, math.ceil(steps / base["num_reports"])),
+        ensemble, train, validation_dataset=validation, **trainer_kwargs, save_every=save_every,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=base["use_gpu"],
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=trial_id, storage_path=base["trials_dir"],
                              callbacks=[_tune_report_callback(ensemble.task, validation.y)],
                              logging_config=LoggingConfig(log_level="WARNING")))
     trainer.train()
+
+
+def tune_metrics(entry: dict) -> dict:
+    """What a trial reports to Tune from a history entry with validation metrics: the
+    ensemble's, and the mean of its members' validation NLL."""
+    report = {k: v for k, v in entry.items() if not isinstance(v, dict)}
+    report["mean_member_val_nll"] = statistics.fmean(entry["member_val_nll"].values())
+    return report
 
 
 def _tune_report_callback(task, y_validation):
@@ -308,9 +348,7 @@ def _tune_report_callback(task, y_validation):
         def after_report(self, run_context, metrics, checkpoint):
             for entry in self.metrics.entries(metrics, checkpoint):
                 if "val_nll" in entry:
-                    report = {k: v for k, v in entry.items() if not isinstance(v, dict)}
-                    report["mean_member_val_nll"] = statistics.fmean(entry["member_val_nll"].values())
-                    super().after_report(run_context, [report], None)  # Tune's own, with our metrics
+                    super().after_report(run_context, [tune_metrics(entry)], None)  # Tune's own, with our metrics
 
     return EnsembleTuneReportCallback()
 

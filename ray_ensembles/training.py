@@ -34,6 +34,9 @@ class MemberDivergedError(RuntimeError):
                          f"(last finite loss {last_finite_loss:.6g}). Lower the learning rate or "
                          "set max_grad_norm; other members are unaffected.")
 
+    def __reduce__(self):  # picklable, so that it crosses from a Ray worker intact
+        return type(self), (self.member_id, self.step, self.last_finite_loss)
+
 
 @dataclass(frozen=True)
 class TrainSettings:

@@ -11,10 +11,24 @@ import pytest
 
 from benchmarks import benchmark_uci as bench
 from conftest import REPO, require_data
-from ray_ensembles import DeepEnsemble
+from ray_ensembles import DeepEnsemble, FitResult, Trainer
 
 CFG = {"num_members": 2, "hidden_dim": 16, "epochs": 5, "batch_size": 20, "lr": 1e-2, "seed": 0,
        "adversarial_eps": 0.0, "tuned": False, "nll_beta": 0.0, "lr_schedule": "constant"}
+
+
+def fit_here(jobs, folder):
+    """The benchmark's `fit`, in this process: what fit_many does on each actor."""
+    results = {}
+    for key, job in jobs.items():
+        trainer = Trainer(**job, results_folder=folder / "-".join(map(str, key)))
+        trainer.train()
+        results[key] = FitResult(key, trainer.ensemble, trainer.metrics, trainer.history, None, 1, 0.0)
+    return results
+
+
+def run_split(arrays, folder, cfg=CFG):
+    return bench.run_splits({("s", 0): arrays}, cfg, lambda jobs: fit_here(jobs, folder))[0]
 
 
 def synthetic(n=120, scale=1.0, shift=0.0, constant_column=False):
@@ -28,31 +42,31 @@ def synthetic(n=120, scale=1.0, shift=0.0, constant_column=False):
 
 
 @pytest.mark.unit
-def test_scores_are_in_original_units_as_a_hand_computation_says():
+def test_scores_are_in_original_units_as_a_hand_computation_says(tmp_path):
     """Standardising makes y and 1000 y + 5 the same problem: RMSE scales by 1000 and the NLL
     shifts by exactly log(1000) (NLL_original = NLL_standardised + log std_y)."""
-    small = bench.run_split("s", 0, synthetic(), CFG)
-    large = bench.run_split("s", 0, synthetic(scale=1000.0, shift=5.0), CFG)
+    small = run_split(synthetic(), tmp_path / "small")
+    large = run_split(synthetic(scale=1000.0, shift=5.0), tmp_path / "large")
     assert large["rmse"] == pytest.approx(1000 * small["rmse"], rel=1e-4)
     assert large["nll"] - small["nll"] == pytest.approx(math.log(1000), abs=1e-4)
     assert large["nll_mixture"] - small["nll_mixture"] == pytest.approx(math.log(1000), abs=1e-4)
 
 
 @pytest.mark.unit
-def test_standardisation_uses_the_training_rows_only(monkeypatch):
+def test_standardisation_uses_the_training_rows_only(monkeypatch, tmp_path):
     seen = []
     original = DeepEnsemble.fit_normalization
     monkeypatch.setattr(DeepEnsemble, "fit_normalization",
                         lambda self, x, y=None: (seen.append((len(x), float(x[:, 0].mean()))), original(self, x, y))[1])
     data, features, target, (train, test) = synthetic()
     data[test, 0] += 1e4  # test rows far away: using them would move the statistics
-    bench.run_split("s", 0, (data, features, target, (train, test)), CFG)
+    run_split((data, features, target, (train, test)), tmp_path)
     assert seen == [(100, pytest.approx(float(data[train, 0].mean()), rel=1e-5))]
 
 
 @pytest.mark.unit
-def test_a_constant_feature_gives_finite_scores():
-    row = bench.run_split("s", 0, synthetic(constant_column=True), CFG)
+def test_a_constant_feature_gives_finite_scores(tmp_path):
+    row = run_split(synthetic(constant_column=True), tmp_path)
     assert all(math.isfinite(row[k]) for k in ("rmse", "nll", "nll_mixture"))
 
 
@@ -102,7 +116,7 @@ def test_a_quick_run_writes_the_table(tmp_path):
     assert [r["dataset"] for r in rows] == ["bostonHousing", "yacht"]
     assert list(rows[0])[:10] == ["dataset", "n_splits", "rmse_mean", "rmse_std", "rmse_stderr",
                                   "nll_mean", "nll_std", "nll_stderr", "nll_mixture_mean", "nll_mixture_std"]
-    assert "wall_s" in rows[0] and all(r["n_splits"] == "2" for r in rows)
+    assert "worker_s" in rows[0] and all(r["n_splits"] == "2" for r in rows)
     assert all(math.isfinite(float(r[k])) for r in rows for k in ("rmse_mean", "nll_mean", "nll_stderr"))
     # original units: Boston's RMSE is in $1000s (a few), not standardised units (below 1)
     assert 1.5 < float(rows[0]["rmse_mean"]) < 15
@@ -127,5 +141,24 @@ def test_the_synthetic_hard_regime_is_the_plant_it_describes():
 def test_the_default_rate_follows_the_runs_length():
     from ray_ensembles.training import horizon_lr
     assert [horizon_lr(s) for s in (120, 200, 800, 20_000)] == pytest.approx([0.1, 0.1, 0.05, 0.01])
-    assert bench.settings_for(dict(CFG, lr=None, epochs=40, batch_size=100), 455).lr == 0.1   # Boston: 200 steps
-    assert bench.settings_for(dict(CFG, lr=None, epochs=40, batch_size=100), 7373).lr == pytest.approx(0.0260, abs=1e-4)
+    options = lambda rows: bench.trainer_options(dict(CFG, lr=None, epochs=40, batch_size=100), rows)
+    assert options(455)["train_lr"] == 0.1   # Boston: 200 steps
+    assert options(7373)["train_lr"] == pytest.approx(0.0260, abs=1e-4)
+
+
+@pytest.mark.unit
+def test_the_tuned_column_takes_the_rate_and_length_of_the_best_validation_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "TUNED_MAX_EPOCHS", 40)
+    monkeypatch.setattr(bench, "TUNED_EVAL_EVERY", 10)
+    fits = []
+    row = bench.run_splits({("s", 0): synthetic()}, dict(CFG, tuned=True),
+                           lambda jobs: fits.append(fit_here(jobs, tmp_path / str(len(fits)))) or fits[-1])[0]
+    search, final = fits
+    reports = [(entry["val_nll"], key[2], entry["epoch"] + 1) for key, result in search.items() if len(key) == 3
+               for entry in result.history if "val_nll" in entry]
+    assert len(reports) == 2 * 4  # two rates, a report every 10 of 40 epochs
+    best = min(reports)
+    assert (row["tuned_lr"], row["tuned_epochs"]) == best[1:]
+    [job] = [r for r in final.values()]
+    assert job.ensemble.num_members == CFG["num_members"] and len(job.history) == best[2]  # one entry per epoch
+    assert all(math.isfinite(row[f"tuned_{k}"]) for k in ("rmse", "nll", "nll_mixture"))

@@ -1,5 +1,7 @@
 """Members are independent: a member's result depends only on (seed, member id)."""
 
+import pickle
+
 import pytest
 import torch
 
@@ -101,8 +103,10 @@ def test_divergence_stops_with_the_member_step_and_last_loss(toy_data, tmp_path)
     fit.train_step()
     with torch.no_grad():
         e.members.biases[-1][2].fill_(float("inf"))
-    with pytest.raises(MemberDivergedError, match=r"Member 2 diverged at step 1:.*last finite loss"):
+    with pytest.raises(MemberDivergedError, match=r"Member 2 diverged at step 1:.*last finite loss") as raised:
         fit.train_step()
+    copy = pickle.loads(pickle.dumps(raised.value))  # as a Ray worker sends it
+    assert (copy.member_id, copy.step, str(copy)) == (2, 1, str(raised.value))
 
 
 def test_classifier_members_are_independent_too(tmp_path):

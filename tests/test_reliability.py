@@ -359,7 +359,7 @@ def test_every_option_passes_to_a_trial_and_an_unknown_one_is_named(monkeypatch)
     monkeypatch.setattr(sweep, "_tune_report_callback", lambda task, y: ray.train.UserCallback())  # needs Tune
     base = {"cls": DeepEnsemble, "dim_out": {"dim_out": 1}, "ensemble": {"perturbation": "random"},
             "trainer": options, "num_reports": 3, "cpus_per_worker": 1.0, "use_gpu": False, "max_workers": 2,
-            "trials_dir": "/tmp/unused"}
+            "trials_dir": "/tmp/unused", "training": "ray_train"}
     sweep._run_trial({"num_members": 2, "adversarial_eps": 0.01}, train=TensorDataset(X, Y),
                      validation=TensorDataset(X, Y), base=base)
     assert built["ensemble"].perturbation == "random" and built["ensemble"].use_adversarial_training

@@ -59,6 +59,7 @@ def test_a_four_trial_sweep_writes_the_table_and_the_best_ensemble(sweep):
     nll = [float(r["val_nll"]) for r in rows]
     assert nll == sorted(nll) and all(math.isfinite(v) for v in nll)
     assert all(r["training_iteration"] == "2" for r in rows)  # reports at each checkpoint
+    assert all(r["training"] == "in_trial" for r in rows)  # CPU trials: no Ray Train run each
     best = DeepEnsemble.load(sweep / "best_ensemble")
     assert best.num_members == int(rows[0]["num_members"])
     assert best.use_adversarial_training == (float(rows[0]["adversarial_eps"]) > 0)
@@ -72,19 +73,31 @@ def test_the_sweep_prints_one_line_per_finished_trial_and_no_metric_dumps(sweep)
                       console, re.MULTILINE)
     assert sorted(int(n) for n, *_ in done) == [1, 2, 3, 4]
     assert {(m, eps) for _, m, eps, _ in done} == {("1", "0.0"), ("1", "0.01"), ("2", "0.0"), ("2", "0.01")}
-    assert "each trial: up to 2 Ray Train workers x 0.25 CPU" in console
+    assert "each trial: in its own process, 0.25 CPU (members stacked, no Ray Train run); 8 trials at a time" in console
     assert "Reporting training result" not in console and "metrics={" not in console
 
 
 @pytest.mark.ray
-def test_default_worker_cpus_fit_a_two_cpu_machine_by_stacking_members(local_ray, tmp_path, capsys):
-    # one CPU per worker: a trial's 0.1-CPU driver leaves room for one worker, which stacks both members
-    result = tune_ensemble(TensorDataset(X, Y), {"num_members": [2]}, storage_path=tmp_path, name="fit",
-                           ensemble_options={"hidden_dim": 8}, trainer_options={"train_num_epochs": 2},
-                           num_reports=1, progress=True)
+def test_a_trial_scores_the_same_in_its_own_process_and_on_ray_train(local_ray, tmp_path, capsys):
+    # members depend on (seed, member id) alone, so the two ways train the same networks
+    def sweep(training):
+        return tune_ensemble(TensorDataset(X, Y), {"num_members": [2], "adversarial_eps": [0.01]},
+                             storage_path=tmp_path, name=training, trial_training=training,
+                             ensemble_options={"hidden_dim": 8}, trainer_options={"train_num_epochs": 3},
+                             num_reports=2, progress=True)
+
+    ray_train, in_trial = sweep("ray_train"), sweep("in_trial")
+    console = capsys.readouterr().out
+    # one CPU per worker: a Ray Train trial's 0.1-CPU driver leaves room for one worker, which stacks both members
     assert "each trial: up to 1 Ray Train worker x 1 CPU (members stacked round-robin) + 0.1 CPU for the " \
-           "trial; 1 trial at a time" in capsys.readouterr().out
-    assert DeepEnsemble.load(result.best_ensemble_path).num_members == 2
+           "trial; 1 trial at a time" in console
+    assert "each trial: in its own process, 1 CPU (members stacked, no Ray Train run); 2 trials at a time" in console
+    [a], [b] = ray_train.table, in_trial.table
+    assert (a["training"], b["training"]) == ("ray_train", "in_trial")
+    assert a["val_nll"] == pytest.approx(b["val_nll"], rel=1e-6) and a["training_iteration"] == b["training_iteration"] == 2
+    assert a["mean_member_val_nll"] == pytest.approx(b["mean_member_val_nll"], rel=1e-6)
+    first, second = DeepEnsemble.load(a["ensemble_path"]), DeepEnsemble.load(b["ensemble_path"])
+    assert first.num_members == 2 and torch.allclose(first(X).mean, second(X).mean, atol=1e-6)
 
 
 @pytest.mark.ray

@@ -30,6 +30,17 @@ def test_bad_grids_fail_before_ray_starts(space, message):
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"trial_training": "threads"}, "'trial_training' .* Got 'threads'"),
+    ({"max_workers_per_trial": 0}, "'max_workers_per_trial' .* Got 0"),
+])
+def test_bad_trial_options_fail_before_ray_starts(options, message):
+    import ray
+    with pytest.raises(ValueError, match=message):
+        tune_ensemble(TensorDataset(X, Y), {"num_members": [1]}, **options)
+    assert not ray.is_initialized()
+
+
 def test_tune_search_spaces_pass_through():
     from ray import tune
     space = normalize_param_space({"lr": tune.loguniform(1e-4, 1e-2), "num_members": tune.choice([1, 3])})
