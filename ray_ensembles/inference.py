@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from .ensemble import load_ensemble
+from .predictions import CategoricalPrediction
 
 
 def reuse_freed_memory():
@@ -53,8 +54,12 @@ def feature_columns(ensemble, column_names: list[str], features: list[str] | Non
 def prediction_columns(ensemble, X: torch.Tensor, coverage: float = 0.9,
                        batch_size: int | None = None) -> dict[str, np.ndarray]:
     """Output columns for inputs X (B, D), in the target's original units."""
-    pred = ensemble.predict(X, batch_size=batch_size)
-    if ensemble.task == "classification":
+    return summary_columns(ensemble.predict(X, batch_size=batch_size), coverage)
+
+
+def summary_columns(pred, coverage: float = 0.9) -> dict[str, np.ndarray]:
+    """The output columns of a prediction (`Ensemble.predict`'s), one value per row."""
+    if isinstance(pred, CategoricalPrediction):
         columns = {f"prob_{c}": p.numpy() for c, p in enumerate(pred.probs.T)}
         columns.update(entropy=pred.entropy[:, 0].numpy(),
                        mutual_information=pred.mutual_information[:, 0].numpy(),

@@ -69,6 +69,10 @@ class GaussianMixturePrediction:
     def stddev(self):
         return self.variance.sqrt()
 
+    def rows(self, index: slice) -> GaussianMixturePrediction:
+        """The prediction for some of the rows: one request's share of a batched pass."""
+        return GaussianMixturePrediction(self.member_mean[:, index], self.member_variance[:, index])
+
     def members(self) -> list[MemberPrediction]:
         return [MemberPrediction(m, v.log()) for m, v in zip(self.member_mean, self.member_variance)]
 
@@ -102,6 +106,10 @@ class CategoricalPrediction:
 
     member_probs: torch.Tensor
     mean = None  # a regressor's; None here, as in deep-ensembles-pytorch
+
+    def rows(self, index: slice) -> CategoricalPrediction:
+        """The prediction for some of the rows: one request's share of a batched pass."""
+        return CategoricalPrediction(self.member_probs[:, index])
 
     @cached_property
     def probs(self):
