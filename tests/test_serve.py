@@ -274,11 +274,22 @@ def test_the_serve_job_refuses_a_port_in_use(capsys, tmp_path):
         assert f"127.0.0.1:{port}" in serve_job_error(capsys, ["--ensemble", str(tmp_path / "ens"), "--port", str(port)])
 
 
+# Ray's HAProxy ingress (README, "Online predictions") is chosen by the environment of the Ray
+# the job starts; its stats and metrics ports are moved off their fixed defaults
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
 @pytest.mark.e2e
-def test_the_serve_job_answers_curl_and_stops_on_sigint(tmp_path):
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_the_serve_job_answers_curl_on_loopback_only_and_stops_on_sigint(tmp_path, ingress):
+    from ray._private.services import get_node_ip_address
+
     reg, _, _ = saved_ensembles(tmp_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    if ingress == "haproxy":
+        env.update(HAPROXY_ENV, RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+                   RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
     job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), "--ensemble", str(tmp_path / "reg"),
                             "--port", str(port), "--cpus-per-replica", "0.5"], env=env, cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -288,7 +299,7 @@ def test_the_serve_job_answers_curl_and_stops_on_sigint(tmp_path):
             try:
                 if request(f"http://127.0.0.1:{port}/healthz")[0] == 200:
                     break
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, or HAProxy's HTML 503 before the replica is up
                 pass
             assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() is not None else "no answer"
             time.sleep(1)
@@ -296,6 +307,10 @@ def test_the_serve_job_answers_curl_and_stops_on_sigint(tmp_path):
         done = subprocess.run([shutil.which("curl"), "-s", f"localhost:{port}/predict", "-d", body],
                               capture_output=True, text=True, timeout=60, check=True)
         assert_rows_close(json.loads(done.stdout)["predictions"], expected(reg, [[1.5, 9.0, 30.0]]))
+        outside = get_node_ip_address()  # this machine's address on its network
+        assert not outside.startswith("127.")
+        with pytest.raises(OSError):  # refused: the proxy listens on 127.0.0.1 only
+            socket.create_connection((outside, port), timeout=5).close()
     finally:
         job.send_signal(signal.SIGINT)
         out, _ = job.communicate(timeout=120)
