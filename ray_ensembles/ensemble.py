@@ -33,7 +33,8 @@ ARCHITECTURE = ("dim_in", "hidden_dim", "depth", "activation", "batch_norm", "us
 def check_finite_prediction(t: torch.Tensor, what: str, ensemble=None):
     """Predictions are never silently NaN or inf: raise, saying where and why."""
     if not torch.isfinite(t).all():
-        rows = int((~torch.isfinite(t)).flatten(0, -2).any(-1).sum()) if t.ndim > 1 else 1
+        # a row is bad if any member's output for it is: (M, B, D) counts B rows, not M x B
+        rows = int((~torch.isfinite(t)).any(-1).reshape(-1, t.shape[-2]).any(0).sum()) if t.ndim > 1 else 1
         scale = "" if ensemble is None or ensemble.task != "regression" else (
             f"; the target's scale (std {ensemble.standardizer.y_std.tolist()}) may overflow "
             f"{ensemble.standardizer.target_dtype}: train on a float64 target, or rescale it")

@@ -183,6 +183,7 @@ BAD_REQUESTS = [  # (what, path, body, headers, status, field)
     ("beyond float64", "/reg/predict", b'{"rows": [[1, 2, 1e400]]}', {}, 400, "rows[0][2]"),
     ("a row too short", "/reg/predict", {"rows": [[1, 2]]}, {}, 400, "rows[0]"),
     ("a row neither", "/reg/predict", {"rows": [7]}, {}, 400, "rows[0]"),
+    ("a row the ensemble cannot predict", "/reg/predict", {"rows": [[1, 2, 1e300]]}, {}, 422, "rows"),
     ("coverage 0", "/reg/predict", {"rows": [[1, 2, 3]], "coverage": 0}, {}, 400, "coverage"),
     ("coverage 1.5", "/reg/predict", {"rows": [[1, 2, 3]], "coverage": 1.5}, {}, 400, "coverage"),
     ("a body over the limit", "/reg/predict", {"rows": [[1, 2, 3]] * 1000}, {}, 413, "body"),
@@ -207,6 +208,19 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_replica_keeps_serving(s
     assert status == 200 and health == {"status": "ok"}
     status, meta = request(served["url"] + "/reg/")
     assert status == 200 and meta["feature_names"] == FEATURES and meta["num_members"] == 3
+
+
+@pytest.mark.unit
+def test_a_batch_whose_pass_fails_fails_only_the_request_at_fault():
+    from ray_ensembles.serving import predict_parts
+
+    ensemble = DeepEnsemble(3, 1, num_members=2, seed=0)
+    good, bad = np.ones((2, 3)), np.full((1, 3), 1e300)  # finite, but beyond float32
+    first, failed, last = predict_parts(ensemble, [good, bad, good[:1]])
+    assert isinstance(failed, FloatingPointError) and "(1 of 1 rows)" in str(failed)
+    alone = ensemble.predict(torch.from_numpy(good))
+    torch.testing.assert_close(first.mean, alone.mean)
+    torch.testing.assert_close(last.variance, alone.variance[:1])
 
 
 @pytest.mark.unit
@@ -287,8 +301,9 @@ def test_the_serve_job_answers_curl_on_loopback_only_and_stops_on_sigint(tmp_pat
     reg, _, _ = saved_ensembles(tmp_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    stats_port = free_port()
     if ingress == "haproxy":
-        env.update(HAPROXY_ENV, RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+        env.update(HAPROXY_ENV, RAY_SERVE_HAPROXY_STATS_PORT=str(stats_port),
                    RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
     job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), "--ensemble", str(tmp_path / "reg"),
                             "--port", str(port), "--cpus-per-replica", "0.5"], env=env, cwd=tmp_path,
@@ -307,6 +322,8 @@ def test_the_serve_job_answers_curl_on_loopback_only_and_stops_on_sigint(tmp_pat
         done = subprocess.run([shutil.which("curl"), "-s", f"localhost:{port}/predict", "-d", body],
                               capture_output=True, text=True, timeout=60, check=True)
         assert_rows_close(json.loads(done.stdout)["predictions"], expected(reg, [[1.5, 9.0, 30.0]]))
+        if ingress == "haproxy":  # HAProxy really runs: its stats port answers
+            socket.create_connection(("127.0.0.1", stats_port), timeout=5).close()
         outside = get_node_ip_address()  # this machine's address on its network
         assert not outside.startswith("127.")
         with pytest.raises(OSError):  # refused: the proxy listens on 127.0.0.1 only
