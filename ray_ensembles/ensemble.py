@@ -78,6 +78,16 @@ class Ensemble(nn.Module):
         self.members = build_members(owner, self.member_seeds, self.dim_in, head.num_outputs, self.hidden_dim,
                                      self.depth, activation, batch_norm, member_factory)
         self.standardizer = Standardizer(self.dim_in, head.dim_out)
+        self._calibration = None
+
+    @property
+    def calibration(self) -> dict | None:
+        """The post-hoc calibration applied to every prediction (`calibrate`), or None."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, calibration: dict | None):
+        self._calibration = None if calibration is None else self.head.check_calibration(calibration)
 
     @property
     def task(self) -> str:
@@ -169,7 +179,23 @@ class Ensemble(nn.Module):
         outputs = [torch.cat(ts, dim=1) for ts in zip(*parts)]   # member-first, (M, B, ...)
         for t in outputs:
             check_finite_prediction(t, "member outputs", self)
+        if self.calibration is not None:
+            outputs = self.head.calibrated(outputs, self.calibration)
+            for t in outputs:
+                check_finite_prediction(t, "calibrated outputs", self)
         return self.head.prediction(*outputs)
+
+    def calibrate(self, x, y) -> dict:
+        """Fit the post-hoc calibration on validation rows (original units) by maximum
+        likelihood: one scale of the predictive variance per output for a regressor (aleatoric
+        and epistemic parts alike), a softmax temperature for a classifier. It is saved with the
+        ensemble and applied to every prediction; a subset of the members starts without one.
+        Returns it with the validation NLL (nats per row) before and after; it is never worse."""
+        y = self.check_y(y, len(x)).cpu()
+        self.calibration = None
+        calibration, before, after = self.head.fit_calibration(self.predict(x), y)
+        self.calibration = calibration
+        return {**calibration, "val_nll_before": before, "val_nll_after": after}
 
     def sample_predictions(self, x) -> list[MemberPrediction] | list[CategoricalPrediction]:
         """One prediction per member: a Gaussian (`.mean`, `.log_var`, (B, T), original units)
@@ -333,6 +359,8 @@ def _load_directory(path: Path, members, member_factory, map_location, cls) -> E
     try:
         ensemble = build_ensemble(manifest["task"], manifest["config"], ids, member_factory)
         ensemble.standardizer.load_state(manifest["normalization"])
+        if len(ids) == len(entries):  # fitted to all the members: a subset starts without it
+            ensemble.calibration = manifest.get("calibration")
     except (TypeError, ValueError) as err:
         raise ValueError(f"The manifest in {path} does not describe a valid {cls.__name__}: {err}") from None
     storage.load_members(path, ensemble)

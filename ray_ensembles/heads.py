@@ -11,11 +11,43 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .metrics import mixture_gaussian_nll
 from .predictions import CategoricalPrediction, GaussianMixturePrediction
 from .validation import as_float_tensor, as_label_tensor, check_float, check_int
 
 _LOG_2PI = math.log(2 * math.pi)
 VARIANCE_FLOOR = 1e-6  # the paper's: variance = softplus(raw) + 1e-6
+
+
+def fit_log_scale(size: int, nll) -> tuple[torch.Tensor, float, float]:
+    """The log-scale (size,) that minimises `nll(log_scale)`, from 0 (no change): L-BFGS in
+    float64; with the NLL at 0 and at the optimum."""
+    log_scale = torch.zeros(size, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_scale], max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nll(log_scale)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        before = float(nll(log_scale))
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        after = float(nll(log_scale))
+    if not after <= before:  # never worse than no calibration
+        return torch.zeros(size, dtype=torch.float64), before, before
+    return log_scale.detach(), before, after
+
+
+def positive_numbers(owner: str, name: str, value, size: int) -> list[float]:
+    if not isinstance(value, list) or len(value) != size or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value):
+        raise ValueError(f"The '{name}' of {owner}'s calibration must be {size} positive finite "
+                         f"number{'s' * (size != 1)}. Got {value!r} instead.")
+    return [float(v) for v in value]
 
 
 def mean_and_variance(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +97,30 @@ class GaussianHead:
     def member_predictions(self, pred) -> list:
         return pred.members()
 
+    def check_calibration(self, calibration: dict) -> dict:
+        if not isinstance(calibration, dict) or set(calibration) != {"variance_scale"}:
+            raise ValueError(f"{self.owner}'s calibration must be {{'variance_scale': [...]}}. Got {calibration!r} instead.")
+        return {"variance_scale": positive_numbers(self.owner, "variance_scale", calibration["variance_scale"], self.dim_out)}
+
+    @staticmethod
+    def _scaled(member_mean, member_variance, scale):
+        """The mixture scaled about its mean so that its variance, aleatoric and epistemic parts
+        alike, is `scale` (T,) times as large: member spreads by sqrt(scale), variances by scale."""
+        center = member_mean[0] + (member_mean - member_mean[:1]).mean(0)
+        return center + scale.sqrt() * (member_mean - center), member_variance * scale
+
+    def calibrated(self, outputs, calibration: dict) -> tuple[torch.Tensor, ...]:
+        member_mean, member_variance = outputs
+        scale = torch.tensor(calibration["variance_scale"], dtype=member_variance.dtype, device=member_variance.device)
+        return self._scaled(member_mean, member_variance, scale)
+
+    def fit_calibration(self, pred, y) -> tuple[dict, float, float]:
+        """The variance scale per output that maximises the mixture's likelihood of y."""
+        mean, variance, y = pred.member_mean.double(), pred.member_variance.double(), y.double()
+        log_scale, before, after = fit_log_scale(
+            self.dim_out, lambda log_scale: mixture_gaussian_nll(*self._scaled(mean, variance, log_scale.exp()), y, "none").mean())
+        return {"variance_scale": log_scale.exp().tolist()}, before, after
+
     def check_y(self, y, rows: int) -> torch.Tensor:
         y = as_float_tensor(self.owner, "y", y, ndim=(1, 2, 3))
         if y.ndim == 1:
@@ -107,6 +163,33 @@ class CategoricalHead:
 
     def member_predictions(self, pred) -> list:
         return [CategoricalPrediction(p.unsqueeze(0)) for p in pred.member_probs]
+
+    def check_calibration(self, calibration: dict) -> dict:
+        if not isinstance(calibration, dict) or set(calibration) != {"temperature"}:
+            raise ValueError(f"{self.owner}'s calibration must be {{'temperature': t}}. Got {calibration!r} instead.")
+        return {"temperature": positive_numbers(self.owner, "temperature", [calibration["temperature"]], 1)[0]}
+
+    @staticmethod
+    def _logits(member_probs):
+        """Each member's logits, as log-probabilities; one that underflowed to 0 keeps a finite
+        logit (the dtype's smallest normal), and so a finite gradient."""
+        return member_probs.clamp_min(torch.finfo(member_probs.dtype).tiny).log()
+
+    def calibrated(self, outputs, calibration: dict) -> tuple[torch.Tensor, ...]:
+        return ((self._logits(outputs[0]) / calibration["temperature"]).softmax(-1),)
+
+    def fit_calibration(self, pred, y) -> tuple[dict, float, float]:
+        """The temperature of every member's softmax that maximises the averaged softmax's
+        likelihood of the labels y, computed in log space: a capped log would let a confidently
+        wrong row stop counting, and reward sharpening."""
+        logits, members = self._logits(pred.member_probs).double(), pred.member_probs.shape[0]
+
+        def nll(log_t):
+            log_mixture = torch.logsumexp((logits / log_t.exp()).log_softmax(-1), 0) - math.log(members)
+            return -log_mixture.gather(-1, y.long().unsqueeze(-1)).mean()
+
+        log_t, before, after = fit_log_scale(1, nll)
+        return {"temperature": float(log_t.exp())}, before, after
 
     def check_y(self, y, rows: int) -> torch.Tensor:
         y = as_label_tensor(self.owner, "y", y, num_classes=self.num_classes)

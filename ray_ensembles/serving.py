@@ -156,7 +156,7 @@ def predict_parts(ensemble, parts: list[np.ndarray]) -> list:
 
 def describe(ensemble) -> dict:
     return {"task": ensemble.task, "num_members": ensemble.num_members, "member_ids": ensemble.member_ids,
-            "dim_in": ensemble.dim_in, "feature_names": ensemble.feature_names,
+            "dim_in": ensemble.dim_in, "feature_names": ensemble.feature_names, "calibration": ensemble.calibration,
             "config": json.loads(json.dumps(ensemble.config, default=str))}
 
 

@@ -49,8 +49,10 @@ from .locations import filesystem_for, is_uri, store_failure
 FORMAT = "ray_ensembles.ensemble"
 # 2: per-member Adam step counts, restart attempts and epoch loss sums in checkpoints, float64
 # normalisation statistics and the target's dtype. 3: a regression config's nll_beta (members
-# before it trained on the plain NLL). Versions 1 and 2 still load.
-FORMAT_VERSION = 3
+# before it trained on the plain NLL). 4: an optional post-hoc calibration, written only by
+# calibrated ensembles, so that a reader that would ignore it refuses them instead. Versions 1 to 3
+# still load.
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 _METADATA_KEY = "ray_ensembles"
 
@@ -140,9 +142,12 @@ def write_ensemble(path, ensemble, member_files: dict | None = None, training: d
             tensors, metadata = member_files[m]
             sha = write_member_file(tmp, m, tensors, metadata)
             entries.append({"id": m, "seed": ensemble.member_seeds[i], "file": member_filename(m), "sha256": sha})
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
-                    "task": ensemble.task, "config": ensemble.config,
+        calibration = ensemble.calibration
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if calibration else 3,
+                    "library_version": __version__, "task": ensemble.task, "config": ensemble.config,
                     "normalization": ensemble.standardizer.state(), "members": entries}
+        if calibration:
+            manifest["calibration"] = calibration
         if training is not None:
             manifest["training"] = training
         write_manifest(tmp, manifest)

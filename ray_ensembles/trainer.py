@@ -208,6 +208,7 @@ class Trainer:
         """Train every member; afterwards `self.ensemble` holds the trained members and
         `self.metrics` per-member and (with validation data) ensemble metrics."""
         self.history, self._pending_epochs, self.checkpoint_path = [], [], None
+        self.ensemble.calibration = None  # fitted to the members as they were
         if self._fit is None and self.resume_path is not None:  # interrupted: its last checkpoint
             self._load_checkpoint(self.resume_path)
         elif self._fit is None and self._initial_members is not None:  # interrupted before one

@@ -402,11 +402,11 @@ def test_one_rule_for_table_formats_and_uri_loads_leave_nothing_behind(tmp_path)
 
 
 @pytest.mark.unit
-def test_the_format_version_is_3_and_versions_1_and_2_still_load(tmp_path):
+def test_an_uncalibrated_ensemble_is_format_3_and_versions_1_and_2_still_load(tmp_path):
     e = small()
     e.save(tmp_path / "ens")
     manifest = json.loads((tmp_path / "ens" / "manifest.json").read_text())
-    assert manifest["format_version"] == storage.FORMAT_VERSION == 3
+    assert manifest["format_version"] == 3 and storage.FORMAT_VERSION == 4  # 4: calibrated ones only
     manifest["format_version"] = 1
     del manifest["normalization"]["target_dtype"], manifest["config"]["nll_beta"]
     for entry in manifest["members"]:  # member files of then: their config had no nll_beta either
