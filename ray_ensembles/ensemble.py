@@ -17,7 +17,7 @@ from torch import nn
 
 from . import adversarial, storage
 from .heads import CategoricalHead, GaussianHead
-from .members import ACTIVATIONS, build_members, member_seed
+from .members import ACTIVATIONS, SHAPE, MemberGroups, build_members, member_seed
 from .predictions import CategoricalPrediction, GaussianMixturePrediction, MemberPrediction
 from .standardize import Standardizer
 from .validation import as_float_tensor, check_choice, check_float, check_int
@@ -26,6 +26,8 @@ PREDICT_CHUNK_ROWS = 8192  # rows per forward pass at inference on a CPU: bounds
 # On a GPU a pass is mostly kernel launches, so passes are as large as this much activation memory allows.
 PREDICT_CHUNK_BYTES_GPU = 512 << 20
 # the options every ensemble takes besides its head's, in the order of the config
+# what every member of a combined ensemble shares (its inputs, outputs and kind of members)
+SHARED = ("dim_in", "dim_out", "num_classes", "member_factory")
 ARCHITECTURE = ("dim_in", "hidden_dim", "depth", "activation", "batch_norm", "use_adversarial_training",
                 "adversarial_eps", "perturbation", "seed")
 
@@ -79,6 +81,7 @@ class Ensemble(nn.Module):
                                      self.depth, activation, batch_norm, member_factory)
         self.standardizer = Standardizer(self.dim_in, head.dim_out)
         self._calibration = None
+        self._member_configs = None  # members of several configurations (`combine`): each one's
 
     @property
     def calibration(self) -> dict | None:
@@ -105,6 +108,21 @@ class Ensemble(nn.Module):
     @property
     def num_members(self) -> int:
         return len(self.member_ids)
+
+    @property
+    def member_configs(self) -> list[dict]:
+        """Each member's configuration: the ensemble's `config` for all, or, for an ensemble
+        `combine`d from several, each member's own, with the `hyperparameters` it trained with."""
+        return [self.member_config(i) for i in range(self.num_members)]
+
+    def member_config(self, index: int) -> dict:
+        return self.config if self._member_configs is None else dict(self._member_configs[index])
+
+    @property
+    def is_combined(self) -> bool:
+        """Whether the members have configurations of their own (`combine`): such an ensemble
+        predicts, saves and loads like any other, but does not train as one."""
+        return self._member_configs is not None
 
     @property
     def device(self) -> torch.device:
@@ -218,7 +236,8 @@ class Ensemble(nn.Module):
         if unknown:
             raise ValueError(f"The 'member_ids' parameter of subset must be ids of this ensemble "
                              f"{self.member_ids}. Got unknown ids {unknown} instead.")
-        new = build_ensemble(self.task, self.config, list(member_ids), self.member_factory)
+        configs = None if self._member_configs is None else [self._member_configs[index[m]] for m in member_ids]
+        new = build_ensemble(self.task, self.config, list(member_ids), self.member_factory, configs)
         new.standardizer.load_state(self.standardizer.state())
         for j, m in enumerate(member_ids):
             new.members.load_member_state(j, self.members.member_state(index[m]))
@@ -318,11 +337,71 @@ class DeepEnsembleClassifier(Ensemble):
 ENSEMBLE_CLASSES = {"regression": DeepEnsemble, "classification": DeepEnsembleClassifier}
 
 
-def build_ensemble(task: str, config: dict, member_ids: list[int], member_factory=None) -> Ensemble:
+def build_ensemble(task: str, config: dict, member_ids: list[int], member_factory=None,
+                   member_configs: list[dict] | None = None) -> Ensemble:
     """A fresh ensemble of a saved `config` (the manifest's) holding the members `member_ids`:
-    the one place that maps a task to its class."""
-    return ENSEMBLE_CLASSES[task](**dict(config, member_factory=member_factory),
-                                  num_members=len(member_ids), member_ids=list(member_ids))
+    the one place that maps a task to its class. With `member_configs`, one per member, its
+    members are of those configurations instead, stacked by shape (`combine`)."""
+    ensemble = ENSEMBLE_CLASSES[task](**dict(config, member_factory=member_factory),
+                                      num_members=len(member_ids), member_ids=list(member_ids))
+    if member_configs is not None:
+        for m, c in zip(member_ids, member_configs):
+            # each member's own configuration is one this class takes, with the ensemble's inputs,
+            # outputs and built-in members
+            if not isinstance(c, dict) or not isinstance(c.get("hyperparameters", {}), dict):
+                raise ValueError(f"member {m}'s configuration must be a dict with a dict of 'hyperparameters'. Got {c!r}.")
+            clash = {k: c.get(k) for k in SHARED if k in config and c.get(k) != config[k]}
+            if clash:
+                raise ValueError(f"member {m}'s configuration must share the ensemble's {SHARED}. Got {clash} instead.")
+            ENSEMBLE_CLASSES[task](**{k: v for k, v in c.items() if k != "hyperparameters"}, num_members=1)
+        ensemble.member_seeds = [member_seed(c["seed"], m) for m, c in zip(member_ids, member_configs)]
+        ensemble.members = MemberGroups(ensemble.dim_in, ensemble.head.num_outputs,
+                                        [tuple(c[k] for k in SHAPE) for c in member_configs], ensemble.member_seeds)
+        ensemble._member_configs = [dict(c) for c in member_configs]
+    return ensemble
+
+
+def combine(ensembles: Sequence[Ensemble], hyperparameters: Sequence[dict] | None = None) -> Ensemble:
+    """One ensemble of all the members of `ensembles`, which may differ in width, depth and any
+    other option (the members of a hyper-deep ensemble): each member keeps its configuration,
+    and the `hyperparameters` its ensemble trained with (one dict per ensemble: learning rate,
+    epochs...), in `member_configs`. Members of one shape stack; the prediction is the uniform
+    mixture of all. Members are numbered 0.. in order; an ensemble given twice contributes its
+    members twice (greedy selection with replacement weights a member so).
+
+    The ensembles must be of one task, with the same inputs, outputs and fitted standardisation
+    (trained on the same rows), and built-in members."""
+    ensembles = list(ensembles)
+    if not ensembles or not all(isinstance(e, Ensemble) for e in ensembles):
+        raise TypeError(f"The 'ensembles' parameter of combine must be a non-empty list of ensembles. Got {ensembles!r} instead.")
+    hyperparameters = [{} for _ in ensembles] if hyperparameters is None else list(hyperparameters)
+    if len(hyperparameters) != len(ensembles) or not all(isinstance(h, dict) for h in hyperparameters):
+        raise ValueError(f"The 'hyperparameters' parameter of combine must be one dict per ensemble ({len(ensembles)}). "
+                         f"Got {hyperparameters!r} instead.")
+    first = ensembles[0]
+    for k, e in enumerate(ensembles):
+        if e.member_factory is not None:
+            raise ValueError(f"combine takes ensembles of built-in members; ensemble {k} has factory-built ones.")
+        for name in ("task", "feature_names"):
+            if getattr(e, name) != getattr(first, name):
+                raise ValueError(f"The ensembles given to combine must share their {name}: ensemble {k} has "
+                                 f"{getattr(e, name)!r}, ensemble 0 {getattr(first, name)!r}.")
+        outputs = {key: e.config.get(key) for key in SHARED}
+        if outputs != {key: first.config.get(key) for key in SHARED}:
+            raise ValueError(f"The ensembles given to combine must share their {SHARED}: ensemble {k} has {outputs}.")
+        if not e.normalization_fitted or e.standardizer.state() != first.standardizer.state():
+            raise ValueError(f"The ensembles given to combine must share fitted standardisation statistics (trained "
+                             f"on the same rows): ensemble {k}'s differ from ensemble 0's, or are not fitted.")
+    configs = [dict(e.member_config(i), hyperparameters={**e.member_config(i).get("hyperparameters", {}), **h})
+               for e, h in zip(ensembles, hyperparameters) for i in range(e.num_members)]
+    combined = build_ensemble(first.task, first.config, list(range(len(configs))), None, configs)
+    combined.standardizer.load_state(first.standardizer.state())
+    states = [(e, i) for e in ensembles for i in range(e.num_members)]
+    for j, (e, i) in enumerate(states):
+        combined.members.load_member_state(j, {k: v.to(combined.device) for k, v in e.members.member_state(i).items()})
+        combined.member_seeds[j] = e.member_seeds[i]
+    return combined.eval()
+
 
 
 def load_ensemble(path, members: Sequence[int] | None = None, *, member_factory=None, map_location="cpu",
@@ -357,7 +436,8 @@ def _load_directory(path: Path, members, member_factory, map_location, cls) -> E
         raise ValueError(f"{path} holds members built by the factory {saved_factory}; pass that "
                          f"callable as {cls.__name__}.load(..., member_factory=...).")
     try:
-        ensemble = build_ensemble(manifest["task"], manifest["config"], ids, member_factory)
+        configs = [entries[m]["config"] for m in ids] if "config" in entries[ids[0]] else None
+        ensemble = build_ensemble(manifest["task"], manifest["config"], ids, member_factory, configs)
         ensemble.standardizer.load_state(manifest["normalization"])
         if len(ids) == len(entries):  # fitted to all the members: a subset starts without it
             ensemble.calibration = manifest.get("calibration")

@@ -142,8 +142,9 @@ class StackedMLP(nn.Module):
             if p.grad is not None:
                 p.grad.mul_(scale.view(-1, *[1] * (p.grad.ndim - 1)))
 
-    def check_member_state(self, state: dict[str, torch.Tensor]):
-        """Raise ValueError unless `state` is one member's tensors for this architecture."""
+    def check_member_state(self, state: dict[str, torch.Tensor], index: int = 0):
+        """Raise ValueError unless `state` is one member's tensors for this architecture (every
+        member's: `index` matters only to MemberGroups)."""
         _check_state(self.state_dict(), state, lambda v: v.shape[1:])
 
     def load_member_state(self, index: int, state: dict[str, torch.Tensor]):
@@ -224,12 +225,54 @@ class FactoryMembers(nn.Module):
                 if p.grad is not None:
                     p.grad.mul_(factor)
 
-    def check_member_state(self, state: dict[str, torch.Tensor]):
-        _check_state(self.nets[0].state_dict(), state, lambda v: v.shape)
+    def check_member_state(self, state: dict[str, torch.Tensor], index: int = 0):
+        _check_state(self.nets[index].state_dict(), state, lambda v: v.shape)
 
     def load_member_state(self, index: int, state: dict[str, torch.Tensor]):
         _check_state(self.nets[index].state_dict(), state, lambda v: v.shape)
         self.nets[index].load_state_dict(state)
+
+
+SHAPE = ("hidden_dim", "depth", "activation", "batch_norm")  # what decides which members stack
+
+
+class MemberGroups(nn.Module):
+    """Members of several shapes: one StackedMLP per shape, run one batched pass each, outputs
+    back in member order. Input (M, B, dim_in), output (M, B, dim_out). For prediction and
+    storage; such an ensemble is assembled from trained members, never trained as one."""
+
+    def __init__(self, dim_in: int, dim_out: int, shapes: list[tuple], seeds: list[int]):
+        super().__init__()
+        self.shapes = list(dict.fromkeys(shapes))                 # in order of first appearance
+        self.where = []                                           # member -> (group, index in it)
+        counts = [0] * len(self.shapes)
+        for shape in shapes:
+            g = self.shapes.index(shape)
+            self.where.append((g, counts[g]))
+            counts[g] += 1
+        self.groups = nn.ModuleList(StackedMLP(n, dim_in, dim_out, *shape) for n, shape in zip(counts, self.shapes))
+        for (g, j), seed in zip(self.where, seeds):
+            self.groups[g].reset_member(j, seed)
+        self.indices = [[m for m, (g2, _) in enumerate(self.where) if g2 == g] for g in range(len(self.shapes))]
+
+    def forward(self, x):
+        outs = [group(x[idx]) for group, idx in zip(self.groups, self.indices)]
+        out = x.new_empty(x.shape[0], x.shape[1], outs[0].shape[-1])
+        for idx, o in zip(self.indices, outs):
+            out[idx] = o
+        return out
+
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        g, j = self.where[index]
+        return self.groups[g].member_state(j)
+
+    def check_member_state(self, state: dict[str, torch.Tensor], index: int = 0):
+        g, _ = self.where[index]
+        self.groups[g].check_member_state(state)
+
+    def load_member_state(self, index: int, state: dict[str, torch.Tensor]):
+        g, j = self.where[index]
+        self.groups[g].load_member_state(j, state)
 
 
 def build_members(owner: str, seeds: list[int], dim_in: int, dim_out: int, hidden_dim: int, depth: int,

@@ -157,7 +157,8 @@ def predict_parts(ensemble, parts: list[np.ndarray]) -> list:
 def describe(ensemble) -> dict:
     return {"task": ensemble.task, "num_members": ensemble.num_members, "member_ids": ensemble.member_ids,
             "dim_in": ensemble.dim_in, "feature_names": ensemble.feature_names, "calibration": ensemble.calibration,
-            "config": json.loads(json.dumps(ensemble.config, default=str))}
+            "config": json.loads(json.dumps(ensemble.config, default=str)),
+            **({"member_configs": ensemble.member_configs} if ensemble.is_combined else {})}
 
 
 def has_ensemble(location: str) -> bool:

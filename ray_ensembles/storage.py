@@ -49,9 +49,9 @@ from .locations import filesystem_for, is_uri, store_failure
 FORMAT = "ray_ensembles.ensemble"
 # 2: per-member Adam step counts, restart attempts and epoch loss sums in checkpoints, float64
 # normalisation statistics and the target's dtype. 3: a regression config's nll_beta (members
-# before it trained on the plain NLL). 4: an optional post-hoc calibration, written only by
-# calibrated ensembles, so that a reader that would ignore it refuses them instead. Versions 1 to 3
-# still load.
+# before it trained on the plain NLL). 4: an optional post-hoc calibration, and each member's own
+# configuration in an ensemble combined from several; written only by such ensembles, so that a
+# reader that would ignore them refuses them instead. Versions 1 to 3 still load.
 FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 _METADATA_KEY = "ray_ensembles"
@@ -116,7 +116,7 @@ def read_member_file(path: Path, expected_sha256: str | None = None
 def member_metadata(ensemble, index: int) -> dict:
     """What a member file says about itself: enough to tell which ensemble it belongs to."""
     return {"member_id": ensemble.member_ids[index], "seed": ensemble.member_seeds[index],
-            "task": ensemble.task, "config": ensemble.config}
+            "task": ensemble.task, "config": ensemble.member_config(index)}
 
 
 def weight_files(ensemble) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
@@ -141,9 +141,10 @@ def write_ensemble(path, ensemble, member_files: dict | None = None, training: d
         for i, m in enumerate(ensemble.member_ids):
             tensors, metadata = member_files[m]
             sha = write_member_file(tmp, m, tensors, metadata)
-            entries.append({"id": m, "seed": ensemble.member_seeds[i], "file": member_filename(m), "sha256": sha})
+            entries.append({"id": m, "seed": ensemble.member_seeds[i], "file": member_filename(m), "sha256": sha,
+                            **({"config": ensemble.member_config(i)} if ensemble.is_combined else {})})
         calibration = ensemble.calibration
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if calibration else 3,
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if calibration or ensemble.is_combined else 3,
                     "library_version": __version__, "task": ensemble.task, "config": ensemble.config,
                     "normalization": ensemble.standardizer.state(), "members": entries}
         if calibration:
@@ -232,21 +233,21 @@ def read_members(directory, ensemble) -> list[tuple[dict[str, torch.Tensor], dic
     if (directory / MANIFEST).exists():
         shas = {e["id"]: e["sha256"] for e in read_manifest(directory)["members"]}
     loaded = []
-    for m in ids:
+    for i, m in enumerate(ids):
         path = directory / member_filename(m)
         tensors, meta = read_member_file(path, shas.get(m))
         if isinstance(meta.get("config"), dict):
             _upgrade_config(meta.get("task"), meta["config"])
         try:
-            ensemble.members.check_member_state(strip_prefix(tensors, "model."))
+            ensemble.members.check_member_state(strip_prefix(tensors, "model."), i)
         except ValueError as err:
             raise ValueError(f"Member file {path}: {err}") from None
-        wrong = _differences(meta, {"member_id": m, "task": ensemble.task, **ensemble.config})
+        wrong = _differences(meta, {"member_id": m, "task": ensemble.task, **ensemble.member_config(i)})
         if wrong:
             raise ValueError(f"Member file {path} belongs to another ensemble: its {', '.join(wrong)}.")
         loaded.append((tensors, meta))
     steps = sorted({meta.get("training", {}).get("step") for _, meta in loaded}, key=str)
-    if len(steps) != 1:
+    if len(steps) != 1 and not ensemble.is_combined:  # a combined one's members trained apart
         raise ValueError(f"The checkpoint {directory} mixes members from steps {steps}.")
     return loaded
 
@@ -402,6 +403,8 @@ def _check_manifest(manifest, file):
             bad(f"member {entry['id']} file must be {member_filename(entry['id'])!r}")
         if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("seed"), int):
             bad(f"member {entry['id']} needs 'sha256' and 'seed'")
+        if not isinstance(entry.get("config", {}), dict):
+            bad(f"member {entry['id']}'s 'config' must be a dict")
         ids.append(entry["id"])
     if len(set(ids)) != len(ids):
         bad(f"member ids repeat: {ids}")

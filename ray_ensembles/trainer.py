@@ -37,6 +37,9 @@ def check_datasets(ensemble, dataset, validation_dataset) -> tuple[TensorDataset
     if not isinstance(ensemble, Ensemble):
         raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
                         f"DeepEnsembleClassifier. Got {type(ensemble).__name__} instead.")
+    if ensemble.is_combined:
+        raise ValueError("The 'ensemble' parameter of Trainer must be one configuration of members. Got one "
+                         "combined from several (combine) instead: train each of its parts as an ensemble of its own.")
     checked = []
     for name, data in [("dataset", dataset), ("validation_dataset", validation_dataset)]:
         if isinstance(data, torch.utils.data.TensorDataset):
