@@ -10,7 +10,12 @@ unless told otherwise), predict the test rows and score them in ORIGINAL units. 
 those found in --data-dir plus `synthetic-hard`, a generated one (synthetic_hard_regime). The
 table shows the Gaussian NLL of the moment-matched mixture (the paper's summary); the exact
 mixture NLL is in the CSV files. `--tuned` adds a column whose learning rate and epoch count are
-chosen per split on a validation part of that split's TRAINING rows only.
+chosen per split on a validation part of that split's TRAINING rows only. `--hyper` adds a
+hyper-deep ensemble column (Wenzel et al., 2020): per split, --hyper-samples configurations
+drawn from HYPER_SPACE, each --hyper-seeds stacked members, train on 80% of the training rows;
+greedy selection picks --hyper-size of those members by their mixture's NLL on the other 20%,
+`combine` makes them one ensemble (not retrained on all rows), and a second column adds the
+variance scale fitted on the same 20% (`calibrate`).
 
 The library's `EnsemblePool.fit_many` trains every split's ensemble (and the tuned column's
 searches) on long-lived Ray actors, one per CPU: start-up is paid once per actor, not per split.
@@ -28,7 +33,8 @@ import numpy as np
 import torch
 from benchmarks.common import REPO, fail, load_uci, score, write_csv
 
-from ray_ensembles import DeepEnsemble, EnsemblePool, TensorDataset, horizon_lr
+from ray_ensembles import DeepEnsemble, EnsemblePool, TensorDataset, combine, horizon_lr
+from ray_ensembles.selection import greedy_selection
 
 NAMES = {"bostonHousing": "Boston", "concrete": "Concrete", "energy": "Energy", "kin8nm": "Kin8nm",
          "naval-propulsion-plant": "Naval", "power-plant": "Power", "protein-tertiary-structure": "Protein",
@@ -49,6 +55,53 @@ SYNTHETIC = "synthetic-hard"
 SYNTHETIC_NOISE = 0.01
 TUNED_LRS = (3e-3, 1e-2)
 TUNED_MAX_EPOCHS, TUNED_EVAL_EVERY = 200, 20
+# the hyper column's space: the issue's example (#23)
+HYPER_SPACE = {"lr": (1e-3, 3e-2), "weight_decay": (1e-6, 1e-3), "hidden_dim": (50, 100), "epochs": (40, 100, 200)}
+
+
+def validation_carve(X, y, seed: int):
+    """(fit rows, validation rows) of a split's TRAINING rows: 80% and 20%, by `seed`."""
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    val, fit_rows = order[:max(1, len(X) // 5)], order[max(1, len(X) // 5):]
+    return (X[fit_rows], y[fit_rows]), (X[val], y[val])
+
+
+def hyper_configs(count: int, seed: int) -> list[dict]:
+    """`count` draws from HYPER_SPACE: log-uniform rate and weight decay, a width and a length."""
+    rng = np.random.default_rng(seed)
+    log_uniform = (lambda lo, hi: float(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+    return [{"lr": log_uniform(*HYPER_SPACE["lr"]), "weight_decay": log_uniform(*HYPER_SPACE["weight_decay"]),
+             "hidden_dim": int(rng.choice(HYPER_SPACE["hidden_dim"])), "epochs": int(rng.choice(HYPER_SPACE["epochs"]))}
+            for _ in range(count)]
+
+
+def hyper_jobs(key, X, y, cfg, seed) -> dict:
+    """The hyper column's candidates for one split: each drawn configuration, `hyper_seeds`
+    members stacked, trained on the fit rows (a seed of its own per configuration)."""
+    (X_fit, y_fit), _ = validation_carve(X, y, seed)
+    jobs = {}
+    for c, draw in enumerate(hyper_configs(cfg["hyper_samples"], seed)):
+        spec = job(X_fit, y_fit, dict(cfg, num_members=cfg["hyper_seeds"], hidden_dim=draw["hidden_dim"],
+                                      lr=draw["lr"], epochs=draw["epochs"], seed=seed * 1000 + c))
+        spec["weight_decay"] = draw["weight_decay"]
+        jobs[(*key, "hyper", c)] = spec
+    return jobs
+
+
+def hyper_scores(candidates, draws, X, y, X_test, y_test, cfg, seed) -> dict:
+    """Select and combine one split's candidates (FitResults, in draw order) on the validation
+    rows; the test scores without and with the fitted variance scale."""
+    _, (X_val, y_val) = validation_carve(X, y, seed)
+    ensembles = [c.ensemble for c in candidates]
+    log_lik = torch.cat([e.evaluate_members(X_val, y_val)[0] for e in ensembles])
+    members = [(t, i) for t, e in enumerate(ensembles) for i in range(e.num_members)]
+    picks = [members[c] for c in greedy_selection(log_lik, cfg["hyper_size"])]
+    hyper = combine([ensembles[t].subset([ensembles[t].member_ids[i]]) for t, i in picks], [draws[t] for t, _ in picks])
+    out = {f"hyper_{k}": v for k, v in score(hyper, X_test, y_test).items()}
+    out["hyper_widths"] = "/".join(str(c["hidden_dim"]) for c in hyper.member_configs)
+    out["hyper_variance_scale"] = hyper.calibrate(X_val, y_val)["variance_scale"][0]
+    out.update({f"hyper_cal_{k}": v for k, v in score(hyper, X_test, y_test).items()})
+    return out
 
 
 def parse_args(argv=None):
@@ -67,6 +120,10 @@ def parse_args(argv=None):
     p.add_argument("--nll-beta", type=float, default=1.0, help="0 is the paper's plain NLL")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine", help="the paper's is constant")
     p.add_argument("--tuned", action="store_true", help="also the per-split tuned column")
+    p.add_argument("--hyper", action="store_true", help="also the hyper-deep ensemble columns")
+    p.add_argument("--hyper-samples", type=int, default=30, help="configurations drawn per split")
+    p.add_argument("--hyper-seeds", type=int, default=2, help="members per configuration")
+    p.add_argument("--hyper-size", type=int, default=5, help="members selected")
     p.add_argument("--num-workers", type=int, default=None, help="Ray workers (default: the cluster's CPUs)")
     p.add_argument("--output", default="outputs/benchmark_uci")
     return p.parse_args(argv)
@@ -121,13 +178,12 @@ def split_arrays(arrays):
 def search_jobs(key, X, y, cfg, seed) -> dict:
     """The tuned column's search: per rate, TUNED_MAX_EPOCHS epochs on 80% of the training rows,
     scored on the other 20% every TUNED_EVAL_EVERY epochs (the Trainer's validation metrics)."""
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    val, fit_rows = order[:max(1, len(X) // 5)], order[max(1, len(X) // 5):]
-    validation = TensorDataset(X[val], y[val])
+    (X_fit, y_fit), (X_val, y_val) = validation_carve(X, y, seed)
+    validation = TensorDataset(X_val, y_val)
     jobs = {}
     for lr in TUNED_LRS:
-        spec = job(X[fit_rows], y[fit_rows], dict(cfg, lr=lr, epochs=TUNED_MAX_EPOCHS), validation)
-        spec["save_every"] = TUNED_EVAL_EVERY * math.ceil(len(fit_rows) / cfg["batch_size"])
+        spec = job(X_fit, y_fit, dict(cfg, lr=lr, epochs=TUNED_MAX_EPOCHS), validation)
+        spec["save_every"] = TUNED_EVAL_EVERY * math.ceil(len(X_fit) / cfg["batch_size"])
         jobs[(*key, lr)] = spec
     return jobs
 
@@ -148,11 +204,20 @@ def run_splits(splits: dict, cfg, fit) -> list[dict]:
     if cfg["tuned"]:
         for key, (X, y, _, _) in data.items():
             jobs.update(search_jobs(key, X, y, cfg, seed=cfg["seed"] + key[1]))
+    if cfg["hyper"]:
+        for key, (X, y, _, _) in data.items():
+            jobs.update(hyper_jobs(key, X, y, cfg, seed=cfg["seed"] + key[1]))
     results = fit(dict(sorted(jobs.items(), key=lambda kv: -len(kv[1]["dataset"]))))  # large first: no idle end
     rows = {}
     for key, (X, y, X_test, y_test) in data.items():
         rows[key] = {"dataset": key[0], "split": key[1], "lr": jobs[key]["train_lr"],
                      **score(results[key].ensemble, X_test, y_test), "worker_s": results[key].worker_s}
+    if cfg["hyper"]:
+        for key, (X, y, X_test, y_test) in data.items():
+            seed = cfg["seed"] + key[1]
+            candidates = [results[(*key, "hyper", c)] for c in range(cfg["hyper_samples"])]
+            rows[key].update(hyper_scores(candidates, hyper_configs(cfg["hyper_samples"], seed), X, y, X_test, y_test, cfg, seed))
+            rows[key]["worker_s"] += sum(r.worker_s for r in candidates)
     if cfg["tuned"]:
         finals = {}
         for key, (X, y, _, _) in data.items():
@@ -178,8 +243,9 @@ def summarize(rows, prefix=""):
     return out
 
 
-def markdown(summary_rows, tuned: bool) -> str:
+def markdown(summary_rows, tuned: bool, hyper: bool = False) -> str:
     head = ["Dataset", "splits", "RMSE ours", "NLL ours"] + (["RMSE tuned", "NLL tuned"] if tuned else []) + \
+        (["RMSE hyper", "NLL hyper", "NLL hyper + scale"] if hyper else []) + \
         ["RMSE DE", "NLL DE", "NLL MC-dropout", "NLL PBP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary_rows:
@@ -189,6 +255,9 @@ def markdown(summary_rows, tuned: bool) -> str:
                  pm(s["rmse_mean"], s["rmse_stderr"]), pm(s["nll_mean"], s["nll_stderr"])]
         if tuned:
             cells += [pm(s["tuned_rmse_mean"], s["tuned_rmse_stderr"]), pm(s["tuned_nll_mean"], s["tuned_nll_stderr"])]
+        if hyper:
+            cells += [pm(s["hyper_rmse_mean"], s["hyper_rmse_stderr"]), pm(s["hyper_nll_mean"], s["hyper_nll_stderr"]),
+                      pm(s["hyper_cal_nll_mean"], s["hyper_cal_nll_stderr"])]
         cells += [pm(*paper["rmse"][2]), pm(*paper["nll"][2]), pm(*paper["nll"][1]), pm(*paper["nll"][0])] \
             if paper else ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
@@ -209,7 +278,7 @@ def main(argv=None):
         unknown = [n for n in names if n not in found]
         if unknown:
             raise ValueError(f"The '--datasets' option names data sets not in {root} ({found}). Got {unknown} instead.")
-        for option in ("num_members", "epochs", "hidden_dim", "batch_size"):
+        for option in ("num_members", "epochs", "hidden_dim", "batch_size", "hyper_samples", "hyper_seeds", "hyper_size"):
             if getattr(args, option) < 1:
                 raise ValueError(f"The '--{option.replace('_', '-')}' option must be >= 1. Got {getattr(args, option)} instead.")
         if args.splits is not None and args.splits < 1:
@@ -223,7 +292,8 @@ def main(argv=None):
     cfg = {"num_members": args.num_members, "hidden_dim": args.hidden_dim, "epochs": args.epochs,
            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
            "adversarial_eps": args.adversarial_eps, "tuned": args.tuned, "nll_beta": args.nll_beta,
-           "lr_schedule": args.lr_schedule}
+           "lr_schedule": args.lr_schedule, "hyper": args.hyper, "hyper_samples": args.hyper_samples,
+           "hyper_seeds": args.hyper_seeds, "hyper_size": args.hyper_size}
 
     import ray
     wall_start = time.perf_counter()
@@ -248,6 +318,9 @@ def main(argv=None):
         summary = {"dataset": name, "n_splits": len(mine), **summarize(mine)}
         if args.tuned:
             summary.update(summarize(mine, "tuned_"))
+        if args.hyper:
+            summary.update(summarize(mine, "hyper_"))
+            summary.update(summarize(mine, "hyper_cal_"))
         summary["noise_std"] = noise.get(name, "")  # known only for the synthetic set
         summary["worker_s"] = sum(r["worker_s"] for r in mine)
         summary_rows.append(summary)
@@ -255,7 +328,7 @@ def main(argv=None):
     output.mkdir(parents=True, exist_ok=True)
     write_csv(summary_rows, output / "uci.csv")
     write_csv(sorted(rows, key=lambda r: (r["dataset"], r["split"])), output / "uci_splits.csv")
-    table = markdown(summary_rows, args.tuned)
+    table = markdown(summary_rows, args.tuned, args.hyper)
     (output / "uci.md").write_text(table + "\n")
     busy = sum(r["worker_s"] for r in rows)
     outside = 1 - busy / (wall * workers)

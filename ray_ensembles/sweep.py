@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from ray.tune import Callback
 
 from .data import TensorDataset
@@ -129,7 +130,8 @@ def _largest(space, name, default):
 def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "regression",
                   validation_dataset: TensorDataset | None = None, validation_fraction: float = 0.2,
                   ensemble_options: dict | None = None, trainer_options: dict | None = None,
-                  scheduler: str | None = None, num_reports: int = 4, max_concurrent: int | None = None,
+                  scheduler: str | None = None, num_reports: int = 4, num_samples: int = 1,
+                  max_concurrent: int | None = None,
                   cpus_per_worker: float = 1.0, use_gpu: bool = False,
                   max_workers_per_trial: int | None = None, trial_training: str = "auto",
                   storage_path=None, name: str | None = None,
@@ -140,7 +142,9 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
 
     The validation rows come from `validation_dataset`, or else a `validation_fraction` of the
     training rows: never test rows. Each trial reports `num_reports` times (at its checkpoints);
-    `scheduler="asha"` stops poor trials early. `trial_training`: "in_trial" trains each trial in
+    `scheduler="asha"` stops poor trials early. `num_samples` repeats the grid that many times,
+    drawing the space's distributions (`tune.loguniform`, ...) anew each time, from `seed`.
+    `trial_training`: "in_trial" trains each trial in
     its own Tune process (`cpus_per_worker` CPUs, members stacked), "ray_train" runs a Ray Train
     run of up to M workers per trial (up to `max_workers_per_trial`), and "auto" (the default)
     picks in_trial unless the sweep asks for a GPU or `max_workers_per_trial` > 1. The table's
@@ -152,6 +156,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     from .distributed import AUTOSCALING_ENV, env_default
     from .ensemble import ENSEMBLE_CLASSES
@@ -162,6 +167,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     space = normalize_param_space(param_space, task)
     check_choice(owner, "scheduler", scheduler, {None, "asha"})
     check_int(owner, "num_reports", num_reports, minimum=1)
+    check_int(owner, "num_samples", num_samples, minimum=1)
     check_float(owner, "cpus_per_worker", cpus_per_worker, strict_minimum=0.0)
     check_choice(owner, "trial_training", trial_training, set(TRIAL_TRAINING))
     if max_workers_per_trial is not None:
@@ -224,7 +230,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     console = {"callbacks": list(callbacks or [])}
     if progress:
         print(placement, flush=True)
-        console.update(verbose=1, callbacks=[*console["callbacks"], TrialLines(list(space), _grid_size(space))], progress_reporter=tune.CLIReporter(
+        console.update(verbose=1, callbacks=[*console["callbacks"], TrialLines(list(space), _grid_size(space) * num_samples)], progress_reporter=tune.CLIReporter(
             max_report_frequency=30, parameter_columns=list(space), metric_columns=["val_nll", "training_iteration"]))
     if resume:
         if not tune.Tuner.can_restore(path):
@@ -235,7 +241,8 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                              reduction_factor=2) if scheduler == "asha" else None
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric="val_nll", mode="min", scheduler=asha,
-                                                       max_concurrent_trials=concurrent),
+                                                       num_samples=num_samples, max_concurrent_trials=concurrent,
+                                                       search_alg=BasicVariantGenerator(random_state=seed)),
                            run_config=tune.RunConfig(name=name, storage_path=storage,
                                                      **{"verbose": 0, **console}))
     # Tune's CLIReporter (a status table at most every 30 s) runs only under its classic output
@@ -351,6 +358,69 @@ def _tune_report_callback(task, y_validation):
                     super().after_report(run_context, [tune_metrics(entry)], None)  # Tune's own, with our metrics
 
     return EnsembleTuneReportCallback()
+
+
+def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, num_samples: int = 10,
+                   seeds_per_config: int = 1, replacement: bool = True, calibrate: bool = False,
+                   task: str = "regression", validation_dataset: TensorDataset | None = None,
+                   validation_fraction: float = 0.2, ensemble_options: dict | None = None, seed: int = 0,
+                   **sweep_options):
+    """A hyper-deep ensemble (Wenzel et al., 2020): a Tune sweep trains `num_samples` draws of
+    `param_space` (its grid repeated, its distributions sampled), each `seeds_per_config`
+    stacked members with a seed of its own; greedy selection (with `replacement`, by default)
+    picks `size` of all those members by the mixture's NLL on the validation rows (a
+    `validation_fraction` of `dataset`'s rows unless `validation_dataset`: never test rows); the
+    chosen members are combined from the trials' saved ensembles, without retraining, each with
+    its trial's swept values in `member_configs[i]["hyperparameters"]`. `calibrate` fits the
+    variance scale (or temperature) on the same validation rows. Other options go to
+    `tune_ensemble` (`trainer_options`, `storage_path`, `trial_training`, ...). The returned
+    ensemble's `selection` holds each chosen member's trial and the validation NLLs.
+    """
+    from ray import tune
+
+    from .ensemble import combine, load_ensemble
+    from .selection import greedy_selection, mixture_nll
+    from .validation import check_int
+
+    owner = "hyper_ensemble"
+    size = check_int(owner, "size", size, minimum=1)
+    num_samples = check_int(owner, "num_samples", num_samples, minimum=1)
+    seeds_per_config = check_int(owner, "seeds_per_config", seeds_per_config, minimum=1)
+    ensemble_options = dict(ensemble_options or {})
+    if "num_members" in (param_space or {}) or "num_members" in ensemble_options:
+        raise ValueError(f"The 'param_space' of {owner} must not set num_members: each configuration trains "
+                         f"'seeds_per_config' members. Got {param_space!r}, {ensemble_options!r} instead.")
+    space = normalize_param_space(param_space, task)  # an empty or unknown space fails here
+    candidates = _grid_size(space) * num_samples * seeds_per_config
+    if not replacement and size > candidates:
+        raise ValueError(f"The 'size' parameter of {owner} must be at most the {candidates} members the sweep "
+                         f"trains when chosen without replacement. Got {size} instead.")
+    if not isinstance(dataset, TensorDataset):
+        raise TypeError(f"The 'dataset' parameter of {owner} must be a TensorDataset. Got {type(dataset).__name__} instead.")
+    if validation_dataset is None:
+        dataset, validation_dataset = dataset.split(validation_fraction, seed=seed)
+    result = tune_ensemble(dataset, {**param_space, "seed": tune.randint(0, 2**31 - 1)}, task=task,
+                           validation_dataset=validation_dataset, num_samples=num_samples, seed=seed,
+                           ensemble_options={**ensemble_options, "num_members": seeds_per_config}, **sweep_options)
+    trials = [row for row in result.table if row.get("val_nll") is not None]
+    ensembles = [load_ensemble(row["ensemble_path"]) for row in trials]
+    log_lik = torch.cat([e.evaluate_members(validation_dataset.X, validation_dataset.y)[0] for e in ensembles])
+    if not replacement and size > len(log_lik):
+        raise RuntimeError(f"{owner}: only {len(log_lik)} members finished training; {size} were asked for "
+                           f"without replacement. Failed trials: {[r['error'] for r in result.table if r['error']]}")
+    chosen = greedy_selection(log_lik, size, replacement=replacement)
+    members = [(t, i) for t, e in enumerate(ensembles) for i in range(e.num_members)]
+    picks = [members[c] for c in chosen]
+    swept = [k for k in space if k != "seed"] + ["seed"]
+    hyper = combine([ensembles[t].subset([ensembles[t].member_ids[i]]) for t, i in picks],
+                    [{k: trials[t][k] for k in swept} for t, _ in picks])
+    hyper.selection = {"trials": [trials[t]["trial_id"] for t, _ in picks],
+                       "val_nll": mixture_nll(log_lik, chosen),
+                       "best_single_trial_val_nll": trials[0]["val_nll"], "candidates": len(log_lik)}
+    if calibrate:
+        fitted = hyper.calibrate(validation_dataset.X, validation_dataset.y)
+        hyper.selection["calibrated_val_nll"] = fitted["val_nll_after"]
+    return hyper
 
 
 def m_curve(ensemble, X, y, *, num_subsets: int = 20, seed: int = 0) -> list[dict]:

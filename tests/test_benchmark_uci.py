@@ -14,7 +14,7 @@ from conftest import REPO, require_data
 from ray_ensembles import DeepEnsemble, FitResult, Trainer
 
 CFG = {"num_members": 2, "hidden_dim": 16, "epochs": 5, "batch_size": 20, "lr": 1e-2, "seed": 0,
-       "adversarial_eps": 0.0, "tuned": False, "nll_beta": 0.0, "lr_schedule": "constant"}
+       "adversarial_eps": 0.0, "tuned": False, "nll_beta": 0.0, "lr_schedule": "constant", "hyper": False}
 
 
 def fit_here(jobs, folder):
@@ -50,6 +50,19 @@ def test_scores_are_in_original_units_as_a_hand_computation_says(tmp_path):
     assert large["rmse"] == pytest.approx(1000 * small["rmse"], rel=1e-4)
     assert large["nll"] - small["nll"] == pytest.approx(math.log(1000), abs=1e-4)
     assert large["nll_mixture"] - small["nll_mixture"] == pytest.approx(math.log(1000), abs=1e-4)
+
+
+@pytest.mark.unit
+def test_the_hyper_column_selects_on_validation_rows_carved_from_the_training_rows(monkeypatch, tmp_path):
+    seen = []
+    original = bench.greedy_selection
+    monkeypatch.setattr(bench, "greedy_selection", lambda log_lik, size: (seen.append(tuple(log_lik.shape)), original(log_lik, size))[1])
+    cfg = dict(CFG, hyper=True, hyper_samples=3, hyper_seeds=2, hyper_size=4)
+    monkeypatch.setattr(bench, "HYPER_SPACE", dict(bench.HYPER_SPACE, epochs=(3, 5), hidden_dim=(8, 16)))
+    row = run_split(synthetic(), tmp_path, cfg)
+    assert seen == [(6, 20)]  # 3 configurations x 2 members, scored on 20 of the 100 training rows
+    assert len(row["hyper_widths"].split("/")) == 4 and set(row["hyper_widths"].split("/")) <= {"8", "16"}
+    assert all(math.isfinite(row[k]) for k in ("hyper_nll", "hyper_rmse", "hyper_cal_nll")) and row["hyper_variance_scale"] > 0
 
 
 @pytest.mark.unit

@@ -144,3 +144,49 @@ def test_the_m_curve_mode_trains_one_ensemble_and_scores_its_subsets(local_ray, 
     assert float(rows[1]["val_nll_std"]) == 0.0 and float(rows[0]["val_nll_std"]) >= 0.0
     assert DeepEnsemble.load(tmp_path / "best_ensemble").num_members == 2
     assert (tmp_path / "val_nll_vs_m.png").exists()
+
+
+@pytest.mark.ray
+def test_a_hyper_ensemble_selects_members_of_several_configurations_from_a_sweep(local_ray, tmp_path):
+    import random
+
+    from ray import tune
+
+    from ray_ensembles.selection import mixture_nll
+    from ray_ensembles.sweep import hyper_ensemble
+
+    train, validation = TensorDataset(X, Y).split(0.25, seed=0)
+    hyper = hyper_ensemble(train, {"hidden_dim": [4, 32], "train_lr": tune.loguniform(1e-3, 3e-2)},
+                           validation_dataset=validation, size=3, num_samples=2, seeds_per_config=2,
+                           calibrate=True, trainer_options={"train_num_epochs": 20, "train_batch_size": 50},
+                           cpus_per_worker=0.5, storage_path=tmp_path, name="hyper")
+    assert hyper.num_members == 3 and hyper.selection["candidates"] == 8  # 2 widths x 2 draws x 2 seeds
+    chosen = hyper.member_configs
+    assert all(c["hidden_dim"] == c["hyperparameters"]["hidden_dim"] and 1e-3 <= c["hyperparameters"]["train_lr"] <= 3e-2
+               for c in chosen)
+    # the selection's NLL on the validation rows beats random choices of 3 of the 8 candidates
+    everything = torch.cat([DeepEnsemble.load(p / "ensemble").evaluate_members(validation.X, validation.y)[0]
+                            for p in sorted((tmp_path / "hyper" / "trials").iterdir())])
+    rng = random.Random(0)
+    assert hyper.selection["val_nll"] < sum(mixture_nll(everything, rng.sample(range(8), 3)) for _ in range(50)) / 50
+    assert hyper.selection["calibrated_val_nll"] <= hyper.selection["val_nll"] + 1e-9
+    hyper.save(tmp_path / "chosen")
+    loaded = DeepEnsemble.load(tmp_path / "chosen")
+    assert loaded.member_configs == chosen and torch.equal(loaded(X).variance, hyper(X).variance)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("space, options, message", [
+    ({}, {}, "non-empty dict"),
+    ({"hidden_dim": [8]}, {"size": 0}, "'size' parameter of hyper_ensemble must be an int >= 1"),
+    ({"hidden_dim": [8, 16]}, {"size": 5, "replacement": False, "num_samples": 1, "seeds_per_config": 2},
+     "at most the 4 members"),
+    ({"num_members": [1, 2]}, {}, "must not set num_members"),
+    ({"widht": [8]}, {}, "unknown option 'widht'"),
+])
+def test_hyper_ensemble_refuses_bad_input_before_any_trial(space, options, message, tmp_path):
+    from ray_ensembles.sweep import hyper_ensemble
+
+    with pytest.raises(ValueError, match=message):
+        hyper_ensemble(TensorDataset(X, Y), space, storage_path=tmp_path, **options)
+    assert not any(tmp_path.iterdir())
