@@ -241,8 +241,11 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                              reduction_factor=2) if scheduler == "asha" else None
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric="val_nll", mode="min", scheduler=asha,
-                                                       num_samples=num_samples, max_concurrent_trials=concurrent,
-                                                       search_alg=BasicVariantGenerator(random_state=seed)),
+                                                       num_samples=num_samples,
+                                                       # the variant generator limits concurrency itself:
+                                                       # given one, Tune ignores max_concurrent_trials
+                                                       search_alg=BasicVariantGenerator(max_concurrent=concurrent,
+                                                                                        random_state=seed)),
                            run_config=tune.RunConfig(name=name, storage_path=storage,
                                                      **{"verbose": 0, **console}))
     # Tune's CLIReporter (a status table at most every 30 s) runs only under its classic output
@@ -287,6 +290,15 @@ class TrialLines(Callback):
         print(f"trial {self.finished}/{self.total} FAILED: {self._values(trial)} (see {trial.path})", flush=True)
 
 
+def split_options(options: dict, task: str) -> tuple[dict, dict]:
+    """A trial's options as (ensemble arguments, Trainer arguments); adversarial training is on
+    when an eps is swept above 0."""
+    ensemble_names, trainer_names = option_names(task)
+    ensemble_kwargs = {k: v for k, v in options.items() if k in ensemble_names}
+    ensemble_kwargs.setdefault("use_adversarial_training", ensemble_kwargs.get("adversarial_eps", 0.0) > 0)
+    return ensemble_kwargs, {k: v for k, v in options.items() if k in trainer_names}
+
+
 def _run_trial(config, *, train, validation, base):
     """One Tune trial: an ensemble through the Trainer, in this process or on Ray Train workers,
     reporting the ensemble's validation metrics to Tune at each checkpoint."""
@@ -295,12 +307,9 @@ def _run_trial(config, *, train, validation, base):
 
     from .trainer import Trainer, num_steps
 
-    options = {**base["ensemble"], **base["trainer"], **config}
-    ensemble_names, trainer_names = option_names(base["cls"].head_class.task)
-    ensemble_kwargs = {k: v for k, v in options.items() if k in ensemble_names}
-    ensemble_kwargs.setdefault("use_adversarial_training", ensemble_kwargs.get("adversarial_eps", 0.0) > 0)
+    ensemble_kwargs, trainer_kwargs = split_options({**base["ensemble"], **base["trainer"], **config},
+                                                    base["cls"].head_class.task)
     ensemble = base["cls"](train.X.shape[1], **base["dim_out"], **ensemble_kwargs)
-    trainer_kwargs = {k: v for k, v in options.items() if k in trainer_names}
     # the Trainer's own rule for the run's length, so save_every splits it into num_reports reports
     steps = num_steps(len(train), trainer_kwargs.get("train_batch_size", 100),
                       trainer_kwargs.get("train_num_steps"), trainer_kwargs.get("train_num_epochs"))
@@ -361,7 +370,7 @@ def _tune_report_callback(task, y_validation):
 
 
 def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, num_samples: int = 10,
-                   seeds_per_config: int = 1, replacement: bool = True, calibrate: bool = False,
+                   seeds_per_config: int = 1, replacement: bool = True, calibrate: bool = False, refit: bool = False,
                    task: str = "regression", validation_dataset: TensorDataset | None = None,
                    validation_fraction: float = 0.2, ensemble_options: dict | None = None, seed: int = 0,
                    **sweep_options):
@@ -371,10 +380,13 @@ def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, 
     picks `size` of all those members by the mixture's NLL on the validation rows (a
     `validation_fraction` of `dataset`'s rows unless `validation_dataset`: never test rows); the
     chosen members are combined from the trials' saved ensembles, without retraining, each with
-    its trial's swept values in `member_configs[i]["hyperparameters"]`. `calibrate` fits the
-    variance scale (or temperature) on the same validation rows. Other options go to
-    `tune_ensemble` (`trainer_options`, `storage_path`, `trial_training`, ...). The returned
-    ensemble's `selection` holds each chosen member's trial and the validation NLLs.
+    its trial's swept values in `member_configs[i]["hyperparameters"]`. With `refit`, each chosen
+    member is trained again, from the same initialisation, on all the rows (training and
+    validation; `fit_many`). `calibrate` fits the variance scale (or temperature) on the
+    validation rows, to the members that did not train on them (with `refit`, the scale fitted
+    before the refit is kept). Other options go to `tune_ensemble` (`trainer_options`,
+    `storage_path`, `trial_training`, ...). The returned ensemble's `selection` holds each chosen
+    member's trial and the validation NLLs.
     """
     from ray import tune
 
@@ -414,12 +426,30 @@ def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, 
     swept = [k for k in space if k != "seed"] + ["seed"]
     hyper = combine([ensembles[t].subset([ensembles[t].member_ids[i]]) for t, i in picks],
                     [{k: trials[t][k] for k in swept} for t, _ in picks])
-    hyper.selection = {"trials": [trials[t]["trial_id"] for t, _ in picks],
-                       "val_nll": mixture_nll(log_lik, chosen),
-                       "best_single_trial_val_nll": trials[0]["val_nll"], "candidates": len(log_lik)}
+    selection = {"trials": [trials[t]["trial_id"] for t, _ in picks], "val_nll": mixture_nll(log_lik, chosen),
+                 "best_single_trial_val_nll": trials[0]["val_nll"], "candidates": len(log_lik)}
     if calibrate:
         fitted = hyper.calibrate(validation_dataset.X, validation_dataset.y)
-        hyper.selection["calibrated_val_nll"] = fitted["val_nll_after"]
+        selection["calibrated_val_nll"] = fitted["val_nll_after"]
+    if refit:
+        from .many import fit_many
+
+        everything = TensorDataset(torch.cat([dataset.X, validation_dataset.X]),
+                                   torch.cat([dataset.y, validation_dataset.y]), feature_names=dataset.feature_names)
+        fixed = {**canonical_options(ensemble_options, task, "ensemble_options"),
+                 **canonical_options(dict(sweep_options.get("trainer_options") or {}), task, "trainer_options")}
+        jobs = {}
+        for t, i in dict.fromkeys(picks):  # a member chosen twice trains once
+            kwargs, trainer_kwargs = split_options({**fixed, **{k: trials[t][k] for k in swept}}, task)
+            part = ensembles[t]
+            outputs = {"dim_out": part.dim_out} if task == "regression" else {"num_classes": part.num_classes}
+            member = type(part)(part.dim_in, **outputs, **kwargs, num_members=1, member_ids=[part.member_ids[i]])
+            jobs[(t, i)] = {"ensemble": member, "dataset": everything, **trainer_kwargs}
+        refitted = fit_many(jobs)
+        calibration = hyper.calibration
+        hyper = combine([refitted[p].ensemble for p in picks], [{k: trials[t][k] for k in swept} for t, _ in picks])
+        hyper.calibration = calibration
+    hyper.selection = selection
     return hyper
 
 

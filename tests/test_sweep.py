@@ -158,7 +158,7 @@ def test_a_hyper_ensemble_selects_members_of_several_configurations_from_a_sweep
     train, validation = TensorDataset(X, Y).split(0.25, seed=0)
     hyper = hyper_ensemble(train, {"hidden_dim": [4, 32], "train_lr": tune.loguniform(1e-3, 3e-2)},
                            validation_dataset=validation, size=3, num_samples=2, seeds_per_config=2,
-                           calibrate=True, trainer_options={"train_num_epochs": 20, "train_batch_size": 50},
+                           calibrate=True, refit=True, trainer_options={"train_num_epochs": 20, "train_batch_size": 50},
                            cpus_per_worker=0.5, storage_path=tmp_path, name="hyper")
     assert hyper.num_members == 3 and hyper.selection["candidates"] == 8  # 2 widths x 2 draws x 2 seeds
     chosen = hyper.member_configs
@@ -170,6 +170,9 @@ def test_a_hyper_ensemble_selects_members_of_several_configurations_from_a_sweep
     rng = random.Random(0)
     assert hyper.selection["val_nll"] < sum(mixture_nll(everything, rng.sample(range(8), 3)) for _ in range(50)) / 50
     assert hyper.selection["calibrated_val_nll"] <= hyper.selection["val_nll"] + 1e-9
+    # refit: the chosen members trained again on all the rows, validation rows included
+    everything = torch.cat([train.X, validation.X]).double()
+    torch.testing.assert_close(hyper.standardizer.x_mean, everything.mean(0), rtol=1e-9, atol=1e-12)
     hyper.save(tmp_path / "chosen")
     loaded = DeepEnsemble.load(tmp_path / "chosen")
     assert loaded.member_configs == chosen and torch.equal(loaded(X).variance, hyper(X).variance)
