@@ -25,9 +25,9 @@ from .validation import as_float_tensor, check_choice, check_float, check_int
 PREDICT_CHUNK_ROWS = 8192  # rows per forward pass at inference on a CPU: bounds memory, keeps matmuls large
 # On a GPU a pass is mostly kernel launches, so passes are as large as this much activation memory allows.
 PREDICT_CHUNK_BYTES_GPU = 512 << 20
-# the options every ensemble takes besides its head's, in the order of the config
 # what every member of a combined ensemble shares (its inputs, outputs and kind of members)
 SHARED = ("dim_in", "dim_out", "num_classes", "member_factory")
+# the options every ensemble takes besides its head's, in the order of the config
 ARCHITECTURE = ("dim_in", "hidden_dim", "depth", "activation", "batch_norm", "use_adversarial_training",
                 "adversarial_eps", "perturbation", "seed")
 
@@ -81,7 +81,7 @@ class Ensemble(nn.Module):
                                      self.depth, activation, batch_norm, member_factory)
         self.standardizer = Standardizer(self.dim_in, head.dim_out)
         self._calibration = None
-        self._member_configs = None  # members of several configurations (`combine`): each one's
+        self._member_configs = None  # per member, for an ensemble `combine`d from several
 
     @property
     def calibration(self) -> dict | None:
@@ -401,7 +401,6 @@ def combine(ensembles: Sequence[Ensemble], hyperparameters: Sequence[dict] | Non
         combined.members.load_member_state(j, {k: v.to(combined.device) for k, v in e.members.member_state(i).items()})
         combined.member_seeds[j] = e.member_seeds[i]
     return combined.eval()
-
 
 
 def load_ensemble(path, members: Sequence[int] | None = None, *, member_factory=None, map_location="cpu",

@@ -147,10 +147,9 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     `trial_training`: "in_trial" trains each trial in its own Tune process (`cpus_per_worker`
     CPUs, members stacked), "ray_train" runs a Ray Train run of up to M workers per trial (up to
     `max_workers_per_trial`), and "auto" (the default) picks in_trial unless the sweep asks for
-    a GPU or `max_workers_per_trial` > 1. The table's
-    `training` column says which. Concurrency is sized so that trials never wait for each
-    other's CPUs or GPUs; `resume=True` continues the sweep called `name`. With
-    `progress`, it prints the trials' placement, one line per finished trial and Tune's status
+    a GPU or `max_workers_per_trial` > 1. The table's `training` column says which. Concurrency
+    is sized so that trials never wait for each other's CPUs or GPUs; `resume=True` continues
+    the sweep called `name`. With `progress`, it prints the trials' placement, one line per finished trial and Tune's status
     table at most every 30 s. `callbacks` are Tune callbacks (e.g. Ray's MLflowLoggerCallback).
     """
     import ray
