@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ray_ensembles.data import cubic_toy, read_table, table_to_dataset
+from ray_ensembles.data import TensorDataset, cubic_toy, read_table, table_source, table_to_dataset
 from ray_ensembles.locations import check_store
 
 
@@ -15,8 +15,9 @@ def add_data_arguments(parser):
     data.add_argument("--target", help="target column (required with --data)")
     data.add_argument("--features", help="comma-separated feature columns (default: every other numeric column)")
     data.add_argument("--task", choices=["regression", "classification"], default="regression")
-    data.add_argument("--validation-fraction", type=float, default=0.1,
-                      help="share of the TRAINING rows held out for validation metrics")
+    data.add_argument("--validation-fraction", type=float, default=None,
+                      help="share of the TRAINING rows held out for validation metrics (default 0.1)")
+    return data
 
 
 def default_lr(args, num_rows: int) -> float:
@@ -36,10 +37,43 @@ def load_data(args, allow_no_validation: bool = True):
         raise ValueError("The '--target' option is required with --data. Got nothing instead.")
     features = args.features.split(",") if args.features else None
     check_store(args.data, "--data")
+    if getattr(args, "streaming", False):
+        if args.validation_fraction:
+            raise ValueError("The '--validation-fraction' option holds rows out of a table in memory; with "
+                             f"--streaming every row trains. Got {args.validation_fraction} instead.")
+        return table_head(args.data, args.target, features, args.task), None
+    if args.validation_fraction is None:
+        args.validation_fraction = 0.1
     dataset = table_to_dataset(read_table(args.data), args.target, features, args.task)
     if args.validation_fraction == 0 and allow_no_validation:
         return dataset, None
     return dataset.split(args.validation_fraction, seed=args.seed)
+
+
+def arrow_dataset(location: str):
+    """The table at `location` as a pyarrow dataset: its schema, first rows and length (from the
+    files' metadata) without reading it, and without Ray."""
+    import pyarrow.dataset
+
+    filesystem, path, fmt = table_source(location)
+    return pyarrow.dataset.dataset(path, filesystem=filesystem, format=fmt)
+
+
+def table_head(location: str, target: str, features, task: str) -> TensorDataset:
+    """The first rows of a table to stream, their columns and values checked before Ray starts."""
+    head = arrow_dataset(location).head(1000)
+    if head.num_rows == 0:
+        raise ValueError(f"The 'data' file {location!r} has no rows.")
+    return table_to_dataset(head, target, features, task)
+
+
+def read_dataset(location: str):
+    """A Ray Dataset of the Parquet or CSV table at `location` (a path or URI), to stream."""
+    import ray.data
+
+    filesystem, path, fmt = table_source(location)
+    read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv
+    return read(path, filesystem=filesystem)
 
 
 def add_console_arguments(parser, tracking: bool = True):
@@ -70,6 +104,9 @@ def start_ray(args) -> str:
     """
     import ray
 
+    from ray_ensembles.ray_internals import quiet_ray_data
+
+    quiet_ray_data("INFO" if args.verbose else "WARNING")
     dashboard = None
     if not ray.is_initialized():
         if not args.verbose:

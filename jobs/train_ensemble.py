@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from common import add_console_arguments, add_data_arguments, default_lr, fail, load_data, loggers, num_classes, say, start_ray
+from common import (add_console_arguments, add_data_arguments, arrow_dataset, default_lr, fail, load_data, loggers,
+                    num_classes, read_dataset, say, start_ray)
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
 from ray_ensembles.distributed import resources_per_worker
@@ -29,7 +30,10 @@ from ray_ensembles.placement import assign_members
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_data_arguments(p)
+    add_data_arguments(p).add_argument(
+        "--streaming", action="store_true",
+        help="read --data with Ray Data as it trains, for tables larger than memory: every member streams every "
+             "row, in windows of --shuffle-buffer-rows; no rows are held out for validation (README)")
     model = p.add_argument_group("ensemble")
     model.add_argument("--num-members", type=int, default=5)
     model.add_argument("--hidden-dim", type=int, default=None, help="default 100 on the toy, else 50")
@@ -37,6 +41,8 @@ def parse_args(argv=None):
     model.add_argument("--adversarial-eps", type=float, default=0.0,
                        help="FGSM step as a fraction of each input's range; 0 turns it off")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--num-classes", type=int, default=None,
+                       help="classification: default one more than the largest label (required with --streaming)")
     model.add_argument("--nll-beta", type=float, default=1.0,
                        help="regression: weight each row's NLL gradient by its variance^beta; 0 is the paper's plain NLL")
     train = p.add_argument_group("training")
@@ -49,6 +55,8 @@ def parse_args(argv=None):
     train.add_argument("--ema-decay", type=float, default=0.0)
     train.add_argument("--amp", action="store_true", help="bfloat16 autocast (on GPUs)")
     train.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
+    train.add_argument("--shuffle-buffer-rows", type=int, default=1 << 20,
+                       help="with --streaming, rows mix within windows of this many (README, 'Tables larger than memory')")
     ray_opts = p.add_argument_group("Ray")
     ray_opts.add_argument("--num-workers", type=int, default=None,
                           help="Ray Train workers (default: one per member, up to the cluster's GPUs or CPUs)")
@@ -87,14 +95,20 @@ def build(args):
     if output.exists() and not output.is_dir():
         raise ValueError(f"The '--output' option must be a folder. Got {args.output!r}, a file, instead.")
     storage.check_writable(output / "ensemble", is_ours=storage.is_ensemble_directory, what="an ensemble")
-    train, validation = load_data(args)
+    if args.streaming and args.data is None:
+        raise ValueError("The '--streaming' option reads the table in --data. Got no --data instead.")
+    if args.streaming and args.task == "classification" and args.num_classes is None:
+        raise ValueError("The '--num-classes' option is required with --streaming --task classification "
+                         "(the labels are not read before training). Got nothing instead.")
+    train, validation = load_data(args)  # with --streaming, the table's first rows
+    args.num_rows = arrow_dataset(args.data).count_rows() if args.streaming else len(train)
     if args.lr is None:
-        args.lr = default_lr(args, len(train))
+        args.lr = default_lr(args, args.num_rows)
     common = dict(num_members=args.num_members, hidden_dim=args.hidden_dim, depth=args.depth,
                   use_adversarial_training=args.adversarial_eps > 0,
                   adversarial_eps=args.adversarial_eps, seed=args.seed)
     if args.task == "classification":
-        ensemble = DeepEnsembleClassifier(train.X.shape[1], num_classes(train, validation), **common)
+        ensemble = DeepEnsembleClassifier(train.X.shape[1], args.num_classes or num_classes(train, validation), **common)
     else:
         ensemble = DeepEnsemble(train.X.shape[1], train.y.shape[1] if train.y.ndim == 2 else 1, **common,
                                 nll_beta=args.nll_beta)
@@ -107,7 +121,8 @@ def scaling(args):
 
     if args.num_workers is None:
         have = ray.cluster_resources()
-        slots = have.get("GPU", 0) if args.use_gpu else have.get("CPU", 1) / args.cpus_per_worker
+        # a streaming run leaves a CPU to Ray Data's read tasks
+        slots = have.get("GPU", 0) if args.use_gpu else (have.get("CPU", 1) - args.streaming) / args.cpus_per_worker
         args.num_workers = max(1, min(args.num_members, int(slots)))
     per_worker = {"CPU": args.cpus_per_worker}
     if args.use_gpu:
@@ -195,10 +210,13 @@ def main(argv=None):
                        lr_scheduler=args.lr_schedule == "cosine",
                        ema_decay=args.ema_decay, amp=args.amp, save_every=args.save_every,
                        validation_dataset=validation, progress=not (args.quiet or args.json))
+        options.update(shuffle_buffer_rows=args.shuffle_buffer_rows)
         Trainer(ensemble, train, **options)  # every option checked before Ray starts
         config = run_config(args, output)  # --name and --resume too
         where = start_ray(args)
-        trainer = Trainer(ensemble, train, **options, scaling_config=scaling(args), run_config=config,
+        data = dict(dataset=train) if not args.streaming else \
+            dict(dataset=read_dataset(args.data), target=args.target, features=train.feature_names)
+        trainer = Trainer(ensemble, **data, **options, scaling_config=scaling(args), run_config=config,
                           loggers=loggers(args, args.name))
         say(args, where, placement(trainer))
         trainer.train()

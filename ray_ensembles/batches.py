@@ -25,10 +25,14 @@ def gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class MemberBatches:
     """`batches(step)`: every member's mini-batch at `step`, (M, b, D) and (M, b, ...), of the
     standardised rows xs (N, D) and ys (N, ...). `member_seeds` is read at each epoch's start;
-    call `reset()` after changing it (a member restarted with a fresh seed)."""
+    call `reset()` after changing it (a member restarted with a fresh seed). As one `window` of a
+    streamed table (`streaming`), its orders are those of that window."""
 
-    def __init__(self, xs: torch.Tensor, ys: torch.Tensor, batch_size: int, member_seeds: list[int]):
+    def __init__(self, xs: torch.Tensor, ys: torch.Tensor, batch_size: int, member_seeds: list[int],
+                 window: int | None = None):
         self.xs, self.ys, self.batch_size, self.member_seeds = xs, ys, batch_size, member_seeds
+        self.window = window
+        self.num_rows = len(xs)
         self.steps_per_epoch = math.ceil(len(xs) / batch_size)
         step_bytes = len(member_seeds) * batch_size * (xs[0].numel() * xs.element_size() + ys[0].numel() * ys.element_size())
         # a slice of rows gathered for many steps is one cheap view per step
@@ -40,9 +44,16 @@ class MemberBatches:
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._order_epoch:
-            self._order = epoch_permutations(self.member_seeds, epoch, len(self.xs)).to(self.xs.device)
+            self._order = epoch_permutations(self.member_seeds, epoch, len(self.xs), self.window).to(self.xs.device)
             self._order_epoch, self._gathered = epoch, None
         return self._order                                       # (M, N)
+
+    def chunks(self, rows: int):
+        """All the rows, `rows` at a time: (xs, ys) pairs."""
+        return zip(self.xs.split(rows), self.ys.split(rows))
+
+    def close(self):
+        """Nothing to release (a StreamBatches stops its reader)."""
 
     def rows(self, step: int) -> torch.Tensor:
         """(M, b) row indices of every member's mini-batch at `step`."""

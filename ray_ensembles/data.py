@@ -112,23 +112,22 @@ def read_table(path_or_uri: str):
     return table
 
 
-def table_to_dataset(table, target: str, features: Sequence[str] | None = None,
-                     task: str = "regression") -> TensorDataset:
-    """Features and target columns of a pyarrow Table as a TensorDataset that keeps their names.
-
-    Features default to every other numeric column; they may not repeat or include the target.
-    Columns keep their precision (float64 stays float64). Classification targets follow
-    `as_labels`.
-    """
+def table_features(schema, target: str, features: Sequence[str] | None = None) -> list[str]:
+    """The feature columns of a table with this pyarrow `schema`: `features`, or every other
+    numeric column; they may not repeat or include the target, and every column used must be
+    numeric. The one rule for in-memory and streamed tables."""
     import pyarrow.types as pat
 
-    columns = table.column_names
+    def numeric(name):
+        kind = schema.field(name).type
+        return pat.is_integer(kind) or pat.is_floating(kind)
+
+    columns = schema.names
     if target not in columns:
         raise ValueError(f"The 'target' parameter must be a column of the data {columns}. "
                          f"Got {target!r} instead.")
     if features is None:
-        features = [c for c in columns if c != target
-                    and (pat.is_integer(table.schema.field(c).type) or pat.is_floating(table.schema.field(c).type))]
+        features = [c for c in columns if c != target and numeric(c)]
         if not features:
             raise ValueError(f"The data has no numeric feature columns besides the target {target!r}.")
     features = list(features)
@@ -139,13 +138,31 @@ def table_to_dataset(table, target: str, features: Sequence[str] | None = None,
         if name not in columns:
             raise ValueError(f"The 'features' parameter names a column that the data lacks "
                              f"(columns: {columns}). Got {name!r} instead.")
-        kind = table.schema.field(name).type
-        if not (pat.is_integer(kind) or pat.is_floating(kind)):
-            raise ValueError(f"Column {name!r} must be numeric. Got type {kind} instead.")
-        if table.column(name).null_count or not np.isfinite(table.column(name).to_numpy(zero_copy_only=False)).all():
+        if not numeric(name):
+            raise ValueError(f"Column {name!r} must be numeric. Got type {schema.field(name).type} instead.")
+    return features
+
+
+def table_arrays(table, target: str, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(X (n, D), y (n,)) of a pyarrow Table (or one block of a streamed one) whose columns passed
+    `table_features`, keeping their precision; a null, NaN or inf value is an error naming its
+    column."""
+    arrays = {}
+    for name in [*features, target]:
+        column = table.column(name)
+        values = column.to_numpy(zero_copy_only=False)
+        if column.null_count or not np.isfinite(values).all():
             raise ValueError(f"Column {name!r} must be free of missing, NaN and inf values.")
-    X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in features], 1)
-    y = table.column(target).to_numpy(zero_copy_only=False)
+        arrays[name] = values
+    return np.stack([arrays[c] for c in features], 1), arrays[target]
+
+
+def table_to_dataset(table, target: str, features: Sequence[str] | None = None,
+                     task: str = "regression") -> TensorDataset:
+    """Features and target columns of a pyarrow Table as a TensorDataset that keeps their names
+    (`table_features`, `table_arrays`). Classification targets follow `as_labels`."""
+    features = table_features(table.schema, target, features)
+    X, y = table_arrays(table, target, features)
     if task == "classification":
         y = as_labels("table_to_dataset", "target", y)
     return TensorDataset(X, y, feature_names=features)

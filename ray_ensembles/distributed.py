@@ -31,6 +31,7 @@ from .locations import check_store, is_uri, join
 from .placement import assign_members, local_device
 from .ray_internals import data_parallel_trainer, quiet_worker_reports
 from .reporting import EpochMetricsCallback, Follower, RunChannel, progress_sender
+from .streaming import TableStream, execution_options
 from .training import EnsembleFit, TrainSettings
 
 AUTOSCALING_ENV = "RAY_ENSEMBLES_AUTOSCALING"  # "1": the cluster grows on demand, skip the size check
@@ -81,11 +82,18 @@ def check_distributed_request(ensemble, scaling_config, run_config):
                         f"Got {type(run_config).__name__} instead.")
 
 
-def check_cluster_resources(scaling_config):
-    """Refuse a request the cluster can never satisfy: Ray would wait for it forever."""
+def check_cluster_resources(scaling_config, streaming: bool = False):
+    """Refuse a request the cluster can never satisfy: Ray would wait for it forever. Workers
+    that stream a Ray Dataset need a CPU left for its read tasks, or every read waits."""
     if os.environ.get(AUTOSCALING_ENV) == "1":
         return
     have = ray.cluster_resources()
+    need_cpu = resources_per_worker(scaling_config).get("CPU", 0) * scaling_config.num_workers
+    if streaming and need_cpu > have.get("CPU", 0.0) - 1 + 1e-9:
+        raise ValueError(
+            f"The scaling_config asks for {need_cpu:g} CPU of the Ray cluster's {have.get('CPU', 0.0):g}, leaving "
+            "less than 1 for Ray Data's read tasks, which every worker streaming the dataset waits on. Use fewer "
+            "workers or fewer CPUs in resources_per_worker (fractions are fine).")
     for resource, amount in resources_per_worker(scaling_config).items():
         need = amount * scaling_config.num_workers
         if need > have.get(resource, 0.0) + 1e-9:
@@ -107,7 +115,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     sc = scaling_config
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS or a running cluster, else starts a local one
-    check_cluster_resources(sc)
+    check_cluster_resources(sc, streaming=isinstance(dataset, TableStream))
     # A reused name silently resumes an old run, so a fresh run gets a unique one. Ray Train's
     # own INFO lines (each report, each checkpoint) go to its log files, not the console.
     rc = run_config or RunConfig(
@@ -122,8 +130,10 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
         "member_factory": ensemble.member_factory,  # pickled by reference: workers import it
         "settings": dataclasses.asdict(settings), "use_gpu": bool(sc.use_gpu),
         "threads": max(1, int(resources_per_worker(sc).get("CPU", 1))),
-        # one copy in the object store; each worker fetches it once
-        "data": ray.put((dataset.X.numpy(), dataset.y.numpy())),
+        # one copy in the object store, which each worker fetches once; or the columns of a Ray
+        # Dataset that every worker reads whole (its iterator comes from Ray Train's DataConfig)
+        "data": dataclasses.replace(dataset, dataset=None) if isinstance(dataset, TableStream) else
+        ray.put((dataset.X.numpy(), dataset.y.numpy())),
         "validation": None if validation_dataset is None else
         ray.put((validation_dataset.X.numpy(), validation_dataset.y.numpy())),
         "resume_from": None if resume_from is None else str(Path(resume_from).resolve()),
@@ -137,7 +147,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
         with env_default(POLL_ENV, POLL_DEFAULT_S):  # the driver's value reaches the controller
             try:
                 result = data_parallel_trainer()(_train_worker, train_loop_config=config, backend_config=BackendConfig(),
-                                                 scaling_config=sc, run_config=rc).fit()
+                                                 scaling_config=sc, run_config=rc, **stream_options(dataset)).fit()
             except ray.train.TrainingFailedError as err:
                 check_storage_after(err, rc)
                 raise
@@ -161,6 +171,17 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
                            "training_s": max(t["training_s"] for t in timing),
                            "checkpoint_s": max(t["checkpoint_s"] for t in timing),
                            "ray_train_total_s": fit_done - started, "assembly_s": time.time() - fit_done})
+
+
+def stream_options(dataset) -> dict:
+    """The trainer's options that give every worker all of a streamed dataset, each in the
+    dataset's own order (`streaming`); none for in-memory data."""
+    if not isinstance(dataset, TableStream):
+        return {}
+    from ray.train import DataConfig
+
+    return {"datasets": {"train": dataset.dataset}, "dataset_config": DataConfig(
+        datasets_to_split=[], execution_options=execution_options())}
 
 
 def check_storage_after(err, run_config):
@@ -197,8 +218,10 @@ def _train_worker(config):
     rank = context.get_world_rank()
     member_ids = assign_members(config["member_ids"], context.get_world_size())[rank]
     torch.set_num_threads(config["threads"])
-    # object-store arrays are read-only: copy them once into this worker's own tensors
-    x, y = (torch.from_numpy(a.copy()) for a in ray.get(config["data"]))
+    if isinstance(config["data"], TableStream):  # all of a Ray Dataset, in its own order
+        x, y = dataclasses.replace(config["data"], dataset=ray.train.get_dataset_shard("train")), None
+    else:  # object-store arrays are read-only: copy them once into this worker's own tensors
+        x, y = (torch.from_numpy(a.copy()) for a in ray.get(config["data"]))
     validation = None
     if config["validation"] is not None:
         validation = tuple(torch.from_numpy(a.copy()) for a in ray.get(config["validation"]))

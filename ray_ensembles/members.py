@@ -25,12 +25,14 @@ def member_seed(seed: int, member_id: int, attempt: int = 0) -> int:
                >> np.uint64(1))
 
 
-def epoch_permutations(member_seeds: list[int], epoch: int, num_rows: int) -> torch.Tensor:
-    """(M, N) row order of every member for one epoch; member m's depends on its seed only."""
+def epoch_permutations(member_seeds: list[int], epoch: int, num_rows: int, window: int | None = None) -> torch.Tensor:
+    """(M, N) row order of every member for one epoch, or for one `window` of a streamed epoch;
+    member m's depends on its seed only."""
     orders = []
+    key = [epoch] if window is None else [epoch, window]
     for s in member_seeds:  # once per epoch, not per step
         g = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([s, epoch]).generate_state(1, np.uint64)[0] >> np.uint64(1)))
+            int(np.random.SeedSequence([s, *key]).generate_state(1, np.uint64)[0] >> np.uint64(1)))
         orders.append(torch.randperm(num_rows, generator=g))
     return torch.stack(orders)
 

@@ -15,6 +15,32 @@ def data_parallel_trainer():
 
 def quiet_worker_reports(level: str):
     """Ray Train 2.60 logs every report in full at INFO through a logger named by its file's
-    path, which a run's LoggingConfig does not reach: give that logger the run's level."""
+    path, which a run's LoggingConfig does not reach: give that logger, and Ray Data's, the
+    run's level."""
     from ray.train.v2._internal.execution import context
     logging.getLogger(context.__file__).setLevel(level)
+    quiet_ray_data(level)
+
+
+def quiet_ray_data(level: str):
+    """Ray Data's INFO lines (each streamed epoch's start and end) at `level`, and its warning
+    that progress bars are off (`ordered_dataset` turns them off) unless `level` is INFO or lower."""
+    import ray.data  # configures its loggers on import: set them after
+
+    logging.getLogger("ray.data").setLevel(level)
+    if logging.getLevelName(level) > logging.INFO:
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def ordered_dataset(dataset, execution_options):
+    """A copy of a Ray Dataset with these execution options and without progress bars (a
+    worker's would flood the driver's console, once per epoch): Ray Data's public API sets these
+    only on the process-wide DataContext; a deep copy has a context of its own, which travels
+    with it."""
+    from ray.data import Dataset
+
+    ordered = Dataset.copy(dataset, _deep_copy=True)
+    ordered.context.execution_options = execution_options
+    ordered.context.enable_progress_bars = False
+    ordered.context.print_on_execution_start = False
+    return ordered

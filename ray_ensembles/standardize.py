@@ -12,6 +12,47 @@ import torch
 from torch import nn
 
 
+class Moments:
+    """Per-column count, mean, sum of squared deviations, min and max in float64, merged batch by
+    batch (Chan et al.'s parallel Welford update): one pass over a table of any length gives the
+    same statistics as the whole table at once, up to float64 rounding."""
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)
+        self.min = torch.full((dim,), float("inf"), dtype=torch.float64)
+        self.max = torch.full((dim,), float("-inf"), dtype=torch.float64)
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Moments":
+        moments = cls(x.shape[1])
+        moments.update(x)
+        return moments
+
+    def update(self, x: torch.Tensor):
+        """Add rows x (n, dim), any real dtype."""
+        x = x.double()
+        n = len(x)
+        if n == 0:
+            return
+        mean = x.mean(0)
+        m2 = (x - mean).square().sum(0)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta.square() * (self.count * n / total)
+        self.count = total
+        self.min = torch.minimum(self.min, x.amin(0))
+        self.max = torch.maximum(self.max, x.amax(0))
+
+    @property
+    def std(self) -> torch.Tensor:
+        """The population std; a constant column's is 1, so it standardises to 0, not NaN."""
+        std = (self.m2 / self.count).sqrt()
+        return torch.where(std > 0, std, torch.ones_like(std))
+
+
 class Standardizer(nn.Module):
     """Per-column mean and std of the inputs (D,) and, with `dim_out`, of the target (T,).
     Identity until `fit`; a constant column gets std 1, so it standardises to 0, not NaN.
@@ -36,17 +77,19 @@ class Standardizer(nn.Module):
 
     def fit(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """Fit to checked inputs (N, D) and, for a target-standardising one, targets (N, T)."""
-        x = x.double()
-        std = x.std(0, correction=0)
-        self.x_mean.copy_(x.mean(0))
-        self.x_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
-        self.x_range.copy_(x.amax(0) - x.amin(0))
+        target = None if y is None or not self.has_target else Moments.of(y.reshape(len(y), -1))
+        self.fit_moments(Moments.of(x), target, None if y is None else y.dtype)
+
+    def fit_moments(self, x: Moments, y: Moments | None = None, target_dtype: torch.dtype | None = None):
+        """Fit to the moments of the inputs and, for a target-standardising one, of the targets
+        (a streaming pass over a table, or `Moments.of` tensors in memory)."""
+        self.x_mean.copy_(x.mean)
+        self.x_std.copy_(x.std)
+        self.x_range.copy_(x.max - x.min)
         if y is not None and self.has_target:
-            self.target_dtype = y.dtype  # predictions come back in it: a float64 target stays exact
-            y = y.double()
-            std = y.std(0, correction=0)
-            self.y_mean.copy_(y.mean(0))
-            self.y_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+            self.target_dtype = target_dtype  # predictions come back in it: a float64 target stays exact
+            self.y_mean.copy_(y.mean)
+            self.y_std.copy_(y.std)
         self.fitted = True
 
     def standardize_x(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from .metrics import ensemble_validation_metrics
 from .locations import is_uri
 from .placement import assign_members, launched_rank, local_device, process_group
 from .progress import EnsembleProgress, Every
+from .streaming import TableStream, is_ray_dataset
 from .training import EnsembleFit, TrainSettings, attach_validation
 from .validation import check_int
 
@@ -31,31 +32,45 @@ def num_steps(num_rows: int, batch_size: int, steps: int | None, epochs: int | N
     return check_int("Trainer", "train_num_steps", TrainSettings.num_steps if steps is None else steps, minimum=1)
 
 
-def check_datasets(ensemble, dataset, validation_dataset) -> tuple[TensorDataset, TensorDataset | None]:
-    """The Trainer's data, as TensorDatasets (a torch one is converted), checked against the
-    ensemble: a wrong width, target shape or label fails here, before anything starts."""
+def check_datasets(ensemble, dataset, validation_dataset, target=None, features=None
+                   ) -> tuple[TensorDataset | TableStream, TensorDataset | None]:
+    """The Trainer's data, as TensorDatasets (a torch one is converted), or a Ray Dataset as a
+    TableStream of its `target` and `features` columns, checked against the ensemble: a wrong
+    width, target shape, label or column fails here, before anything starts (a streamed table's
+    values, at the scan that fits the standardisation)."""
     if not isinstance(ensemble, Ensemble):
         raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
                         f"DeepEnsembleClassifier. Got {type(ensemble).__name__} instead.")
     if ensemble.is_combined:
         raise ValueError("The 'ensemble' parameter of Trainer must be one configuration of members. Got one "
                          "combined from several (combine) instead: train each of its parts as an ensemble of its own.")
-    checked = []
-    for name, data in [("dataset", dataset), ("validation_dataset", validation_dataset)]:
-        if isinstance(data, torch.utils.data.TensorDataset):
-            data = TensorDataset.from_torch(data)
-        if data is not None:
-            if not isinstance(data, TensorDataset):
-                raise TypeError(f"The '{name}' parameter of Trainer must be a TensorDataset. "
-                                f"Got {type(data).__name__} instead.")
-            if data.X.shape[1] != ensemble.dim_in:
-                raise ValueError(f"The '{name}' parameter of Trainer must have dim_in={ensemble.dim_in} "
-                                 f"input columns. Got {data.X.shape[1]} instead.")
-            ensemble.check_y(data.y, len(data))
-        checked.append(data)
-    if checked[0] is None:
-        raise TypeError("The 'dataset' parameter of Trainer must be a TensorDataset. Got NoneType instead.")
-    return checked[0], checked[1]
+    validation_dataset = check_tensor_dataset(ensemble, "validation_dataset", validation_dataset)
+    if is_ray_dataset(dataset):
+        stream = TableStream.of(dataset, target, features, ensemble.task)
+        if len(stream.features) != ensemble.dim_in:
+            raise ValueError(f"The 'features' parameter of Trainer must name dim_in={ensemble.dim_in} columns. "
+                             f"Got {len(stream.features)} ({stream.features}) instead.")
+        return stream, validation_dataset
+    if target is not None or features is not None:
+        raise ValueError("The 'target' and 'features' parameters of Trainer name the columns of a Ray Dataset. "
+                         f"Got them with a {type(dataset).__name__} instead.")
+    if dataset is None:
+        raise TypeError("The 'dataset' parameter of Trainer must be a TensorDataset or a Ray Dataset. Got NoneType instead.")
+    return check_tensor_dataset(ensemble, "dataset", dataset), validation_dataset
+
+
+def check_tensor_dataset(ensemble, name: str, data) -> TensorDataset | None:
+    if isinstance(data, torch.utils.data.TensorDataset):
+        data = TensorDataset.from_torch(data)
+    if data is not None:
+        if not isinstance(data, TensorDataset):
+            kinds = "TensorDataset or a Ray Dataset" if name == "dataset" else "TensorDataset"
+            raise TypeError(f"The '{name}' parameter of Trainer must be a {kinds}. Got {type(data).__name__} instead.")
+        if data.X.shape[1] != ensemble.dim_in:
+            raise ValueError(f"The '{name}' parameter of Trainer must have dim_in={ensemble.dim_in} "
+                             f"input columns. Got {data.X.shape[1]} instead.")
+        ensemble.check_y(data.y, len(data))
+    return data
 
 
 class Trainer:
@@ -68,6 +83,11 @@ class Trainer:
     every kernel eagerly, for example to profile). Checkpoints are ensemble
     directories `results_folder/checkpoint-<milestone>` written every `save_every` steps and at
     the end; `load(milestone)` resumes from one exactly.
+
+    `dataset` may be a Ray Dataset larger than memory, with its `target` column and `features`
+    (default: every other numeric column): every process then streams all of it, every epoch,
+    its members drawing their rows from windows of `shuffle_buffer_rows` rows (`streaming`),
+    after one pass that fits the standardisation and checks every value.
 
     With a Ray `scaling_config`, members train on Ray Train workers instead (see `distributed`).
     Started by torchrun or `accelerate launch`, each process trains its round-robin share of the
@@ -100,15 +120,17 @@ class Trainer:
                  on_divergence: str = TrainSettings.on_divergence, max_restarts: int = TrainSettings.max_restarts,
                  lr_scheduler: bool = TrainSettings.lr_scheduler, refit_normalization: bool = False,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
-                 metrics_callback=None, loggers=()):
-        dataset, validation_dataset = check_datasets(ensemble, dataset, validation_dataset)
+                 metrics_callback=None, loggers=(), target: str | None = None, features=None,
+                 shuffle_buffer_rows: int = TrainSettings.shuffle_buffer_rows):
+        dataset, validation_dataset = check_datasets(ensemble, dataset, validation_dataset, target, features)
         batch_size = check_int("Trainer", "train_batch_size", train_batch_size, minimum=1)  # the length needs it
         self.settings = TrainSettings(  # checks every option of the loop
             batch_size=batch_size, lr=train_lr,
             num_steps=num_steps(len(dataset), batch_size, train_num_steps, train_num_epochs),
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
             ema_update_every=ema_update_every, amp=amp, cuda_graphs=cuda_graphs, save_every=save_every,
-            on_divergence=on_divergence, max_restarts=max_restarts, lr_scheduler=lr_scheduler)
+            on_divergence=on_divergence, max_restarts=max_restarts, lr_scheduler=lr_scheduler,
+            shuffle_buffer_rows=shuffle_buffer_rows)
         for name, value in [("cpu", cpu), ("progress", progress), ("refit_normalization", refit_normalization)]:
             if not isinstance(value, bool):
                 raise TypeError(f"The '{name}' parameter of Trainer must be a bool. Got {value!r} instead.")
@@ -150,8 +172,8 @@ class Trainer:
     # in-process ---------------------------------------------------------------------------------
 
     def _new_fit(self, ensemble=None) -> EnsembleFit:
-        return EnsembleFit(ensemble or self.ensemble, self.dataset.X, self.dataset.y, self.settings,
-                           local_device(self.cpu))
+        data = (self.dataset, None) if isinstance(self.dataset, TableStream) else (self.dataset.X, self.dataset.y)
+        return EnsembleFit(ensemble or self.ensemble, *data, self.settings, local_device(self.cpu))
 
     def milestone_path(self, milestone: int) -> Path:
         return self.results_folder / f"checkpoint-{milestone}"
@@ -204,8 +226,12 @@ class Trainer:
         """Fit the standardisation to this data unless the ensemble's is fitted already (a
         trained or loaded ensemble keeps its own, unless `refit_normalization`)."""
         if self.refit_normalization or not self.ensemble.normalization_fitted:
-            self.ensemble.fit_normalization(self.dataset.X, self.dataset.y)
-            self.ensemble.feature_names = self.dataset.feature_names
+            if isinstance(self.dataset, TableStream):  # one pass over the table
+                self.ensemble.standardizer.fit_moments(*self.dataset.scan(self.ensemble))
+                self.ensemble.feature_names = self.dataset.features
+            else:
+                self.ensemble.fit_normalization(self.dataset.X, self.dataset.y)
+                self.ensemble.feature_names = self.dataset.feature_names
 
     def train(self):
         """Train every member; afterwards `self.ensemble` holds the trained members and

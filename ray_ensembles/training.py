@@ -22,6 +22,7 @@ from .batches import MemberBatches
 from .cuda_graphs import GraphedStep
 from .members import member_seed
 from .optim import StackedAdam
+from .streaming import StreamBatches, TableStream
 from .validation import check_choice, check_float, check_int
 
 
@@ -61,13 +62,14 @@ class TrainSettings:
     on_divergence: str = "raise"   # or "restart": re-initialise only that member, fresh seed
     max_restarts: int = 3          # per member, with on_divergence="restart"
     lr_scheduler: bool = True      # cosine annealing of the rate to 0 over num_steps (the peer's)
+    shuffle_buffer_rows: int = 1 << 20  # a streamed table's rows mix within windows of this many (`streaming`)
 
     def __post_init__(self):
         def check(field, checker, **constraint):
             object.__setattr__(self, field, checker("Trainer", self.PUBLIC_NAMES.get(field, field),
                                                     getattr(self, field), **constraint))
 
-        for field in ("batch_size", "num_steps", "ema_update_every", "save_every"):
+        for field in ("batch_size", "num_steps", "ema_update_every", "save_every", "shuffle_buffer_rows"):
             check(field, check_int, minimum=1)
         check("max_restarts", check_int, minimum=0)
         check("lr", check_float, strict_minimum=0.0)
@@ -122,21 +124,25 @@ class EnsembleFit:
     """Training state of the members held by one process: weights, Adam, EMA and step.
     Checkpoints of it are written and read by `checkpoint`."""
 
-    def __init__(self, ensemble, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings,
+    def __init__(self, ensemble, x: torch.Tensor | TableStream, y: torch.Tensor | None, settings: TrainSettings,
                  device: torch.device | str = "cpu"):
         self.ensemble = ensemble.to(device)
         self.settings = settings
-        standardizer = ensemble.standardizer
-        self.xs = standardizer.standardize_x(x.to(device))                      # (N, D)
-        self.ys = standardizer.standardize_y(ensemble.check_y(y, len(x)))       # (N, T) or (N,)
-        self.batches = MemberBatches(self.xs, self.ys, settings.batch_size, ensemble.member_seeds)
+        if isinstance(x, TableStream):  # a Ray Dataset, read window by window (y is None)
+            self.batches = StreamBatches(x, self.ensemble, settings.batch_size, settings.shuffle_buffer_rows, device)
+            self.data = x.fingerprint
+        else:
+            standardizer = ensemble.standardizer
+            self.xs = standardizer.standardize_x(x.to(device))                      # (N, D)
+            self.ys = standardizer.standardize_y(ensemble.check_y(y, len(x)))       # (N, T) or (N,)
+            self.batches = MemberBatches(self.xs, self.ys, settings.batch_size, ensemble.member_seeds)
+            self.data = data_fingerprint(x, y)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.optimizer = StackedAdam(ensemble.members, ensemble.num_members, settings.lr, settings.weight_decay)
         self.ema = None
         if settings.ema_decay > 0:  # updated by _update_ema, not by the EMA's own schedule
             self.ema = EMA(ensemble.members, beta=settings.ema_decay, include_online_model=False,
                            use_foreach=True)
-        self.data = data_fingerprint(x, y)
         self.step = 0
         self.last_finite_loss = torch.full((ensemble.num_members,), float("nan"))
         # this epoch's finite step losses so far, and how many, per member
@@ -268,12 +274,12 @@ class EnsembleFit:
         members.eval()
         try:
             total = torch.zeros(self.ensemble.num_members, dtype=torch.float64)
-            for xs, ys in zip(self.xs.split(rows), self.ys.split(rows)):
+            for xs, ys in self.batches.chunks(rows):
                 out = members(xs.expand(self.ensemble.num_members, *xs.shape))
                 total += self.ensemble.head.loss(out, ys).double().cpu() * len(xs)
         finally:
             members.train(was_training)
-        return (total / len(self.xs)).float()
+        return (total / self.batches.num_rows).float()
 
     @property
     def predicting_members(self):
@@ -282,6 +288,7 @@ class EnsembleFit:
 
     def finish(self):
         """Leave the ensemble holding the weights to predict with."""
+        self.batches.close()
         if self.ema is not None:
             for i in range(self.ensemble.num_members):
                 self.ensemble.members.load_member_state(i, self.ema.ema_model.member_state(i))

@@ -106,6 +106,41 @@ def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_result(in_proce
     assert_same_ensemble(base, e)
 
 
+def test_a_streamed_table_trains_the_same_members_on_two_workers_after_one_is_killed_mid_epoch(tmp_path, local_ray):
+    """Every worker reads the whole Ray Dataset; a worker killed at step 10 (epoch 0, its third
+    window of five) resumes there, and the members are those of one uninterrupted process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = torch.randn(600, 4, generator=torch.Generator().manual_seed(5))
+    table = pa.table({"a": rows[:, 0].numpy(), "b": rows[:, 1].numpy(), "c": rows[:, 2].numpy(),
+                      "y": (rows[:, 0] * rows[:, 1] + 0.1 * rows[:, 3]).numpy()})
+    (tmp_path / "table").mkdir()
+    for k in range(3):
+        pq.write_table(table.slice(200 * k, 200), tmp_path / "table" / f"part-{k}.parquet")
+    options = dict(target="y", train_batch_size=32, train_num_epochs=3, train_lr=3e-3, save_every=10,
+                   shuffle_buffer_rows=128, results_folder=tmp_path / "in-process")
+
+    def fit(**more):
+        e = DeepEnsemble(dim_in=3, num_members=3, hidden_dim=16, seed=4)
+        trainer = Trainer(e, ray.data.read_parquet(str(tmp_path / "table")), **options, **more)
+        trainer.train()
+        return e, trainer
+
+    base, _ = fit()
+    marker = tmp_path / "crashed"
+    local_ray.write_text(json.dumps({"rank": 0, "after_step": 10, "marker": str(marker)}))
+    try:
+        e, trainer = fit(scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                         run_config=RunConfig(name="streamed", storage_path=str(tmp_path / "runs"),
+                                              failure_config=FailureConfig(max_failures=1)))
+    finally:
+        local_ray.unlink()
+    assert marker.exists()  # the worker process really died once
+    assert_same_ensemble(base, e)
+    assert {m: p["rank"] for m, p in trainer.placement.items()} == {0: 0, 1: 1, 2: 0}
+
+
 def test_a_request_larger_than_the_cluster_fails_at_once_naming_both_numbers(tmp_path):
     trainer = Trainer(ensemble(), TensorDataset(X, Y), results_folder=tmp_path,
                       scaling_config=ScalingConfig(num_workers=2, use_gpu=True))

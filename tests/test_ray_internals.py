@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 def test_the_data_parallel_trainer_takes_what_the_shim_passes():
     parameters = inspect.signature(data_parallel_trainer()).parameters
     assert {"train_loop_per_worker", "train_loop_config", "backend_config", "scaling_config",
-            "run_config"} <= set(parameters)
+            "run_config", "datasets", "dataset_config"} <= set(parameters)
 
 
 def test_the_report_logger_is_named_by_its_file_and_gets_the_runs_level():

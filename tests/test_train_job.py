@@ -55,6 +55,13 @@ CASES = [
     ("zero CPUs a worker", ["--cpus-per-worker", "0"], "'--cpus-per-worker'.*Got 0"),
     ("output a file", ["--output", "{table}"], "'--output' option must be a folder.*a file"),
     ("output holds another folder", ["--output", "{tmp}/mine"], "Refusing to write an ensemble.*not an ensemble"),
+    ("streaming without data", ["--streaming"], "'--streaming' option reads the table in --data"),
+    ("streaming with a validation fraction", ["--data", "{table}", "--target", "y", "--streaming",
+                                              "--validation-fraction", "0.2"], "'--validation-fraction'.*with --streaming"),
+    ("streaming labels without classes", ["--data", "{table}", "--target", "label", "--task", "classification",
+                                          "--streaming"], "'--num-classes' option is required"),
+    ("streaming NaN", ["--data", "{tmp}/nan.parquet", "--target", "y", "--streaming"], "'b' must be free of missing"),
+    ("zero shuffle buffer", ["--shuffle-buffer-rows", "0"], "'shuffle_buffer_rows'.*Got 0"),
 ]
 
 
@@ -116,6 +123,21 @@ def test_smoke_run_trains_saves_and_plots_and_prints_a_short_readable_console(tm
     assert sorted(metrics["metrics"]["members"]) == ["0", "1"]
     assert np.isfinite(metrics["metrics"]["val_nll"])
     assert DeepEnsemble.load(out / "ensemble").num_members == 2
+
+
+@pytest.mark.ray
+def test_a_streamed_table_trains_on_every_row_with_a_quiet_console(table, tmp_path):
+    out = tmp_path / "out"
+    proc = run_job("--data", str(table), "--target", "y", "--features", "a,b", "--streaming", "--output", str(out))
+    console = proc.stdout + proc.stderr
+    for noise in ("Starting execution", "execution finished", "Progress bars disabled", "Traceback"):
+        assert noise not in console, console
+    assert "training 2 members for 5 steps on 1 Ray Train worker (1 CPU each): 0,1" in console  # a CPU left to read
+    loaded = DeepEnsemble.load(out / "ensemble")
+    assert loaded.feature_names == ["a", "b"]
+    manifest = json.loads((out / "ensemble" / "manifest.json").read_text())
+    column = pq.read_table(table).column("a").to_numpy()
+    assert manifest["normalization"]["x_mean"][0] == pytest.approx(column.mean(), rel=1e-12)  # from all 50 rows
 
 
 @pytest.mark.ray
