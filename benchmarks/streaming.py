@@ -4,7 +4,7 @@ in-memory path, on generated Parquet tables of UCI width (13 float32 features, o
 For each table: one epoch of M UCI-sized members (1 x 50) on one Ray Train worker with one
 CPU (the other CPU reads: Ray Data's tasks), rows per second per member from the worker's own
 training time, and the peak memory of the job: PSS summed over the driver and every process it
-started (Ray's included), sampled every second, and the largest single worker's. The in-memory
+started (Ray's included), sampled every 2 s (reading a large process's PSS costs CPU), and the largest single worker's. The in-memory
 path trains on the smallest table in the same run.
 
     python -m benchmarks.streaming                       # 3M, 30M and 100M rows
@@ -56,7 +56,7 @@ class PeakMemory:
     started Ray), summed, with each process's share at that moment, and of the largest process
     at any time, sampled on a thread."""
 
-    def __init__(self, interval: float = 1.0):
+    def __init__(self, interval: float = 2.0):
         self.interval, self._stop = interval, threading.Event()
         self.peak_total, self.peak_process, self.at_peak = 0, (0, ""), {}
 
@@ -111,7 +111,7 @@ def train_one(table: Path, streaming: bool, args) -> dict:
     steps = trainer.settings.num_steps
     return {"path": "streaming" if streaming else "in memory", "rows": len(trainer.dataset),
             "table_gb": sum(f.stat().st_size for f in table.glob("*.parquet")) / 1e9,
-            "steps": steps, "train_s": trainer.timings["training_s"], "total_s": time.time() - started,
+            "steps": steps, "train_s": trainer.timings["training_s"], "data_wait_s": trainer.timings["data_wait_s"], "total_s": time.time() - started,
             "rows_per_s_per_member": steps * args.batch_size / trainer.timings["training_s"],
             "peak_job_pss_gb": memory.peak_total / 1e9, "peak_process_pss_gb": memory.peak_process[0] / 1e9,
             "peak_process": memory.peak_process[1],
@@ -154,11 +154,11 @@ def main(argv=None):
 
     print(f"\nM = {args.members} members of 1 x 50, batch {args.batch_size}, one epoch, 1 Ray Train worker (1 CPU); "
           f"shuffle buffer {args.shuffle_buffer_rows} rows; Ray idle: {idle_gb:.2f} GB PSS")
-    print(f"{'path':>10} {'rows':>12} {'table GB':>9} {'rows/s/member':>14} {'train s':>8} "
+    print(f"{'path':>10} {'rows':>12} {'table GB':>9} {'rows/s/member':>14} {'train s':>8} {'waiting s':>9} "
           f"{'peak job PSS GB':>16} {'peak process GB':>16}  process")
     for r in results:
         print(f"{r['path']:>10} {r['rows']:>12,} {r['table_gb']:>9.2f} {r['rows_per_s_per_member']:>14,.0f} "
-              f"{r['train_s']:>8.1f} {r['peak_job_pss_gb']:>16.2f} {r['peak_process_pss_gb']:>16.2f}  {r['peak_process']}")
+              f"{r['train_s']:>8.1f} {r['data_wait_s']:>9.1f} {r['peak_job_pss_gb']:>16.2f} {r['peak_process_pss_gb']:>16.2f}  {r['peak_process']}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "ray_idle_pss_gb": idle_gb,
                                        "results": results}, indent=2))

@@ -170,6 +170,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
                   timings={"worker_start_s": max(t["started"] for t in timing) - started,
                            "training_s": max(t["training_s"] for t in timing),
                            "checkpoint_s": max(t["checkpoint_s"] for t in timing),
+                           "data_wait_s": max(t["data_wait_s"] for t in timing),
                            "ray_train_total_s": fit_done - started, "assembly_s": time.time() - fit_done})
 
 
@@ -250,6 +251,7 @@ def _train_worker(config):
         # travel in the checkpoint, not in the report's metrics, which Ray Train logs in full.
         checkpoint_start = time.time()
         timing["training_s"] = checkpoint_start - timing["started"] - timing["checkpoint_s"]
+        timing["data_wait_s"] = getattr(fit.batches, "wait_s", 0.0)  # a streamed table's reading
         with tempfile.TemporaryDirectory() as directory:
             for m, (tensors, meta) in checkpoint.member_files(fit).items():
                 storage.write_member_file(Path(directory), m, tensors, dict(meta, timing=timing, placement=placement))

@@ -4,6 +4,7 @@ tests/test_ray_internals.py fails loudly if a Ray release moves them."""
 from __future__ import annotations
 
 import logging
+import time
 
 
 def data_parallel_trainer():
@@ -43,4 +44,33 @@ def ordered_dataset(dataset, execution_options):
     ordered.context.execution_options = execution_options
     ordered.context.enable_progress_bars = False
     ordered.context.print_on_execution_start = False
+    ordered.context.custom_execution_callback_classes = [
+        *ordered.context.custom_execution_callback_classes, PacedExecution]
     return ordered
+
+
+class PacedExecution:
+    """A Ray Data execution callback (its interface, duck-typed, so that importing this module
+    imports no Ray) that sleeps in the scheduling loop when a step returned at once. In 2.60 the
+    loop waits on its tasks (up to 0.1 s) only while some run: a reader ahead of its consumer has
+    none, and the loop then spins holding the GIL of the process that reads, the one that trains
+    (benchmarks/streaming.py: 83% of a core to the loop, 23% left to training)."""
+
+    PAUSE_S = 0.005
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def before_execution_starts(self, executor):
+        pass
+
+    def on_execution_step(self, executor):
+        if time.perf_counter() - self.last < self.PAUSE_S:
+            time.sleep(self.PAUSE_S)
+        self.last = time.perf_counter()
+
+    def after_execution_succeeds(self, executor):
+        pass
+
+    def after_execution_fails(self, executor, error):
+        pass

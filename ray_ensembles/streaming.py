@@ -23,6 +23,7 @@ import math
 import queue
 import sys
 import threading
+import time
 from typing import Sequence
 
 import torch
@@ -129,6 +130,7 @@ class StreamBatches:
         self.steps_per_epoch = math.ceil(self.num_rows / batch_size)
         self._window = None   # (epoch, k, MemberBatches of window k)
         self._reader, self._reader_next = None, None
+        self.wait_s = 0.0  # the training thread's wait for windows: what reading costs it
 
     def _prepare(self, X, y) -> tuple[torch.Tensor, torch.Tensor]:
         standardizer = self.ensemble.standardizer
@@ -163,7 +165,9 @@ class StreamBatches:
             if self._reader is None or self._reader_next != (epoch, k):  # the first step, or a resume
                 self.close()
                 self._reader = WindowReader(self.windows(epoch, k))
+            waited = time.perf_counter()
             _, _, xs, ys = self._reader.next()
+            self.wait_s += time.perf_counter() - waited
             self._reader_next = (epoch, k + 1) if k + 1 < self.num_windows else (epoch + 1, 0)
             # with one window, the order is the in-memory path's: a permutation of all the rows
             self._window = (epoch, k, MemberBatches(xs, ys, self.batch_size, self.member_seeds,

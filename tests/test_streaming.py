@@ -23,11 +23,12 @@ class Blocks:
     """A stand-in for a Ray Dataset's iterator: fixed pyarrow blocks, reads counted."""
 
     def __init__(self, tables):
-        self.tables, self.reads = tables, 0
+        self.tables, self.reads = tables, []  # per pass over the table, the blocks read
 
     def iter_batches(self, **options):
+        self.reads.append(0)
         for table in self.tables:
-            self.reads += 1
+            self.reads[-1] += 1
             yield table
 
 
@@ -85,10 +86,13 @@ def test_a_members_order_depends_on_its_id_alone_and_a_mid_epoch_start_gives_the
 
 @pytest.mark.unit
 def test_stacked_members_share_the_reading_and_one_window_is_the_in_memory_order():
-    one, reads_one = batches([0], window_rows=200)
-    three, reads_three = batches([0, 1, 2], window_rows=200)
-    epoch_rows(one, 0), epoch_rows(three, 0)
-    assert reads_one.reads == reads_three.reads  # each block read once, whatever the members
+    for members in ([0], [0, 1, 2]):
+        b, blocks = batches(members, window_rows=200)
+        for step in range(2 * b.steps_per_epoch):
+            b(step)
+        b.close()
+        # each block read once an epoch, whatever the members (the reader may have begun epoch 2)
+        assert len(blocks.reads) in (2, 3) and blocks.reads[:2] == [len(blocks.tables)] * 2
     whole, _ = batches([0, 1], window_rows=5000)
     ensemble = DeepEnsemble(2, num_members=2, seed=3)
     memory = MemberBatches(torch.arange(ROWS, dtype=torch.float32)[:, None], torch.zeros(ROWS, 1), BATCH,
@@ -129,6 +133,20 @@ def test_the_one_pass_moments_are_the_whole_tables_statistics():
     torch.testing.assert_close(streamed.x_range, whole.x_range, rtol=0, atol=0)
 
 
+@pytest.mark.unit
+def test_ray_datas_scheduling_loop_is_paced_only_when_its_steps_return_at_once(monkeypatch):
+    from ray_ensembles import ray_internals
+
+    clock, sleeps = [100.0], []
+    monkeypatch.setattr(ray_internals.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(ray_internals.time, "sleep", sleeps.append)
+    paced = ray_internals.PacedExecution()
+    paced.on_execution_step(None)  # at once: a spinning loop
+    clock[0] += 0.1  # a step that waited on its tasks
+    paced.on_execution_step(None)
+    assert sleeps == [ray_internals.PacedExecution.PAUSE_S]
+
+
 # with Ray Data ------------------------------------------------------------------------------------
 
 
@@ -159,13 +177,16 @@ def parquet(folder, rows, files=4, seed=0):
 
 @pytest.mark.ray
 def test_the_streamed_copy_reads_in_order_without_progress_bars_and_the_users_dataset_is_untouched(ray_data):
-    from ray_ensembles.ray_internals import ordered_dataset
+    from ray_ensembles.ray_internals import PacedExecution, ordered_dataset
     from ray_ensembles.streaming import execution_options
 
     dataset = ray_data.range(10)
     ordered = ordered_dataset(dataset, execution_options())  # Ray's private copy: fails here if it moves
     assert ordered.context is not dataset.context and ordered.context.execution_options.preserve_order
     assert not ordered.context.enable_progress_bars
+    assert PacedExecution in ordered.context.execution_callback_classes  # what Ray's planner instantiates
+    assert PacedExecution not in dataset.context.execution_callback_classes
+    assert ordered.take_all() == dataset.take_all()  # it runs with the callback
     assert dataset.context.enable_progress_bars and ray_data.DataContext.get_current().enable_progress_bars
     assert not ray_data.DataContext.get_current().execution_options.preserve_order
 
@@ -212,8 +233,9 @@ def test_bad_tables_are_refused_naming_the_column_before_training(ray_data, tmp_
         Trainer(DeepEnsembleClassifier(1, 3), labels, target="y", features=["x"], results_folder=tmp_path).train()
 
 
-class PeakRSS:
-    """The largest resident size of this process while the block runs, sampled on a thread."""
+class PeakUSS:
+    """The largest unique set size of this process while the block runs, sampled on a thread:
+    its own memory, without the object store's shared pages that it maps (which RSS counts)."""
 
     def __enter__(self):
         self.peak, self._stop = 0, threading.Event()
@@ -224,8 +246,8 @@ class PeakRSS:
     def _run(self):
         process = psutil.Process()
         while not self._stop.is_set():
-            self.peak = max(self.peak, process.memory_info().rss)
-            self._stop.wait(0.02)
+            self.peak = max(self.peak, process.memory_full_info().uss)
+            self._stop.wait(0.05)
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -244,8 +266,8 @@ def test_memory_does_not_grow_with_the_table(ray_data, tmp_path):
         dataset = ray_data.read_parquet(str(folder), override_num_blocks=rows // 100_000)
         trainer = Trainer(e, dataset, target="y", train_batch_size=4096,
                           train_num_epochs=1, shuffle_buffer_rows=1 << 16, results_folder=tmp_path / f"runs-{rows}")
-        before = psutil.Process().memory_info().rss
-        with PeakRSS() as memory:
+        before = psutil.Process().memory_full_info().uss
+        with PeakUSS() as memory:
             trainer.train()
         peaks[rows] = memory.peak - before
     assert peaks[2_000_000] < peaks[200_000] + 50e6, peaks
