@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import start_local_ray
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 from ray_ensembles.batches import MemberBatches
 from ray_ensembles.standardize import Moments, Standardizer
@@ -157,7 +158,7 @@ def ray_data():
     from ray_ensembles.ray_internals import quiet_ray_data
 
     quiet_ray_data("WARNING")
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+    start_local_ray()
     yield ray.data
     ray.shutdown()
 

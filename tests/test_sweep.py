@@ -7,6 +7,8 @@ import math
 import re
 
 import pytest
+
+from conftest import start_local_ray
 import torch
 
 from ray_ensembles import DeepEnsemble, TensorDataset
@@ -20,7 +22,7 @@ Y = X[:, :1] * X[:, 1:2] + 0.1 * torch.randn(200, 1, generator=G)
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+    start_local_ray()
     yield
     ray.shutdown()
 
