@@ -1,13 +1,29 @@
 """Deep Ensembles (Lakshminarayanan et al., 2017), trained as independent members, on Ray."""
 
-from ._version import __version__
-from .data import TensorDataset
-from .ensemble import DeepEnsemble, DeepEnsembleClassifier, combine
-from .many import EnsemblePool, FitResult, fit_many, iter_fit_many
-from .predictions import CategoricalPrediction, GaussianMixturePrediction, MemberPrediction
-from .trainer import Trainer
-from .training import MemberDivergedError, horizon_lr
+import importlib
 
-__all__ = ["DeepEnsemble", "DeepEnsembleClassifier", "TensorDataset", "Trainer",
-           "GaussianMixturePrediction", "CategoricalPrediction", "MemberPrediction",
-           "MemberDivergedError", "horizon_lr", "combine", "fit_many", "iter_fit_many", "EnsemblePool", "FitResult", "__version__"]
+from ._version import __version__
+
+# The public names load on first use, so that a process that needs only a torch-free module of
+# this package (Ray's controller, the run's channel, a job's --help) never imports torch.
+_EXPORTS = {
+    "TensorDataset": "data", "DeepEnsemble": "ensemble", "DeepEnsembleClassifier": "ensemble", "combine": "ensemble",
+    "EnsemblePool": "many", "FitResult": "many", "fit_many": "many", "iter_fit_many": "many",
+    "CategoricalPrediction": "predictions", "GaussianMixturePrediction": "predictions",
+    "MemberPrediction": "predictions", "Trainer": "trainer", "MemberDivergedError": "training",
+    "horizon_lr": "training",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})

@@ -23,6 +23,7 @@ import ray
 import ray.train
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from . import checkpoint, storage
@@ -30,9 +31,11 @@ from .ensemble import build_ensemble
 from .locations import check_store, is_uri, join
 from .placement import assign_members, local_device
 from .ray_internals import data_parallel_trainer, quiet_worker_reports
-from .reporting import EpochMetricsCallback, Follower, RunChannel, progress_sender
+from .metrics import ensemble_validation_metrics
+from .reporting import (Follower, ReportForwarder, RunChannel, epoch_entries, epochs_filename, progress_sender,
+                        validation_filename)
 from .streaming import TableStream, execution_options
-from .training import EnsembleFit, TrainSettings
+from .training import EnsembleFit, TrainSettings, attach_validation
 
 AUTOSCALING_ENV = "RAY_ENSEMBLES_AUTOSCALING"  # "1": the cluster grows on demand, skip the size check
 # Ray Train's controller polls its workers every this many seconds (2 by default). Start-up, every
@@ -139,10 +142,10 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
         "resume_from": None if resume_from is None else str(Path(resume_from).resolve()),
         "channel": channel, "log_level": rc.logging_config.log_level,
     }
-    rc = dataclasses.replace(rc, callbacks=[*(rc.callbacks or []), EpochMetricsCallback(
-        ensemble.task, None if validation_dataset is None else validation_dataset.y, channel)])
+    rc = dataclasses.replace(rc, callbacks=[*(rc.callbacks or []), ReportForwarder(channel, validation_dataset is not None)])
     started = time.time()
-    follower = Follower(channel, emit or (lambda entries: None), ensemble.num_members * settings.num_steps, progress)
+    follower = Follower(channel, report_entries(ensemble.task, None if validation_dataset is None else validation_dataset.y),
+                        emit or (lambda entries: None), ensemble.num_members * settings.num_steps, progress)
     try:
         with env_default(POLL_ENV, POLL_DEFAULT_S):  # the driver's value reaches the controller
             try:
@@ -172,6 +175,22 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
                            "checkpoint_s": max(t["checkpoint_s"] for t in timing),
                            "data_wait_s": max(t["data_wait_s"] for t in timing),
                            "ray_train_total_s": fit_done - started, "assembly_s": time.time() - fit_done})
+
+
+def report_entries(task: str, y_validation):
+    """A function from a forwarded report (`reporting.read_report`) to its history entries,
+    with the ensemble's validation metrics formed from every member's outputs."""
+    def to_entries(report: dict) -> list[dict]:
+        entries = epoch_entries(report)
+        if report["validation"] is None:
+            return entries
+        ids = report["member_ids"]
+        outputs = [safetensors_load(report["validation"][m]) for m in ids]
+        return attach_validation(entries, report["step"], ensemble_validation_metrics(
+            task, ids, torch.stack([o["log_lik"] for o in outputs]), torch.stack([o["points"] for o in outputs]),
+            y_validation))
+
+    return to_entries
 
 
 def stream_options(dataset) -> dict:
@@ -255,12 +274,12 @@ def _train_worker(config):
         with tempfile.TemporaryDirectory() as directory:
             for m, (tensors, meta) in checkpoint.member_files(fit).items():
                 storage.write_member_file(Path(directory), m, tensors, dict(meta, timing=timing, placement=placement))
-            (Path(directory) / storage.epochs_filename(rank)).write_text(json.dumps(epochs))
+            (Path(directory) / epochs_filename(rank)).write_text(json.dumps(epochs))
             epochs.clear()
             if validation is not None:
                 log_lik, points = fit.evaluate(*validation)
                 for i, m in enumerate(member_ids):
-                    (Path(directory) / storage.validation_filename(m)).write_bytes(
+                    (Path(directory) / validation_filename(m)).write_bytes(
                         safetensors_save({"log_lik": log_lik[i].contiguous(), "points": points[i].contiguous()}))
             ray.train.report({"step": fit.step, "member_ids": member_ids},
                              checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -1,9 +1,13 @@
 """What Ray Train workers tell the driver while a run goes: progress and history.
 
 Workers send their step and running losses to a `RunChannel` actor every few seconds (a message
-nothing waits on); the controller's `EpochMetricsCallback` turns each report's checkpoint into
-history entries (with the ensemble's validation metrics); in the driver, a `Follower` thread
-polls the channel, moves the progress bar and emits the entries.
+nothing waits on), and write each report's per-epoch losses and validation outputs as side files
+in its checkpoint; the controller's `ReportForwarder` sends those files, as they are, to the
+channel; in the driver, a `Follower` thread polls the channel, moves the progress bar and turns
+each report into history entries (the ensemble's validation metrics are formed there).
+
+Nothing here imports torch: the channel and the controller's callback run in processes that
+never train, where importing torch cost seconds of every fit's start (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ import threading
 
 import ray
 import ray.train
-import torch
-from safetensors.torch import load as safetensors_load
 
-from . import storage
-from .metrics import ensemble_validation_metrics
 from .progress import REPORT_EVERY_S, EnsembleProgress, Every
-from .training import attach_validation
+
+
+def validation_filename(member_id: int) -> str:
+    """A member's validation outputs (safetensors) inside a Ray checkpoint."""
+    return f"validation_{member_id:03d}.safetensors"
+
+
+def epochs_filename(rank: int) -> str:
+    """A Ray worker's per-epoch training losses since its last report, inside a Ray checkpoint."""
+    return f"epochs_{rank:03d}.json"
 
 
 def progress_sender(channel, rank: int, num_steps: int):
@@ -43,31 +52,31 @@ def progress_sender(channel, rank: int, num_steps: int):
 @ray.remote(num_cpus=0)
 class RunChannel:
     """The driver's mailbox for one run: each worker's latest progress (a message every few
-    seconds), and the history entries the controller forms at each report (one message per
-    report, however many epochs it holds)."""
+    seconds), and the reports the controller forwards (one message per report)."""
 
     def __init__(self):
-        self.workers, self.entries = {}, []
+        self.workers, self.reports = {}, []
 
     def progress(self, rank: int, step: int, num_members: int, losses: list[float]):
         self.workers[rank] = (step, num_members, losses)
 
-    def add_entries(self, entries: list[dict]):
-        self.entries.extend(entries)
+    def add_report(self, report: dict):
+        self.reports.append(report)
 
     def poll(self, since: int):
-        """(each worker's progress, the entries from index `since` on)."""
-        return self.workers, self.entries[since:]
+        """(each worker's progress, the reports from index `since` on)."""
+        return self.workers, self.reports[since:]
 
 
 class Follower:
     """In the driver, beside the blocking fit: polls the run's channel, moves the progress bar
-    (`total` member-steps) and hands new history entries to `emit`."""
+    (`total` member-steps) and hands each new report's history entries (`to_entries(report)`)
+    to `emit`."""
 
     POLL_S = 0.5
 
-    def __init__(self, channel, emit, total: int, progress: bool):
-        self.channel, self.emit, self.seen, self.val_nll = channel, emit, 0, None
+    def __init__(self, channel, to_entries, emit, total: int, progress: bool):
+        self.channel, self.to_entries, self.emit, self.seen, self.val_nll = channel, to_entries, emit, 0, None
         self.bar = EnsembleProgress(total, enabled=progress)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ray_ensembles-progress", daemon=True)
@@ -75,14 +84,16 @@ class Follower:
 
     def _run(self):
         while not self.done.wait(self.POLL_S):
-            with contextlib.suppress(ray.exceptions.RayError):  # missed entries come with the next poll
+            with contextlib.suppress(ray.exceptions.RayError):  # missed reports come with the next poll
                 self.poll()
 
     def poll(self):
-        workers, entries = ray.get(self.channel.poll.remote(self.seen))
-        self.seen += len(entries)
-        self.emit(entries)
-        self.val_nll = next((e["val_nll"] for e in reversed(entries) if "val_nll" in e), self.val_nll)
+        workers, reports = ray.get(self.channel.poll.remote(self.seen))
+        self.seen += len(reports)
+        for report in reports:
+            entries = self.to_entries(report)
+            self.emit(entries)
+            self.val_nll = next((e["val_nll"] for e in reversed(entries) if "val_nll" in e), self.val_nll)
         if workers:
             done = sum(step * n for step, n, _ in workers.values())
             losses = [loss for _, _, member_losses in workers.values() for loss in member_losses]
@@ -91,7 +102,7 @@ class Follower:
     def stop(self):
         self.done.set()
         self.thread.join()
-        self.poll()  # the last progress and entries
+        self.poll()  # the last progress and reports
         self.bar.close()
 
 
@@ -100,36 +111,35 @@ def _read_bytes(checkpoint, name: str) -> bytes:
         return f.read()
 
 
-class EpochMetricsCallback(ray.train.UserCallback):
-    """On the Ray Train controller: turn the workers' reports into ensemble metrics.
+def read_report(metrics, checkpoint, validated: bool) -> dict | None:
+    """One Ray Train report's side files, as they are: {"step", "member_ids", "epochs" (each
+    worker's per-epoch losses), "validation" (member id -> its outputs' safetensors bytes, or
+    None)}; None for a report without them."""
+    if not metrics or "member_ids" not in metrics[0] or checkpoint is None:
+        return None
+    ids = [m for worker in metrics for m in worker["member_ids"]]
+    return {"step": metrics[0]["step"], "member_ids": ids,
+            "epochs": [json.loads(_read_bytes(checkpoint, epochs_filename(rank))) for rank in range(len(metrics))],
+            "validation": {m: _read_bytes(checkpoint, validation_filename(m)) for m in ids} if validated else None}
 
-    Each report's checkpoint holds every worker's per-epoch training losses since the previous
-    report, and with validation data each member's validation outputs, from which the ensemble's
-    NLL is formed. The entries of one report go to the driver's channel in one message.
-    """
 
-    def __init__(self, task: str, y_validation, channel=None):
-        self.task, self.y_validation, self.channel = task, y_validation, channel
+def epoch_entries(report: dict) -> list[dict]:
+    """A report's per-epoch history entries: each member's training loss, by member id."""
+    workers = report["epochs"]
+    return [{"epoch": e["epoch"], "step": e["step"],
+             "member_train_loss": dict(zip(report["member_ids"], [loss for epochs in workers
+                                                                  for loss in epochs[k]["train_loss"]]))}
+            for k, e in enumerate(workers[0])]
 
-    def entries(self, metrics, checkpoint) -> list[dict]:
-        """The per-epoch entries of one report (validation metrics on the one at its step)."""
-        if not metrics or "member_ids" not in metrics[0] or checkpoint is None:
-            return []
-        ids = [m for worker in metrics for m in worker["member_ids"]]
-        workers = [json.loads(_read_bytes(checkpoint, storage.epochs_filename(rank)))
-                   for rank in range(len(metrics))]
-        entries = [{"epoch": e["epoch"], "step": e["step"],
-                    "member_train_loss": dict(zip(ids, [loss for epochs in workers
-                                                        for loss in epochs[k]["train_loss"]]))}
-                   for k, e in enumerate(workers[0])]
-        if self.y_validation is not None:
-            outputs = [safetensors_load(_read_bytes(checkpoint, storage.validation_filename(m))) for m in ids]
-            attach_validation(entries, metrics[0]["step"], ensemble_validation_metrics(
-                self.task, ids, torch.stack([o["log_lik"] for o in outputs]),
-                torch.stack([o["points"] for o in outputs]), self.y_validation))
-        return entries
+
+class ReportForwarder(ray.train.UserCallback):
+    """On the Ray Train controller: each report's side files to the driver's channel, in one
+    message that the run's end waits for."""
+
+    def __init__(self, channel, validated: bool):
+        self.channel, self.validated = channel, validated
 
     def after_report(self, run_context, metrics, checkpoint):
-        entries = self.entries(metrics, checkpoint)
-        if entries and self.channel is not None:
-            ray.get(self.channel.add_entries.remote(entries))  # in before the run can end
+        report = read_report(metrics, checkpoint, self.validated)
+        if report is not None:
+            ray.get(self.channel.add_report.remote(report))

@@ -61,16 +61,6 @@ def member_filename(member_id: int) -> str:
     return f"member_{member_id:03d}.safetensors"
 
 
-def validation_filename(member_id: int) -> str:
-    """A member's validation outputs inside a Ray checkpoint (read by the metrics callback)."""
-    return f"validation_{member_id:03d}.safetensors"
-
-
-def epochs_filename(rank: int) -> str:
-    """A Ray worker's per-epoch training losses since its last report, inside a Ray checkpoint."""
-    return f"epochs_{rank:03d}.json"
-
-
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors whose names start with `prefix` (e.g. "model."), with it removed."""
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

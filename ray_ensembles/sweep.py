@@ -350,7 +350,8 @@ def tune_metrics(entry: dict) -> dict:
 def _tune_report_callback(task, y_validation):
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .reporting import EpochMetricsCallback
+    from .distributed import report_entries
+    from .reporting import read_report
 
     class EnsembleTuneReportCallback(TuneReportCallback):
         """Reports the ENSEMBLE's validation metrics, formed from every worker's members, to Tune
@@ -358,10 +359,11 @@ def _tune_report_callback(task, y_validation):
 
         def __init__(self):
             super().__init__()
-            self.metrics = EpochMetricsCallback(task, y_validation)
+            self.to_entries = report_entries(task, y_validation)
 
         def after_report(self, run_context, metrics, checkpoint):
-            for entry in self.metrics.entries(metrics, checkpoint):
+            report = read_report(metrics, checkpoint, validated=True)
+            for entry in [] if report is None else self.to_entries(report):
                 if "val_nll" in entry:
                     super().after_report(run_context, [tune_metrics(entry)], None)  # Tune's own, with our metrics
 
