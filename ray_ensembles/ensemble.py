@@ -210,8 +210,12 @@ class Ensemble(nn.Module):
         ensemble and applied to every prediction; a subset of the members starts without one.
         Returns it with the validation NLL (nats per row) before and after; it is never worse."""
         y = self.check_y(y, len(x)).cpu()
-        self.calibration = None
-        calibration, before, after = self.head.fit_calibration(self.predict(x), y)
+        previous, self.calibration = self.calibration, None  # fitted on the uncalibrated predictions
+        try:
+            calibration, before, after = self.head.fit_calibration(self.predict(x), y)
+        except BaseException:
+            self.calibration = previous  # a refused call changes nothing
+            raise
         self.calibration = calibration
         return {**calibration, "val_nll_before": before, "val_nll_after": after}
 

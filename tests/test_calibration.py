@@ -96,3 +96,17 @@ def test_a_temperature_is_fitted_through_probabilities_that_underflowed_to_zero(
     probs = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.9, 0.1]]] * 2)  # (M=2, B=4, C=2)
     fitted, before, after = CategoricalHead("test", 2).fit_calibration(CategoricalPrediction(probs), torch.tensor([0, 1, 1, 0]))
     assert fitted["temperature"] > 1 and after < before  # the wrong, certain row pulls it up, finitely
+
+
+@pytest.mark.unit
+def test_a_refused_calibration_keeps_the_one_fitted_before(overconfident):
+    ensemble, X_val, y_val = overconfident
+    fitted = ensemble.calibrate(X_val, y_val)["variance_scale"]
+    bad_x = X_val.clone()
+    bad_x[3, 0] = float("nan")
+    bad_y = y_val.clone()
+    bad_y[5, 1] = float("nan")
+    for x, y in ((bad_x, y_val), (X_val, bad_y), (X_val[:10], y_val)):
+        with pytest.raises(ValueError):
+            ensemble.calibrate(x, y)
+        assert ensemble.calibration["variance_scale"] == fitted
