@@ -24,7 +24,7 @@ from common import (add_console_arguments, add_data_arguments, arrow_dataset, de
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
 from ray_ensembles.distributed import resources_per_worker
-from ray_ensembles.locations import check_store, filesystem_for
+from ray_ensembles.locations import check_store, filesystem_for, is_uri
 from ray_ensembles.placement import assign_members
 
 
@@ -94,7 +94,8 @@ def build(args):
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"The '--output' option must be a folder. Got {args.output!r}, a file, instead.")
-    storage.check_writable(output / "ensemble", is_ours=storage.is_ensemble_directory, what="an ensemble")
+    storage.check_writable(output / "ensemble", is_ours=storage.is_ensemble_directory, what="an ensemble",
+                           protect=[args.data] if args.data and not is_uri(args.data) else [])
     if args.streaming and args.data is None:
         raise ValueError("The '--streaming' option reads the table in --data. Got no --data instead.")
     if args.streaming and args.task == "classification" and args.num_classes is None:

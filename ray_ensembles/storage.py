@@ -266,14 +266,18 @@ def check_writable(path: Path, *, is_ours, what: str, overwrite: bool = False,
                    protect: tuple = ()) -> Path:
     """`path`, resolved, if writing `what` there destroys nothing this library did not write:
     it is absent, an empty folder, or a folder that `is_ours` (a previous output), or
-    `overwrite` is set. Never a file, the working directory or a folder holding one of
-    `protect` (an input), whatever `overwrite` says."""
+    `overwrite` is set. Never a file, the working directory, a folder holding one of `protect`
+    (an input) or a folder inside one, whatever `overwrite` says."""
     path = Path(path).resolve()
     for inside in (Path.cwd(), *map(Path, protect)):
         inside = inside.resolve()
         if path == inside or path in inside.parents:
             raise ValueError(f"Refusing to write {what} to {path}: it holds {inside}, which would be "
                              "replaced. Choose a new folder.")
+    for source in (Path(p).resolve() for p in protect):
+        if source in path.parents:
+            raise ValueError(f"Refusing to write {what} to {path}: it lies inside the input {source}, "
+                             "which it would change. Choose a folder outside it.")
     if not path.exists():
         return path
     if not path.is_dir():

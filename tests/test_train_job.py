@@ -27,6 +27,8 @@ def table(tmp_path):
     with_nan = dict(data, b=np.where(np.arange(50) == 7, np.nan, data["b"]))
     pq.write_table(pa.table(with_nan), tmp_path / "nan.parquet")
     (tmp_path / "table.csv").write_text("a,y\n1,2\n3,4\n")
+    (tmp_path / "parts").mkdir()
+    pq.write_table(pa.table(data), tmp_path / "parts" / "part-0.parquet")
     return path
 
 
@@ -54,6 +56,8 @@ CASES = [
     ("zero save_every", ["--save-every", "0"], "'save_every'.*Got 0"),
     ("zero CPUs a worker", ["--cpus-per-worker", "0"], "'--cpus-per-worker'.*Got 0"),
     ("output a file", ["--output", "{table}"], "'--output' option must be a folder.*a file"),
+    ("output inside the data folder", ["--data", "{tmp}/parts", "--target", "y", "--output", "{tmp}/parts/out"],
+     "Refusing to write an ensemble.*inside the input"),
     ("output holds another folder", ["--output", "{tmp}/mine"], "Refusing to write an ensemble.*not an ensemble"),
     ("streaming without data", ["--streaming"], "'--streaming' option reads the table in --data"),
     ("streaming with a validation fraction", ["--data", "{table}", "--target", "y", "--streaming",
@@ -82,6 +86,7 @@ def test_bad_options_exit_with_one_line_before_ray_starts(case, argv, message, t
     assert re.search(message, err), err
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
     assert (tmp_path / "mine" / "ensemble" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == ["part-0.parquet"]
 
 
 @pytest.mark.unit
