@@ -95,9 +95,11 @@ def main(argv=None):
     from tests.ray_head import BIN, local_ray_head
 
     with local_ray_head(num_cpus=2) as (address, env, _):  # the driver runs on the head, as a job
-        done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", f"cd {REPO} && python -m "
-                               f"benchmarks.ray_fit_floor --driver --reps {args.reps}"],
-                              env=env, capture_output=True, text=True, check=True)
+        done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                               "python", "-m", "benchmarks.ray_fit_floor", "--driver", "--reps", str(args.reps)],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(done.stdout[-4000:] + done.stderr[-2000:])
         results["cluster"] = json.loads(next(line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")))
 
     print("\n| Ray | empty fit | imports only | our fit | ours above the empty fit (imports) |\n|---|---|---|---|---|")

@@ -19,6 +19,7 @@ from typing import Hashable, Iterator, Mapping
 import ray
 import torch
 
+from . import storage
 from .locations import check_store, is_uri, join
 from .progress import EnsembleProgress
 from .trainer import Trainer
@@ -213,6 +214,11 @@ def check_many(ensembles, options: dict, storage_path, progress, max_retries, us
                                  "must be a unique name of letters, digits, '.', '-' and '_'.")
         if is_uri(storage_path):
             check_store(storage_path, "storage_path", write=True)
+        for key in jobs:  # every target before the first ensemble trains
+            try:
+                storage.check_ensemble_location(join(storage_path, folder_name(key)))
+            except ValueError as err:
+                raise ValueError(f"The ensemble {key!r} of fit_many cannot be saved under storage_path: {err}") from None
     return jobs, {key: steps for key, (_, steps) in checked.items()}
 
 

@@ -149,20 +149,40 @@ def _is_ours(name: str) -> bool:
     return name == MANIFEST or (name.startswith("member_") and name.endswith(".safetensors"))
 
 
+def _files_at(filesystem, root: str) -> list[str]:
+    import pyarrow.fs
+
+    return [info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(
+        root, allow_not_found=True)) if info.type == pyarrow.fs.FileType.File]
+
+
+def _refuse_strangers(location: str, present: list[str]):
+    strangers = [name for name in present if not _is_ours(name)]
+    if strangers:
+        raise ValueError(f"Refusing to write an ensemble to {location}: it holds files that are "
+                         f"not an ensemble's ({strangers[:3]}). Choose a new location.")
+
+
+def check_ensemble_location(location):
+    """Refuse, before any work, a folder or URI that saving an ensemble there would refuse."""
+    if not is_uri(location):
+        check_writable(Path(location), is_ours=is_ensemble_directory, what="an ensemble")
+        return
+    filesystem, root = filesystem_for(location, "path")
+    try:
+        _refuse_strangers(location, _files_at(filesystem, root))
+    except OSError as err:
+        raise OSError(store_failure(location, "path", err)) from err
+
+
 def publish(directory: Path, location: str):
     """Copy the ensemble directory `directory` to the URI `location`: the old manifest goes
     first, the new one last (the module's docstring says why). Only an ensemble, or member files
     an interrupted publish left, are replaced; a store that fails is an OSError naming the URI."""
-    import pyarrow.fs
-
     filesystem, root = filesystem_for(location, "path")
     try:
-        present = [info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(
-            root, allow_not_found=True)) if info.type == pyarrow.fs.FileType.File]
-        strangers = [name for name in present if not _is_ours(name)]
-        if strangers:
-            raise ValueError(f"Refusing to write an ensemble to {location}: it holds files that are "
-                             f"not an ensemble's ({strangers[:3]}). Choose a new location.")
+        present = _files_at(filesystem, root)
+        _refuse_strangers(location, present)
         if MANIFEST in present:
             filesystem.delete_file(f"{root}/{MANIFEST}")
         files = sorted(directory.iterdir(), key=lambda f: f.name == MANIFEST)  # the manifest last

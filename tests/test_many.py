@@ -55,6 +55,18 @@ def test_save_names_must_be_folder_names(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.unit
+def test_a_save_folder_holding_other_files_is_refused_before_any_ensemble_trains(tmp_path):
+    import ray
+    (tmp_path / "k1").mkdir()
+    (tmp_path / "k1" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"ensemble 'k1' .* cannot be saved.*not an ensemble"):
+        fit_many({"k0": job(0), "k1": job(1)}, storage_path=tmp_path)
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1"]
+    assert [p.name for p in (tmp_path / "k1").iterdir()] == ["notes.txt"]
+
+
 # On a pool of two actors ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
