@@ -121,15 +121,18 @@ def start_ray(args) -> str:
 
 
 def loggers(args, run_name: str | None = None) -> list:
-    """The experiment trackers the options ask for (ray_ensembles.tracking)."""
+    """The experiment trackers the options ask for (ray_ensembles.tracking), each checked: call
+    it before Ray starts."""
     from ray_ensembles.tracking import MLflowLogger, TensorBoardLogger
 
     chosen = []
     if args.mlflow_tracking_uri:
         chosen.append(MLflowLogger(args.mlflow_tracking_uri, experiment_name=args.mlflow_experiment,
                                    run_name=run_name))
+        chosen[-1].check("--mlflow-tracking-uri")
     if args.tensorboard_dir:
         chosen.append(TensorBoardLogger(args.tensorboard_dir))
+        chosen[-1].check("--tensorboard-dir")
     return chosen
 
 

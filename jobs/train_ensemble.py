@@ -214,11 +214,12 @@ def main(argv=None):
         options.update(shuffle_buffer_rows=args.shuffle_buffer_rows)
         Trainer(ensemble, train, **options)  # every option checked before Ray starts
         config = run_config(args, output)  # --name and --resume too
+        trackers = loggers(args, args.name)
         where = start_ray(args)
         data = dict(dataset=train) if not args.streaming else \
             dict(dataset=read_dataset(args.data), target=args.target, features=train.feature_names)
         trainer = Trainer(ensemble, **data, **options, scaling_config=scaling(args), run_config=config,
-                          loggers=loggers(args, args.name))
+                          loggers=trackers)
         say(args, where, placement(trainer))
         trainer.train()
     except (ValueError, TypeError) as err:

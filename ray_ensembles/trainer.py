@@ -156,6 +156,8 @@ class Trainer:
             if not all(callable(getattr(logger, name, None)) for name in ("start", "log_epoch", "finish")):
                 raise TypeError("The 'loggers' parameter of Trainer must hold objects with start, log_epoch "
                                 f"and finish methods (see ray_ensembles.tracking). Got {logger!r} instead.")
+            if callable(getattr(logger, "check", None)):
+                logger.check()  # a tracker that cannot record fails here, not after training
         self.checkpoint_path: Path | str | None = None
         self.run_name: str | None = None
         self.history: list[dict] = []  # per-epoch metrics of the last train()

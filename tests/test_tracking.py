@@ -96,3 +96,17 @@ def test_a_logger_without_the_three_methods_is_refused_at_construction(toy_data)
     X, y = toy_data
     with pytest.raises(TypeError, match="'loggers' parameter of Trainer must hold objects with start"):
         Trainer(DeepEnsemble(dim_in=2), TensorDataset(X, y), loggers=[print])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: MLflowLogger("foo://nowhere"), r"'tracking_uri' parameter of MLflowLogger .* Got 'foo://nowhere'"),
+    (lambda tmp: TensorBoardLogger(tmp / "a-file"), r"'log_dir' parameter of TensorBoardLogger .*a file"),
+    (lambda tmp: TensorBoardLogger(tmp / "a-file" / "tb"), r"'log_dir' parameter of TensorBoardLogger .*a file"),
+])
+def test_a_tracker_that_cannot_record_is_refused_at_construction(toy_data, tmp_path, make, message):
+    X, y = toy_data
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ValueError, match=message):
+        Trainer(DeepEnsemble(dim_in=2, num_members=2, hidden_dim=16), TensorDataset(X, y),
+                results_folder=tmp_path / "results", loggers=[make(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -65,6 +65,8 @@ CASES = [
     ("streaming labels without classes", ["--data", "{table}", "--target", "label", "--task", "classification",
                                           "--streaming"], "'--num-classes' option is required"),
     ("streaming NaN", ["--data", "{tmp}/nan.parquet", "--target", "y", "--streaming"], "'b' must be free of missing"),
+    ("unknown MLflow scheme", ["--mlflow-tracking-uri", "foo://nowhere"], "'--mlflow-tracking-uri' option.*foo://"),
+    ("TensorBoard folder a file", ["--tensorboard-dir", "{table}"], "'--tensorboard-dir' option.*a file"),
     ("zero shuffle buffer", ["--shuffle-buffer-rows", "0"], "'shuffle_buffer_rows'.*Got 0"),
 ]
 
