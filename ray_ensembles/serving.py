@@ -6,7 +6,8 @@
     handle.predict.remote({"rows": [[1.5], [-2.0]]}).result()
 
 HTTP routes, under the app's route prefix:
-    GET  /                         the ensemble's metadata and the replica's counts (a folder: its ensembles' ids)
+    GET  /                         the ensemble's metadata and the replica's counts (a folder: its ensembles' ids,
+                                   and those found damaged, with why)
     GET  /healthz                  {"status": "ok"}
     POST /predict                  {"rows": [...], "coverage": 0.9}  ->  {"predictions": [...]}
     GET  /ensembles/<id>           a folder's ensemble <id>: its metadata
@@ -23,7 +24,9 @@ Concurrent requests on a replica are batched (`@serve.batch`) into one stacked f
 ensemble. A folder of ensembles (a sweep's trials, say) is served with Serve's model
 multiplexing: each replica loads an ensemble when first asked for it and evicts the least
 recently used beyond `max_ensembles_per_replica`. A request the app refuses gets a 4xx response
-whose JSON body names the field and the value: {"error", "field", "value"}.
+whose JSON body names the field and the value: {"error", "field", "value"}; a folder's ensemble
+that fails to load (a damaged or missing file) answers 503 naming it and the damage, without
+loading again, while the others keep answering.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ def parse_json(raw: bytes):
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(400, "body", raw[:200].decode(errors="replace"),
                            f"The request body is not valid JSON ({err}).") from None
+    except RecursionError:  # the parser recurses once per bracket
+        raise RequestError(400, "body", raw[:200].decode(errors="replace"),
+                           "The request body nests too deeply to parse.") from None
 
 
 def number(field: str, value) -> float:
@@ -196,6 +202,7 @@ class EnsembleServer:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.counts = {"requests": 0, "forward_passes": 0, "largest_batch": 0}
         self.loads: dict[str, int] = {}
+        self.damaged: dict[str, str] = {}  # a folder's ensembles that failed to load: never retried
         self._forward.set_max_batch_size(max_batch_size)
         self._forward.set_batch_wait_timeout_s(batch_wait_s)
         if multiplexed:
@@ -219,7 +226,12 @@ class EnsembleServer:
         if await asyncio.to_thread(ensemble_location, self.location, ensemble_id) is None:
             raise RequestError(404, "ensemble", ensemble_id, f"There is no ensemble '{ensemble_id}' "
                                f"in {self.location}. GET / lists them.")
-        return await self._load(ensemble_id)
+        if ensemble_id not in self.damaged:
+            try:
+                return await self._load(ensemble_id)
+            except ValueError as err:  # the one reader's refusal: a missing or damaged file
+                self.damaged[ensemble_id] = f"The ensemble '{ensemble_id}' cannot be served: {err}"
+        raise RequestError(503, "ensemble", ensemble_id, self.damaged[ensemble_id])
 
     async def predict(self, body: dict, ensemble_id: str | None = None) -> dict:
         """Predictions for a request body (see the module's docstring): the handle API, and
@@ -269,7 +281,8 @@ class EnsembleServer:
         counts = dict(self.counts)
         if self.multiplexed and ensemble_id is None:
             ids = await asyncio.to_thread(ensemble_ids, self.location)
-            return {"location": self.location, "ensembles": ids, "loads": dict(self.loads), **counts}
+            return {"location": self.location, "ensembles": [i for i in ids if i not in self.damaged],
+                    "damaged": dict(self.damaged), "loads": dict(self.loads), **counts}
         return {"location": self.location, **({"ensemble": ensemble_id} if ensemble_id else {}),
                 **describe(await self._ensemble(ensemble_id)), **counts}
 

@@ -192,6 +192,7 @@ BAD_REQUESTS = [  # (what, path, body, headers, status, field)
     ("no ensemble named", "/multi/predict", {"rows": [[1, 2, 3]]}, {}, 400, "serve_multiplexed_model_id"),
     ("an unknown route", "/reg/predicts", {"rows": [[1, 2, 3]]}, {}, 404, "path"),
     ("GET of predict", "/reg/predict", None, {}, 405, "method"),
+    ("brackets nested 100k deep", "/unbatched/predict", b"[" * 100_000 + b"]" * 100_000, {}, 400, "body"),
 ]
 
 
@@ -208,6 +209,32 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_replica_keeps_serving(s
     assert status == 200 and health == {"status": "ok"}
     status, meta = request(served["url"] + "/reg/")
     assert status == 200 and meta["feature_names"] == FEATURES and meta["num_members"] == 3
+
+
+@pytest.mark.ray
+def test_a_damaged_ensemble_in_a_folder_answers_503_naming_it_once_loaded_and_the_others_keep_serving(served):
+    from ray import serve
+
+    from ray_ensembles.serving import ensemble_app
+
+    root = served["root"] / "mixed"
+    shutil.copytree(served["root"] / "folder" / "two", root / "good")
+    shutil.copytree(served["root"] / "folder" / "two", root / "bad")
+    member = next((root / "bad").glob("member_*.safetensors"))
+    member.write_bytes(member.read_bytes()[:-100])  # truncated
+    serve.run(ensemble_app(root, cpus_per_replica=0.5), name="mixed", route_prefix="/mixed")
+    try:
+        url = served["url"] + "/mixed"
+        for _ in range(3):
+            status, body = request(url + "/ensembles/bad/predict", {"rows": [[1, 2, 3]]})
+            assert (status, body["field"], body["value"]) == (503, "ensemble", "bad"), body
+            assert "'bad'" in body["error"] and "SHA-256" in body["error"], body
+        listing = request(url + "/")[1]
+        assert listing["loads"] == {"bad": 1}  # no reload on each request
+        assert listing["ensembles"] == ["good"] and "SHA-256" in listing["damaged"]["bad"]
+        assert request(url + "/ensembles/good/predict", {"rows": [[1, 2, 3]]})[0] == 200
+    finally:
+        serve.delete("mixed")
 
 
 @pytest.mark.unit
