@@ -73,9 +73,25 @@ def rounds(reps: int) -> dict:
             "imports_above_floor_s": median["imports_only_fit_s"] - median["empty_fit_s"]}
 
 
+def on_a_cluster(reps: int) -> dict:
+    """The same rounds in a job submitted to a `ray start` head on this machine."""
+    import subprocess
+
+    from tests.ray_head import BIN, local_ray_head
+
+    with local_ray_head(num_cpus=2) as (address, env, _):
+        done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                               "python", "-m", "benchmarks.ray_fit_floor", "--driver", "--reps", str(reps)],
+                              env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(done.stdout[-4000:] + done.stderr[-2000:])
+    return json.loads(next(line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds of the three fits")
+    p.add_argument("--where", choices=["local", "cluster", "both"], default="both")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)  # the cluster case's driver
     args = p.parse_args(argv)
     import ray
@@ -86,21 +102,14 @@ def main(argv=None):
         return
 
     results = {}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    results["local"] = rounds(args.reps)
-    ray.shutdown()
-
-    import subprocess
+    if args.where != "cluster":
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        results["local"] = rounds(args.reps)
+        ray.shutdown()
+    if args.where != "local":
+        results["cluster"] = on_a_cluster(args.reps)
 
     from tests.ray_head import BIN, local_ray_head
-
-    with local_ray_head(num_cpus=2) as (address, env, _):  # the driver runs on the head, as a job
-        done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                               "python", "-m", "benchmarks.ray_fit_floor", "--driver", "--reps", str(args.reps)],
-                              env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(done.stdout[-4000:] + done.stderr[-2000:])
-        results["cluster"] = json.loads(next(line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")))
 
     print("\n| Ray | empty fit | imports only | our fit | ours above the empty fit (imports) |\n|---|---|---|---|---|")
     for where, figures in results.items():

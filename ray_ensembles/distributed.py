@@ -10,12 +10,15 @@ failed workers resume and the coordinator assembles the ensemble.
 
 from __future__ import annotations
 
-import contextlib
+import time
+
+IMPORT_STARTED = time.time()  # a Ray Train worker's import of this module: torch and the loop's modules
+
+import contextlib  # noqa: E402
 import dataclasses
 import json
 import os
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -29,13 +32,15 @@ from safetensors.torch import save as safetensors_save
 from . import checkpoint, storage
 from .ensemble import build_ensemble
 from .locations import check_store, is_uri, join
+from .metrics import ensemble_validation_metrics
 from .placement import assign_members, local_device
 from .ray_internals import data_parallel_trainer, quiet_worker_reports
-from .metrics import ensemble_validation_metrics
 from .reporting import (Follower, ReportForwarder, RunChannel, epoch_entries, epochs_filename, progress_sender,
                         validation_filename)
 from .streaming import TableStream, execution_options
 from .training import EnsembleFit, TrainSettings, attach_validation
+
+IMPORTED = time.time()
 
 AUTOSCALING_ENV = "RAY_ENSEMBLES_AUTOSCALING"  # "1": the cluster grows on demand, skip the size check
 # Ray Train's controller polls its workers every this many seconds (2 by default). Start-up, every
@@ -167,13 +172,17 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     path = ensemble.save(join(rc.storage_path, rc.name, "ensemble"))
     ensemble.eval()
     timing = [meta["timing"] for meta in metadata.values()]
+    latest = lambda key: max(t[key] for t in timing)  # noqa: E731  workers run in parallel
     return RayFit(checkpoint_path=path, run_name=rc.name,
                   train_losses={m: meta["train_loss"] for m, meta in metadata.items()},
                   placement={m: meta["placement"] for m, meta in metadata.items()},
-                  timings={"worker_start_s": max(t["started"] for t in timing) - started,
-                           "training_s": max(t["training_s"] for t in timing),
-                           "checkpoint_s": max(t["checkpoint_s"] for t in timing),
-                           "data_wait_s": max(t["data_wait_s"] for t in timing),
+                  timings={"workers_up_s": latest("import_started") - started,  # Ray Train's start
+                           "worker_import_s": max(t["imported"] - t["import_started"] for t in timing),
+                           "worker_setup_s": max(t["started"] - t["entered"] for t in timing),
+                           "worker_start_s": latest("started") - started,
+                           "training_s": latest("training_s"), "checkpoint_s": latest("checkpoint_s"),
+                           "data_wait_s": latest("data_wait_s"),
+                           "ray_train_end_s": fit_done - latest("last_checkpoint"),  # the last report, the run's end
                            "ray_train_total_s": fit_done - started, "assembly_s": time.time() - fit_done})
 
 
@@ -233,6 +242,7 @@ def env_default(name: str, value: str):
 
 def _train_worker(config):
     """Runs on each Ray Train worker: the shared loop plus reporting."""
+    entered = time.time()
     quiet_worker_reports(config["log_level"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -256,7 +266,8 @@ def _train_worker(config):
     elif config["resume_from"] is not None:
         checkpoint.restore(fit, config["resume_from"])
 
-    timing = {"started": time.time(), "checkpoint_s": 0.0}
+    timing = {"import_started": IMPORT_STARTED, "imported": IMPORTED, "entered": entered, "started": time.time(),
+              "checkpoint_s": 0.0}
     # the GPU ids are Ray's (the node's numbering); inside the worker its one GPU is cuda:0
     placement = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "device": str(fit.ensemble.device),
                  "gpu_ids": [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]}
@@ -268,7 +279,7 @@ def _train_worker(config):
     def on_checkpoint(fit):
         # Reports wait for the controller's poll, so they go with checkpoints only. The epochs
         # travel in the checkpoint, not in the report's metrics, which Ray Train logs in full.
-        checkpoint_start = time.time()
+        checkpoint_start = timing["last_checkpoint"] = time.time()
         timing["training_s"] = checkpoint_start - timing["started"] - timing["checkpoint_s"]
         timing["data_wait_s"] = getattr(fit.batches, "wait_s", 0.0)  # a streamed table's reading
         with tempfile.TemporaryDirectory() as directory:
