@@ -111,7 +111,19 @@ def start_ray(args) -> str:
     if not ray.is_initialized():
         if not args.verbose:
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # reaches only a Ray started here
-        context = ray.init(logging_config=ray.LoggingConfig(log_level="INFO" if args.verbose else "WARNING"))
+        options = dict(logging_config=ray.LoggingConfig(log_level="INFO" if args.verbose else "WARNING"))
+        try:
+            context = ray.init(**options)
+        except ConnectionError as err:  # RAY_ADDRESS or the cluster found does not answer
+            fail(f"Could not join Ray: {' '.join(str(err).split())}", status=1)
+        except Exception as err:  # Ray raises a bare Exception for a local node that did not start
+            if "timed out during startup" not in str(err):
+                raise
+            ray.shutdown()
+            try:  # a machine busy enough to miss Ray's 30 s start-up once rarely misses it twice
+                context = ray.init(**options)
+            except Exception as again:
+                fail(f"Ray did not start on this machine: {' '.join(str(again).split())}", status=1)
         dashboard = context.dashboard_url
     have = ray.cluster_resources()
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
@@ -138,6 +150,21 @@ def loggers(args, run_name: str | None = None) -> list:
 
 def num_classes(*datasets) -> int:
     return max(2, max(int(d.y.max()) for d in datasets if d is not None) + 1)
+
+
+def resume_command(name: str) -> str:
+    """This job's command line, continuing the run called `name`."""
+    import shlex
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # without a --name or --resume given before
+        if skip or arg == "--resume":
+            skip = False
+            continue
+        skip = arg == "--name"
+        if not skip and not arg.startswith("--name="):
+            argv.append(arg)
+    return shlex.join(["python", sys.argv[0], *argv, "--name", name, "--resume"])
 
 
 def fail(message: str, status: int = 2):

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from common import (add_console_arguments, add_data_arguments, arrow_dataset, default_lr, fail, load_data, loggers,
-                    num_classes, read_dataset, say, start_ray)
+                    num_classes, read_dataset, resume_command, say, start_ray)
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
-from ray_ensembles.distributed import resources_per_worker
+from ray_ensembles.distributed import new_run_name, resources_per_worker
 from ray_ensembles.locations import check_store, filesystem_for, is_uri
 from ray_ensembles.placement import assign_members
 
@@ -213,6 +213,7 @@ def main(argv=None):
                        validation_dataset=validation, progress=not (args.quiet or args.json))
         options.update(shuffle_buffer_rows=args.shuffle_buffer_rows)
         Trainer(ensemble, train, **options)  # every option checked before Ray starts
+        args.name = args.name or new_run_name()  # named here, so that an interrupted run says how to resume
         config = run_config(args, output)  # --name and --resume too
         trackers = loggers(args, args.name)
         where = start_ray(args)
@@ -222,6 +223,9 @@ def main(argv=None):
                           loggers=trackers)
         say(args, where, placement(trainer))
         trainer.train()
+    except KeyboardInterrupt:
+        fail(f"interrupted: the run's checkpoints so far are in {config.storage_path}/{config.name}; resume "
+             f"with: {resume_command(config.name)}", status=130)
     except (ValueError, TypeError) as err:
         fail(str(err))
     except OSError as err:  # the store, during the run: the message names it (check_storage_after)

@@ -60,6 +60,11 @@ class RayFit:
     timings: dict[str, float]
 
 
+def new_run_name() -> str:
+    """A run name of its own: a reused name silently resumes the old run."""
+    return f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
 def resources_per_worker(scaling_config) -> dict[str, float]:
     """What each worker asks for, as Ray Train reckons it: `resources_per_worker` (zeros
     dropped), else one GPU with `use_gpu` or one CPU; `use_gpu` always adds a GPU."""
@@ -127,7 +132,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     # A reused name silently resumes an old run, so a fresh run gets a unique one. Ray Train's
     # own INFO lines (each report, each checkpoint) go to its log files, not the console.
     rc = run_config or RunConfig(
-        name=f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        name=new_run_name(),
         storage_path=str(Path(results_folder).resolve()), logging_config=LoggingConfig(log_level="WARNING"))
     # on the driver's node: a zero-CPU actor could land on a node that is later lost
     channel = RunChannel.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -159,6 +164,8 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
             except ray.train.TrainingFailedError as err:
                 check_storage_after(err, rc)
                 raise
+            except SystemExit:  # Ray Train's SIGINT handler aborts the run, then exits: a Ctrl-C, as in-process
+                raise KeyboardInterrupt from None
     finally:
         try:
             follower.stop()

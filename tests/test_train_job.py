@@ -177,3 +177,34 @@ def test_a_classification_table_prints_one_json_object_and_the_trackers_hold_the
     assert client.get_metric_history(run.info.run_id, "val_nll")[-1].value == pytest.approx(result["metrics"]["val_nll"])
     assert run.data.tags["ensemble_path"] == result["checkpoint"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_with_one_line_whose_command_resumes_the_run(tmp_path):
+    import shlex
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS="")
+    argv = ["--num-members", "2", "--epochs", "1500", "--save-every", "100", "--output", str(out), "--quiet"]
+    job = subprocess.Popen([sys.executable, "jobs/train_ensemble.py", *argv], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("runs/*/checkpoint_*")):  # interrupted once it has a checkpoint
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    job.send_signal(signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr and not (out / "ensemble").exists()
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: interrupted: the run's checkpoints so far are in "), stderr[-3000:]
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[-3:-1] == ["--name", command[-2]] and command[-1] == "--resume"
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert DeepEnsemble.load(out / "ensemble").num_members == 2
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[0]["step"] > 100  # the resumed run began after the checkpoint, not at step 0
