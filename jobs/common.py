@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from ray_ensembles.data import TensorDataset, cubic_toy, read_table, table_source, table_to_dataset
+from ray_ensembles.data import (TensorDataset, cubic_toy, mismatched_column, read_table, table_source,
+                                table_to_dataset)
 from ray_ensembles.locations import check_store
 
 
@@ -60,7 +61,11 @@ def arrow_dataset(location: str):
 
 
 def table_head(location: str, target: str, features, task: str) -> TensorDataset:
-    """The first rows of a table to stream, their columns and values checked before Ray starts."""
+    """The first rows of a table to stream, their columns and values checked before Ray starts,
+    and every file's column types (a file that disagrees would fail only when its turn came)."""
+    mismatch = mismatched_column(location)
+    if mismatch:
+        raise ValueError(mismatch)
     head = arrow_dataset(location).head(1000)
     if head.num_rows == 0:
         raise ValueError(f"The 'data' file {location!r} has no rows.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Sequence
 
 import numpy as np
@@ -92,6 +94,29 @@ def table_source(path_or_uri: str, name: str = "data"):
                      f"file (.csv, .csv.gz). Got {path_or_uri!r} instead.")
 
 
+def mismatched_column(path_or_uri: str) -> str | None:
+    """For a folder of Parquet files: a sentence naming a column whose type two of its files
+    disagree on (pyarrow's own error names neither column nor file); None if they agree."""
+    import pyarrow.fs
+    import pyarrow.parquet
+
+    filesystem, path = filesystem_for(path_or_uri, "data")
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        return None
+    files = sorted(i.path for i in filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+                   if i.type == pyarrow.fs.FileType.File and not i.base_name.startswith(("_", ".")))
+    seen = {}  # column -> (its type, the first file that has it)
+    for file in files:
+        with contextlib.suppress(pyarrow.ArrowException, OSError):  # a file that is no table fails its read
+            for field in pyarrow.parquet.read_schema(file, filesystem=filesystem):
+                kind, first = seen.setdefault(field.name, (field.type, file))
+                if kind != field.type:
+                    return (f"The 'data' folder {path_or_uri!r} is not one table: its column {field.name!r} is "
+                            f"{kind} in {first.rsplit('/', 1)[-1]} but {field.type} in {file.rsplit('/', 1)[-1]}. "
+                            "Write every file with the same column types.")
+    return None
+
+
 def read_table(path_or_uri: str):
     """A Parquet or CSV table (`table_source`) as a pyarrow Table, from a local path or a URI."""
     import pyarrow
@@ -106,7 +131,8 @@ def read_table(path_or_uri: str):
             with filesystem.open_input_stream(path) as stream:
                 table = pyarrow.csv.read_csv(stream)
     except (pyarrow.ArrowException, UnicodeDecodeError) as err:  # e.g. a CSV that is not UTF-8
-        raise ValueError(f"The 'data' file {path_or_uri!r} could not be read as {fmt} ({err}).") from None
+        mismatch = mismatched_column(path_or_uri) if fmt == "parquet" else None
+        raise ValueError(mismatch or f"The 'data' file {path_or_uri!r} could not be read as {fmt} ({err}).") from None
     if table.num_rows == 0:
         raise ValueError(f"The 'data' file {path_or_uri!r} has no rows.")
     return table

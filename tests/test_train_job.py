@@ -29,6 +29,9 @@ def table(tmp_path):
     (tmp_path / "table.csv").write_text("a,y\n1,2\n3,4\n")
     (tmp_path / "parts").mkdir()
     pq.write_table(pa.table(data), tmp_path / "parts" / "part-0.parquet")
+    (tmp_path / "mixed").mkdir()  # two files that disagree on the type of column 'a'
+    pq.write_table(pa.table({"a": np.arange(50), "y": data["y"]}), tmp_path / "mixed" / "part-0.parquet")
+    pq.write_table(pa.table({"a": data["a"], "y": data["y"]}), tmp_path / "mixed" / "part-1.parquet")
     return path
 
 
@@ -67,6 +70,10 @@ CASES = [
     ("streaming NaN", ["--data", "{tmp}/nan.parquet", "--target", "y", "--streaming"], "'b' must be free of missing"),
     ("unknown MLflow scheme", ["--mlflow-tracking-uri", "foo://nowhere"], "'--mlflow-tracking-uri' option.*foo://"),
     ("TensorBoard folder a file", ["--tensorboard-dir", "{table}"], "'--tensorboard-dir' option.*a file"),
+    ("files disagree on a type", ["--data", "{tmp}/mixed", "--target", "y"],
+     "column 'a' is int64 in part-0.parquet but double in part-1.parquet"),
+    ("streamed files disagree on a type", ["--data", "{tmp}/mixed", "--target", "y", "--streaming"],
+     "column 'a' is int64 in part-0.parquet but double in part-1.parquet"),
     ("zero shuffle buffer", ["--shuffle-buffer-rows", "0"], "'shuffle_buffer_rows'.*Got 0"),
 ]
 
