@@ -81,11 +81,16 @@ def read_dataset(location: str):
     return read(path, filesystem=filesystem)
 
 
-def add_console_arguments(parser, tracking: bool = True):
-    out = parser.add_argument_group("console and tracking")
+def add_console_arguments(parser, tracking: bool = True, results: bool = True):
+    """--verbose; with `results`, --quiet and --json (a job without a result table has neither); with
+    `tracking`, the experiment trackers' options."""
+    out = parser.add_argument_group("console and tracking" if tracking else "console")
     out.add_argument("--verbose", action="store_true", help="Ray's own INFO logs on the console too")
-    out.add_argument("--quiet", action="store_true", help="print only the final table")
-    out.add_argument("--json", action="store_true", help="print only the metrics, as one JSON object")
+    if results:
+        out.add_argument("--quiet", action="store_true", help="print only the final table")
+        out.add_argument("--json", action="store_true", help="print only the metrics, as one JSON object")
+    else:
+        parser.set_defaults(quiet=False, json=False)
     if tracking:
         out.add_argument("--mlflow-tracking-uri", default=None,
                          help="log to MLflow: a server URL, sqlite:///file.db or a local folder")

@@ -298,13 +298,27 @@ def serve_job_error(capsys, argv) -> str:
 
 @pytest.mark.unit
 @pytest.mark.parametrize("argv, message", [
-    (["--ensemble", "/nonexistent/ens"], "'ensemble' parameter of ensemble_app"),
+    (["--ensemble", "/nonexistent/ens"], "'--ensemble' option"),
     (["--ensemble", "x", "--port", "0"], "'--port' option"),
     (["--ensemble", "x", "--route-prefix", "api"], "'--route-prefix' option"),
-    (["--ensemble", "x", "--max-batch-size", "0"], "'max_batch_size' parameter"),
+    (["--ensemble", "x", "--max-batch-size", "0"], "'--max-batch-size' option"),
+    (["--ensemble", "x", "--replicas", "0"], "'--replicas' option"),
 ])
-def test_the_serve_job_refuses_bad_options_in_one_line(capsys, argv, message):
-    assert message in serve_job_error(capsys, argv)
+def test_the_serve_job_refuses_bad_options_in_one_line(capsys, argv, message, tmp_path):
+    DeepEnsemble(3, 1, num_members=2).save(tmp_path / "x")
+    argv = [str(tmp_path / a) if a == "x" else a for a in argv]
+    err = serve_job_error(capsys, argv)
+    assert message in err and "ensemble_app" not in err, err
+
+
+@pytest.mark.unit
+def test_the_serve_jobs_help_offers_only_what_serving_has(capsys):
+    import serve as serve_job  # jobs/serve.py
+
+    with pytest.raises(SystemExit):
+        serve_job.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--verbose" in help_text and "--json" not in help_text and "--quiet" not in help_text
 
 
 @pytest.mark.unit
