@@ -9,6 +9,7 @@ called by the Trainer); predictions come back in the target's original units.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -382,6 +383,11 @@ def combine(ensembles: Sequence[Ensemble], hyperparameters: Sequence[dict] | Non
     if len(hyperparameters) != len(ensembles) or not all(isinstance(h, dict) for h in hyperparameters):
         raise ValueError(f"The 'hyperparameters' parameter of combine must be one dict per ensemble ({len(ensembles)}). "
                          f"Got {hyperparameters!r} instead.")
+    try:  # saved in the manifest: refused here rather than at save
+        json.dumps(hyperparameters, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError("The 'hyperparameters' parameter of combine must hold only JSON values (numbers, "
+                         f"strings, booleans, lists, dicts) ({err}). Got {hyperparameters!r} instead.") from None
     first = ensembles[0]
     for k, e in enumerate(ensembles):
         if e.member_factory is not None:
@@ -431,9 +437,9 @@ def _load_directory(path: Path, members, member_factory, map_location, cls) -> E
     entries = {e["id"]: e for e in manifest["members"]}
     ids = list(entries) if members is None else list(members)
     unknown = [m for m in ids if m not in entries]
-    if unknown or not ids:
+    if unknown or not ids or len(set(ids)) != len(ids):
         raise ValueError(f"The 'members' parameter of {cls.__name__}.load must be a non-empty "
-                         f"list of ids in {sorted(entries)}. Got {members!r} instead.")
+                         f"list of distinct ids in {sorted(entries)}. Got {members!r} instead.")
     saved_factory = manifest["config"].get("member_factory")
     if saved_factory is not None and member_factory is None:
         raise ValueError(f"{path} holds members built by the factory {saved_factory}; pass that "

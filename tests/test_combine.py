@@ -110,5 +110,7 @@ def test_combine_refuses_ensembles_that_do_not_share_inputs_outputs_or_statistic
             combine(bad)
     with pytest.raises(ValueError, match="one dict per ensemble"):
         combine(parts, [{}])
+    with pytest.raises(ValueError, match="'hyperparameters' parameter of combine must hold only JSON values"):
+        combine(parts, [{"f": object()}] + [{}] * (len(parts) - 1))
     with pytest.raises(ValueError, match="combined from several"):
         Trainer(combined(parts), TensorDataset(X, Y), results_folder=tmp_path)

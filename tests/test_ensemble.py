@@ -146,6 +146,8 @@ def test_load_assembles_any_member_subset(saved):
     assert sub.member_ids == [0, 2]
     torch.testing.assert_close(sub(X).member_mean, e(X).member_mean[[0, 2]])
     torch.testing.assert_close(e.subset([2, 0])(X).member_mean, e(X).member_mean[[2, 0]])
+    with pytest.raises(ValueError, match=r"'members' parameter of DeepEnsemble.load .* distinct ids .*\[0, 0\]"):
+        DeepEnsemble.load(path, members=[0, 0])
 
 
 def test_a_pickle_payload_is_refused_without_running(saved, tmp_path):
