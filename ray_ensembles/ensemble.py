@@ -192,8 +192,15 @@ class Ensemble(nn.Module):
         # would let another thread's pass run in training mode and move batch norm's statistics.
         members = copy.deepcopy(self.members).eval() if self.training else self.members
         parts = []
-        for chunk in x.split(batch_size):
-            xs = self.standardizer.standardize_x(chunk.to(self.device)).expand(self.num_members, -1, -1)
+        for k, chunk in enumerate(x.split(batch_size)):
+            xs = self.standardizer.standardize_x(chunk.to(self.device))
+            beyond = ~torch.isfinite(xs).all(-1)  # finite inputs (check_x) too far out for float32
+            if beyond.any():
+                raise ValueError(f"The 'X' parameter of predict must hold rows the members can take: row "
+                                 f"{k * batch_size + int(beyond.nonzero()[0])} is beyond float32 once standardised "
+                                 f"(input means {self.standardizer.x_mean.tolist()}, stds "
+                                 f"{self.standardizer.x_std.tolist()}). Got {int(beyond.sum())} such rows.")
+            xs = xs.expand(self.num_members, -1, -1)
             parts.append([t.to(x.device) for t in self.head.summarize(members(xs), self.standardizer)])
         outputs = [torch.cat(ts, dim=1) for ts in zip(*parts)]   # member-first, (M, B, ...)
         for t in outputs:
