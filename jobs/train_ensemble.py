@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ from common import (add_console_arguments, add_data_arguments, arrow_dataset, de
                     num_classes, read_dataset, resume_command, say, start_ray)
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
-from ray_ensembles.distributed import new_run_name, resources_per_worker
+from ray_ensembles.distributed import AUTOSCALING_ENV, new_run_name, resources_per_worker
 from ray_ensembles.locations import check_store, filesystem_for, is_uri
 from ray_ensembles.placement import assign_members
 
@@ -60,7 +62,8 @@ def parse_args(argv=None):
     ray_opts = p.add_argument_group("Ray")
     ray_opts.add_argument("--num-workers", type=int, default=None,
                           help="Ray Train workers (default: one per member, up to the cluster's GPUs or CPUs)")
-    ray_opts.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ray_opts.add_argument("--cpus-per-worker", type=float, default=None,
+                          help="default 1, or with --streaming what leaves Ray Data one CPU of the cluster")
     ray_opts.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     ray_opts.add_argument("--storage-path", default=None,
                           help="Ray run storage: local path or s3:// / gs:// / NFS (default: OUTPUT/runs)")
@@ -89,7 +92,7 @@ def build(args):
         raise ValueError(f"The '--max-failures' option must be >= 0. Got {args.max_failures} instead.")
     if args.resume and not args.name:
         raise ValueError("The '--resume' option needs the '--name' of the run to resume. Got no name instead.")
-    if not args.cpus_per_worker > 0:
+    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
         raise ValueError(f"The '--cpus-per-worker' option must be > 0. Got {args.cpus_per_worker} instead.")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
@@ -120,11 +123,19 @@ def scaling(args):
     import ray
     from ray.train import ScalingConfig
 
+    have = ray.cluster_resources()
+    cpus = have.get("CPU", 1) - args.streaming  # a streaming run leaves a CPU to Ray Data's read tasks
     if args.num_workers is None:
-        have = ray.cluster_resources()
-        # a streaming run leaves a CPU to Ray Data's read tasks
-        slots = have.get("GPU", 0) if args.use_gpu else (have.get("CPU", 1) - args.streaming) / args.cpus_per_worker
+        slots = have.get("GPU", 0) if args.use_gpu else cpus / (args.cpus_per_worker or 1.0)
         args.num_workers = max(1, min(args.num_members, int(slots)))
+    if args.cpus_per_worker is None:  # 1, or the share of the CPUs left that the workers fit in
+        share = cpus / args.num_workers
+        args.cpus_per_worker = 1.0 if not args.streaming or share >= 1 or share <= 0 else math.floor(share * 100) / 100
+    need = args.num_workers * args.cpus_per_worker
+    if not args.use_gpu and need > cpus + 1e-9 and os.environ.get(AUTOSCALING_ENV) != "1":
+        raise ValueError(f"The '--num-workers' and '--cpus-per-worker' options must fit the Ray cluster's "
+                         f"{have.get('CPU', 0):g} CPUs" + (", less 1 for Ray Data's reads with --streaming" if args.streaming
+                                                         else "") + f". Got {args.num_workers} x {args.cpus_per_worker:g} instead.")
     per_worker = {"CPU": args.cpus_per_worker}
     if args.use_gpu:
         per_worker["GPU"] = 1
@@ -151,13 +162,14 @@ def run_config(args, output: Path):
                      logging_config=LoggingConfig(log_level="INFO" if args.verbose else "WARNING"))
 
 
-def placement(trainer) -> str:
+def placement(trainer, streaming: bool) -> str:
     """Which worker trains which members, on what."""
     sc = trainer.scaling_config
     groups = assign_members(trainer.ensemble.member_ids, sc.num_workers)
     per_worker = ", ".join(f"{v:g} {k}" for k, v in resources_per_worker(sc).items())
     return (f"training {trainer.ensemble.num_members} members for {trainer.settings.num_steps} steps "
-            f"on {sc.num_workers} Ray Train worker{'s' * (sc.num_workers != 1)} ({per_worker} each): "
+            f"on {sc.num_workers} Ray Train worker{'s' * (sc.num_workers != 1)} ({per_worker} each"
+            + ("; 1 CPU left to reading the table" if streaming else "") + "): "
             + " | ".join(",".join(map(str, g)) for g in groups))
 
 
@@ -175,11 +187,14 @@ def report(trainer, output: Path, args):
     for i, (m, row) in enumerate(metrics["members"].items()):
         where = trainer.placement[m]
         gpus = f" ({','.join(where['gpu_ids'])})" if where["gpu_ids"] else ""
+        val_nll = f"{row['val_nll']:>9.4f}" if "val_nll" in row else f"{'-':>9}"
         print(f"{m:>6} {trainer.ensemble.member_seeds[i]:>20} {row['train_loss']:>11.4f} "
-              f"{row.get('val_nll', float('nan')):>9.4f}  {where['rank']}, {where['node_id'][:8]}, {where['device']}{gpus}")
+              f"{val_nll}  {where['rank']}, {where['node_id'][:8]}, {where['device']}{gpus}")
     summary = {k: v for k, v in metrics.items() if k != "members"}
     if summary:
         print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    else:
+        print("ensemble: no validation rows" + (" (--streaming trains on every row)" if args.streaming else ""))
 
 
 def plot_toy(ensemble, train: TensorDataset, path: Path):
@@ -221,7 +236,7 @@ def main(argv=None):
             dict(dataset=read_dataset(args.data), target=args.target, features=train.feature_names)
         trainer = Trainer(ensemble, **data, **options, scaling_config=scaling(args), run_config=config,
                           loggers=trackers)
-        say(args, where, placement(trainer))
+        say(args, where, placement(trainer, args.streaming))
         trainer.train()
     except KeyboardInterrupt:
         fail(f"interrupted: the run's checkpoints so far are in {config.storage_path}/{config.name}; resume "

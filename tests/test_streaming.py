@@ -94,7 +94,11 @@ def test_stacked_members_share_the_reading_and_one_window_is_the_in_memory_order
         b.close()
         # each block read once an epoch, whatever the members (the reader may have begun epoch 2)
         assert len(blocks.reads) in (2, 3) and blocks.reads[:2] == [len(blocks.tables)] * 2
-    whole, _ = batches([0, 1], window_rows=5000)
+    whole, blocks = batches([0, 1], window_rows=5000)
+    for step in range(3 * whole.steps_per_epoch):  # a table of one window is read once, for every epoch
+        whole(step)
+    whole.close()
+    assert blocks.reads == [len(blocks.tables)]
     ensemble = DeepEnsemble(2, num_members=2, seed=3)
     memory = MemberBatches(torch.arange(ROWS, dtype=torch.float32)[:, None], torch.zeros(ROWS, 1), BATCH,
                            ensemble.member_seeds)
