@@ -1,13 +1,13 @@
-"""What the jobs share: the data and console options, starting Ray, one-line errors."""
+"""What the jobs share: the data and console options, starting Ray, one-line errors.
+
+The jobs import torch, Ray and this package's modules inside the functions that use them, so
+that `--help` and the option checks that need none of them answer at once."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from ray_ensembles.data import (TensorDataset, cubic_toy, mismatched_column, read_table, table_source,
-                                table_to_dataset)
-from ray_ensembles.locations import check_store
 
 
 def add_data_arguments(parser):
@@ -32,6 +32,9 @@ def default_lr(args, num_rows: int) -> float:
 def load_data(args, allow_no_validation: bool = True):
     """(train, validation) datasets, checked before any Ray work. The toy problem's validation
     set is a fresh sample of the same distribution; a table's is carved from its rows."""
+    from ray_ensembles.data import cubic_toy, read_table, table_to_dataset
+    from ray_ensembles.locations import check_store
+
     if args.data is None:
         return cubic_toy(20, args.seed), cubic_toy(1000, args.seed + 1)
     if not args.target:
@@ -56,13 +59,17 @@ def arrow_dataset(location: str):
     files' metadata) without reading it, and without Ray."""
     import pyarrow.dataset
 
+    from ray_ensembles.data import table_source
+
     filesystem, path, fmt = table_source(location)
     return pyarrow.dataset.dataset(path, filesystem=filesystem, format=fmt)
 
 
-def table_head(location: str, target: str, features, task: str) -> TensorDataset:
+def table_head(location: str, target: str, features, task: str):
     """The first rows of a table to stream, their columns and values checked before Ray starts,
     and every file's column types (a file that disagrees would fail only when its turn came)."""
+    from ray_ensembles.data import mismatched_column, table_to_dataset
+
     mismatch = mismatched_column(location)
     if mismatch:
         raise ValueError(mismatch)
@@ -75,6 +82,8 @@ def table_head(location: str, target: str, features, task: str) -> TensorDataset
 def read_dataset(location: str):
     """A Ray Dataset of the Parquet or CSV table at `location` (a path or URI), to stream."""
     import ray.data
+
+    from ray_ensembles.data import table_source
 
     filesystem, path, fmt = table_source(location)
     read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv

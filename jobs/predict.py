@@ -35,13 +35,8 @@ import pyarrow.csv
 import pyarrow.dataset
 import pyarrow.fs
 import pyarrow.parquet as pq
-import torch
 from common import add_console_arguments, fail, say, start_ray
 
-from ray_ensembles import storage
-from ray_ensembles.data import table_source
-from ray_ensembles.ensemble import load_ensemble
-from ray_ensembles.inference import BatchPredictor, feature_columns
 from ray_ensembles.locations import check_store, filesystem_for, is_uri
 
 MARKER = "_ray_ensembles_predictions.json"  # marks a folder this job wrote; Parquet readers skip "_" files
@@ -55,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=65536)
     p.add_argument("--num-workers", type=int, default=0, help="Ray Data actors (0: stream in this process)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+    p.add_argument("--threads", type=int, default=None,
                    help="without --num-workers: pieces of the input predicted at once (default: torch's threads)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--features", default=None, help="feature columns, if the ensemble has no names")
@@ -81,6 +76,8 @@ def check_output(args) -> str:
             raise ValueError(f"Refusing to write predictions to {args.output}: it holds files this job "
                              "did not write. Choose a new folder, or pass --overwrite.")
         return args.output
+    from ray_ensembles import storage
+
     protect = [p for p in (args.data, args.ensemble) if not is_uri(p)]
     return str(storage.check_writable(Path(args.output), is_ours=ours, what="predictions",
                                       overwrite=args.overwrite, protect=protect))
@@ -141,6 +138,8 @@ def predict_pieces(predictor, pieces, read, write_to: str, use_dictionary: list[
     from a second thread. Two pieces at a time with one torch thread each gave 1.4-1.8x the rows
     per second on 2 cores.
     """
+    import torch
+
     pool_size = min(threads, len(pieces)) or 1
     torch.set_num_threads(max(1, threads // pool_size))
     filesystem, root = filesystem_for(write_to, "--output")
@@ -166,8 +165,17 @@ def main(argv=None):
     # The imports made ~200k objects that live until exit. Frozen, no full collection walks them
     # again, the interpreter's own ones at exit included: a 10M-row job took 4.6 s, against 5.2 s
     # unfrozen (medians of 8 interleaved runs).
-    gc.freeze()
     args = parse_args(argv)
+    import torch
+
+    from ray_ensembles import storage
+    from ray_ensembles.data import table_source
+    from ray_ensembles.ensemble import load_ensemble
+    from ray_ensembles.inference import BatchPredictor, feature_columns
+
+    gc.freeze()
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
     try:
         if args.batch_size < 1 or args.num_workers < 0 or args.threads < 1 or not 0 < args.coverage < 1:
             raise ValueError(f"'--batch-size' and '--threads' must be >= 1, '--num-workers' >= 0 and "
@@ -233,6 +241,9 @@ def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dict
     """The prediction as Ray Data `map_batches` on --num-workers actors; the rows written, or -1
     when the output is a URI (not counted)."""
     import ray.data
+
+    from ray_ensembles.inference import BatchPredictor
+
     say(args, start_ray(args), f"predicting {args.data} on {args.num_workers} Ray Data actor"
                                f"{'s' * (args.num_workers != 1)}{' (one GPU each)' if args.use_gpu else ''}")
     ray.data.DataContext.get_current().enable_progress_bars = not (args.quiet or args.json)

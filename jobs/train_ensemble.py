@@ -19,15 +19,9 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from common import (add_console_arguments, add_data_arguments, arrow_dataset, default_lr, fail, load_data, loggers,
                     num_classes, read_dataset, resume_command, say, start_ray)
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, storage
-from ray_ensembles.distributed import AUTOSCALING_ENV, new_run_name, resources_per_worker
-from ray_ensembles.locations import check_store, filesystem_for, is_uri
-from ray_ensembles.placement import assign_members
 
 
 def parse_args(argv=None):
@@ -77,6 +71,9 @@ def parse_args(argv=None):
 
 
 def build(args):
+    from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, storage
+    from ray_ensembles.locations import is_uri
+
     toy = args.data is None
     if args.smoke_test:
         args.num_members, args.epochs = min(args.num_members, 2), 5
@@ -123,6 +120,8 @@ def scaling(args):
     import ray
     from ray.train import ScalingConfig
 
+    from ray_ensembles.distributed import AUTOSCALING_ENV
+
     have = ray.cluster_resources()
     cpus = have.get("CPU", 1) - args.streaming  # a streaming run leaves a CPU to Ray Data's read tasks
     if args.num_workers is None:
@@ -146,6 +145,8 @@ def run_config(args, output: Path):
     import pyarrow.fs
     from ray.train import FailureConfig, LoggingConfig, RunConfig
 
+    from ray_ensembles.locations import check_store, filesystem_for
+
     storage = args.storage_path or str((output / "runs").resolve())
     check_store(storage, "--storage-path", write=True)
     if args.name:
@@ -164,6 +165,9 @@ def run_config(args, output: Path):
 
 def placement(trainer, streaming: bool) -> str:
     """Which worker trains which members, on what."""
+    from ray_ensembles.distributed import resources_per_worker
+    from ray_ensembles.placement import assign_members
+
     sc = trainer.scaling_config
     groups = assign_members(trainer.ensemble.member_ids, sc.num_workers)
     per_worker = ", ".join(f"{v:g} {k}" for k, v in resources_per_worker(sc).items())
@@ -197,8 +201,9 @@ def report(trainer, output: Path, args):
         print("ensemble: no validation rows" + (" (--streaming trains on every row)" if args.streaming else ""))
 
 
-def plot_toy(ensemble, train: TensorDataset, path: Path):
+def plot_toy(ensemble, train, path: Path):
     import matplotlib
+    import torch
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -219,6 +224,9 @@ def plot_toy(ensemble, train: TensorDataset, path: Path):
 
 def main(argv=None):
     args = parse_args(argv)
+    from ray_ensembles import Trainer
+    from ray_ensembles.distributed import new_run_name
+
     output = Path(args.output)
     try:
         ensemble, train, validation = build(args)
@@ -245,6 +253,8 @@ def main(argv=None):
         fail(str(err))
     except OSError as err:  # the store, during the run: the message names it (check_storage_after)
         fail(" ".join(str(err).split()), status=1)
+    except FloatingPointError as err:  # trained, but cannot predict: the message says where the run is
+        fail(str(err), status=1)
     output.mkdir(parents=True, exist_ok=True)
     ensemble.save(output / "ensemble")
     report(trainer, output, args)

@@ -20,9 +20,7 @@ from pathlib import Path
 
 from common import add_console_arguments, add_data_arguments, default_lr, fail, load_data, num_classes, say, start_ray
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, Trainer, storage
 from ray_ensembles.locations import check_store
-from ray_ensembles.sweep import m_curve, normalize_param_space, tune_ensemble
 
 
 def number_list(kind):
@@ -67,6 +65,8 @@ def parse_args(argv=None):
 
 
 def resolve(args):
+    from ray_ensembles.sweep import normalize_param_space
+
     toy = args.data is None
     if args.smoke_test:
         args.num_members, args.adversarial_eps = [1, 2], args.adversarial_eps[:1]
@@ -116,6 +116,9 @@ def plot(series: dict, path: Path, errors: dict | None = None):
 
 
 def run_sweep(args, space, train, validation, output: Path):
+    from ray_ensembles import storage
+    from ray_ensembles.sweep import tune_ensemble
+
     result = tune_ensemble(
         train, space, task=args.task, validation_dataset=validation,
         ensemble_options={"hidden_dim": args.hidden_dim, "depth": args.depth, "seed": args.seed},
@@ -162,6 +165,9 @@ def run_m_curve(args, train, validation, output: Path):
     """One ensemble of max(M) members per eps, through the same Ray Trainer path."""
     import ray
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
+
+    from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, Trainer
+    from ray_ensembles.sweep import m_curve
 
     m_max = max(args.num_members)
     rows, series, errors, best = [], {}, {}, None

@@ -53,7 +53,8 @@ from .validation import check_float, check_int
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
-ENSEMBLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,199}")  # one folder name, never a path
+# one folder name, never a path: no separator, no control character, not hidden (nor "." or "..")
+ENSEMBLE_ID = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,199}")
 MULTIPLEXED_HEADER = "serve_multiplexed_model_id"
 
 

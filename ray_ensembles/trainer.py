@@ -263,9 +263,22 @@ class Trainer:
             self._fit, self.resume_path = None, self._this_runs_checkpoint()
             raise
         self._fit = self.resume_path = self._initial_members = None
+        self._check_predictions()
         for logger in self.loggers:
             logger.finish(self.metrics, self.checkpoint_path)
         return self.ensemble
+
+    def _check_predictions(self):
+        """An ensemble that trained but cannot predict finite values in the target's units (a
+        target of extreme scale) fails here, where the run is still at hand, not at its first use."""
+        rows = self.validation_dataset or (None if isinstance(self.dataset, TableStream) else self.dataset)
+        if rows is None:
+            return
+        try:
+            self.ensemble.predict(rows.X[:256]).variance  # the mixture's sum can overflow alone
+        except FloatingPointError as err:
+            raise FloatingPointError(f"The ensemble trained, but cannot predict: {err} Its members are "
+                                     f"saved at {self.checkpoint_path}.") from None
 
     def _train_on_ray(self):
         from .distributed import fit_on_ray

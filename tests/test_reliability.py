@@ -314,7 +314,9 @@ def test_log_prob_checks_its_target_and_takes_numpy(tmp_path):
 def test_a_target_scale_that_overflows_is_an_error_not_nan(tmp_path):
     huge = (Y * 1e30).float()  # float32: its variance, 1e60, has no float32
     e = small()
-    train(e, tmp_path, Y=huge, train_num_steps=5)
+    with pytest.raises(FloatingPointError, match="trained, but cannot predict.*not finite.*float64 target.*saved at"):
+        train(e, tmp_path, Y=huge, train_num_steps=5)  # at the end of training, not at the first prediction
+    assert load_ensemble(tmp_path / "checkpoint-1").num_members == e.num_members  # the run is kept
     with pytest.raises(FloatingPointError, match="not finite.*float64 target"):
         e(X)
     e64 = small()

@@ -214,13 +214,13 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_replica_keeps_serving(s
 
 
 @pytest.mark.ray
-def test_a_damaged_ensemble_in_a_folder_answers_503_naming_it_once_loaded_and_the_others_keep_serving(served):
+def test_a_damaged_ensemble_in_a_folder_answers_503_naming_it_once_and_the_others_keep_serving(served):
     from ray import serve
 
     from ray_ensembles.serving import ensemble_app
 
     root = served["root"] / "mixed"
-    shutil.copytree(served["root"] / "folder" / "two", root / "good")
+    shutil.copytree(served["root"] / "folder" / "two", root / "good one")  # a name with a space is served too
     shutil.copytree(served["root"] / "folder" / "two", root / "bad")
     member = next((root / "bad").glob("member_*.safetensors"))
     member.write_bytes(member.read_bytes()[:-100])  # truncated
@@ -233,8 +233,8 @@ def test_a_damaged_ensemble_in_a_folder_answers_503_naming_it_once_loaded_and_th
             assert "'bad'" in body["error"] and "SHA-256" in body["error"], body
         listing = request(url + "/")[1]
         assert listing["loads"] == {"bad": 1}  # no reload on each request
-        assert listing["ensembles"] == ["good"] and "SHA-256" in listing["damaged"]["bad"]
-        assert request(url + "/ensembles/good/predict", {"rows": [[1, 2, 3]]})[0] == 200
+        assert listing["ensembles"] == ["good one"] and "SHA-256" in listing["damaged"]["bad"]
+        assert request(url + "/ensembles/good%20one/predict", {"rows": [[1, 2, 3]]})[0] == 200
     finally:
         serve.delete("mixed")
 

@@ -219,3 +219,15 @@ def test_ctrl_c_stops_with_one_line_whose_command_resumes_the_run(tmp_path):
     assert DeepEnsemble.load(out / "ensemble").num_members == 2
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert history[0]["step"] > 100  # the resumed run began after the checkpoint, not at step 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("job", ["train_ensemble", "tune_ensemble", "predict", "serve"])
+def test_a_jobs_help_imports_neither_torch_nor_ray(job):
+    probe = (f"import runpy, sys; sys.argv = ['{job}.py', '--help']\n"
+             f"try:\n    runpy.run_path('jobs/{job}.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO / "jobs")))
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
