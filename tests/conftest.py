@@ -49,16 +49,46 @@ def require_data(*parts):
 
 
 def start_local_ray(**options):
-    """`ray.init(address="local", num_cpus=2, ...)` for a module's tests, tried twice: in two CI
-    runs the first local start after tests/test_serve.py timed out with no raylet log (the cause
-    is not found; the next start in the same process worked both times)."""
+    """`ray.init` of a local Ray with this machine's 2 CPUs, its logs off the console."""
     import ray
 
-    options = {"address": "local", "num_cpus": 2, "log_to_driver": False, "include_dashboard": False, **options}
-    try:
-        return ray.init(**options)
-    except Exception as err:  # Ray raises a bare Exception for a node that did not start
-        if "timed out during startup" not in str(err):
-            raise
+    return ray.init(**{"address": "local", "num_cpus": 2, "log_to_driver": False, "include_dashboard": False,
+                       **options})
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """For what is refused before Ray starts: any `ray.init` fails the test, and Ray looks not
+    started, whether or not the shared local Ray runs."""
+    import ray
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
+def shared_local_ray() -> str:
+    """The local Ray that every module without a Ray of its own shares (a start costs seconds):
+    started by the first test that asks, stopped when the session ends or when a module that needs
+    a Ray of its own starts one (`own_local_ray`). Returns its address, for jobs run as processes."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray()
+    return ray.get_runtime_context().gcs_address
+
+
+def own_local_ray(**options):
+    """A local Ray for one module alone (its own runtime environment, say): the shared one stops first."""
+    import ray
+
+    ray.shutdown()
+    return start_local_ray(**options)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
-        return ray.init(**options)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import benchmark_mnist as bench
-from conftest import REPO, require_data
+from conftest import REPO, require_data, shared_local_ray
 from ray_ensembles import DeepEnsembleClassifier
 
 
@@ -56,7 +56,7 @@ def test_smoke_run_on_a_small_mnist_subset(tmp_path):
     require_data("notmnist", "notmnist_test10k.npz")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark_mnist", "--smoke-test",
                            "--variants", "adversarial", "--num-members", "1,2", "--output", str(tmp_path)],
-                          capture_output=True, text=True, timeout=400, env=dict(os.environ, RAY_ADDRESS=""), cwd=REPO)
+                          capture_output=True, text=True, timeout=400, env=dict(os.environ, RAY_ADDRESS=shared_local_ray()), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "mnist.csv").open()))
     assert list(rows[0]) == ["variant", "num_members", "error", "nll", "brier", "ece", "auroc_entropy", "auroc_mi"]

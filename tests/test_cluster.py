@@ -21,6 +21,7 @@ OPTIONS = dict(train_batch_size=20, train_num_epochs=150, train_lr=3e-3, save_ev
 
 @pytest.fixture
 def two_nodes():
+    ray.shutdown()  # the tests' shared local Ray, if a module before started it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     second = cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False)

@@ -9,6 +9,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 import fault_injection  # tests/, on the path under pytest
+from conftest import own_local_ray
 
 pytestmark = pytest.mark.ray
 
@@ -25,8 +26,7 @@ def local_ray(tmp_path_factory, monkeypatch_module):
     fault_file = tmp_path_factory.mktemp("fault") / "fault.json"  # armed by the killed-worker test
     monkeypatch_module.setenv(fault_injection.FAULT_FILE_ENV, str(fault_file))
     ray.cloudpickle.register_pickle_by_value(fault_injection)  # workers cannot import tests/
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": fault_injection.install})
+    own_local_ray(runtime_env={"worker_process_setup_hook": fault_injection.install})
     yield fault_file
     ray.shutdown()
 
@@ -107,8 +107,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_result(in_proce
 
 
 def test_a_streamed_table_trains_the_same_members_on_two_workers_after_one_is_killed_mid_epoch(tmp_path, local_ray):
-    """Every worker reads the whole Ray Dataset; a worker killed at step 10 (epoch 0, its third
-    window of five) resumes there, and the members are those of one uninterrupted process."""
+    """Every worker reads the whole Ray Dataset; a worker killed at step 10 (of the one epoch's 19,
+    in its third window of five) resumes there, and the members are those of one uninterrupted process."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -118,7 +118,7 @@ def test_a_streamed_table_trains_the_same_members_on_two_workers_after_one_is_ki
     (tmp_path / "table").mkdir()
     for k in range(3):
         pq.write_table(table.slice(200 * k, 200), tmp_path / "table" / f"part-{k}.parquet")
-    options = dict(target="y", train_batch_size=32, train_num_epochs=3, train_lr=3e-3, save_every=10,
+    options = dict(target="y", train_batch_size=32, train_num_epochs=1, train_lr=3e-3, save_every=10,
                    shuffle_buffer_rows=128, results_folder=tmp_path / "in-process")
 
     def fit(**more):

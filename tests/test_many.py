@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from conftest import shared_local_ray
 from ray_ensembles import DeepEnsemble, EnsemblePool, FitResult, TensorDataset, Trainer, fit_many, iter_fit_many
 
 G = torch.Generator().manual_seed(0)
@@ -39,11 +40,9 @@ def same_weights(a, b) -> bool:
     ({"north": job(0)}, {"results_folder": "x"}, r"ensemble 'north'.*except .*'results_folder'"),
     ({"north": job(0)}, {"max_retries": -1}, r"'max_retries'.*Got -1"),
 ])
-def test_bad_input_names_its_ensemble_before_ray_starts(ensembles, options, message):
-    import ray
+def test_bad_input_names_its_ensemble_before_ray_starts(ensembles, options, message, ray_must_not_start):
     with pytest.raises((ValueError, TypeError), match=message):
         iter_fit_many(ensembles, **options)
-    assert not ray.is_initialized()
 
 
 @pytest.mark.unit
@@ -56,13 +55,11 @@ def test_save_names_must_be_folder_names(tmp_path):
 
 
 @pytest.mark.unit
-def test_a_save_folder_holding_other_files_is_refused_before_any_ensemble_trains(tmp_path):
-    import ray
+def test_a_save_folder_holding_other_files_is_refused_before_any_ensemble_trains(tmp_path, ray_must_not_start):
     (tmp_path / "k1").mkdir()
     (tmp_path / "k1" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"ensemble 'k1' .* cannot be saved.*not an ensemble"):
         fit_many({"k0": job(0), "k1": job(1)}, storage_path=tmp_path)
-    assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k1"]
     assert [p.name for p in (tmp_path / "k1").iterdir()] == ["notes.txt"]
 
@@ -71,11 +68,9 @@ def test_a_save_folder_holding_other_files_is_refused_before_any_ensemble_trains
 
 @pytest.fixture(scope="module")
 def pool():
-    import ray
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+    shared_local_ray()
     with EnsemblePool() as pool:
         yield pool
-    ray.shutdown()
 
 
 @pytest.mark.ray

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import predict as job
-from conftest import REPO
+from conftest import REPO, shared_local_ray
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 
 G = torch.Generator().manual_seed(0)
@@ -124,8 +124,10 @@ def test_a_failure_stops_the_job_and_leaves_no_output(saved, tmp_path, monkeypat
     table = pq.read_table(root / "in.parquet")
     bad = table.set_column(table.column_names.index("a"), "a", pa.array([float("nan")] * 100 + [1.0] * 900))
     write_row_groups(tmp_path / "in.parquet", bad, 100)
-    calls, predict = [], job.BatchPredictor.__call__
-    monkeypatch.setattr(job.BatchPredictor, "__call__", lambda self, t: calls.append(1) or predict(self, t))
+    from ray_ensembles.inference import BatchPredictor  # the job's, which it imports when it runs
+
+    calls, predict = [], BatchPredictor.__call__
+    monkeypatch.setattr(BatchPredictor, "__call__", lambda self, t: calls.append(1) or predict(self, t))
     with pytest.raises(SystemExit) as exit_info:
         job.main(["--ensemble", str(root / "ensemble"), "--data", str(tmp_path / "in.parquet"),
                   "--output", str(tmp_path / "out"), "--threads", "1"])
@@ -242,7 +244,7 @@ def test_ray_data_actors_give_the_same_output(saved):
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "predict.py"), "--ensemble", str(root / "ensemble"),
                            "--data", str(root / "in.parquet"), "--output", str(out), "--num-workers", "2",
                            "--batch-size", "200"], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, RAY_ADDRESS=""))
+                          env=dict(os.environ, RAY_ADDRESS=shared_local_ray()))
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pq.read_table(out).to_pandas().sort_values("id")
     np.testing.assert_allclose(table["mean"], e(X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, shared_local_ray
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier
 from ray_ensembles.inference import prediction_columns
 
@@ -86,7 +86,7 @@ def served(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     reg, two, clf = saved_ensembles(root)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    shared_local_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = dict(cpus_per_replica=0.5)
@@ -96,7 +96,6 @@ def served(tmp_path_factory):
     serve.run(ensemble_app(root / "folder", max_ensembles_per_replica=1, **small), name="multi", route_prefix="/multi")
     yield {"url": f"http://127.0.0.1:{port}", "root": root, "reg": reg, "two": two, "clf": clf}
     serve.shutdown()
-    ray.shutdown()
 
 
 def rows_of(X):

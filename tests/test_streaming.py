@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import start_local_ray
+from conftest import shared_local_ray
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 from ray_ensembles.batches import MemberBatches
 from ray_ensembles.standardize import Moments, Standardizer
@@ -162,9 +162,8 @@ def ray_data():
     from ray_ensembles.ray_internals import quiet_ray_data
 
     quiet_ray_data("WARNING")
-    start_local_ray()
-    yield ray.data
-    ray.shutdown()
+    shared_local_ray()
+    return ray.data
 
 
 def parquet(folder, rows, files=4, seed=0):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import start_local_ray
+from conftest import shared_local_ray
 import torch
 
 from ray_ensembles import DeepEnsemble, TensorDataset
@@ -21,10 +21,7 @@ Y = X[:, :1] * X[:, 1:2] + 0.1 * torch.randn(200, 1, generator=G)
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-    start_local_ray()
-    yield
-    ray.shutdown()
+    shared_local_ray()
 
 
 @pytest.fixture(scope="module")

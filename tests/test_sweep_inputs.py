@@ -23,22 +23,18 @@ Y = X[:, :1] * X[:, 1:2] + 0.1 * torch.randn(200, 1, generator=G)
     ({"adversarial_eps": [0.0, -0.01]}, "'adversarial_eps' values .* >= 0. Got -0.01"),
     ({"learning_rate": [0.1]}, "unknown option 'learning_rate'"),
 ])
-def test_bad_grids_fail_before_ray_starts(space, message):
-    import ray
+def test_bad_grids_fail_before_ray_starts(space, message, ray_must_not_start):
     with pytest.raises(ValueError, match=message):
         tune_ensemble(TensorDataset(X, Y), space)
-    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("options, message", [
     ({"trial_training": "threads"}, "'trial_training' .* Got 'threads'"),
     ({"max_workers_per_trial": 0}, "'max_workers_per_trial' .* Got 0"),
 ])
-def test_bad_trial_options_fail_before_ray_starts(options, message):
-    import ray
+def test_bad_trial_options_fail_before_ray_starts(options, message, ray_must_not_start):
     with pytest.raises(ValueError, match=message):
         tune_ensemble(TensorDataset(X, Y), {"num_members": [1]}, **options)
-    assert not ray.is_initialized()
 
 
 def test_tune_search_spaces_pass_through():
