@@ -5,12 +5,10 @@
 
 1. fit_many's per-ensemble overhead on a warm pool (1-member, 1-step ensembles), and its
    scaling from 1 to 2 actors on UCI-sized ensembles (M = 5, 50 hidden units, 40 epochs).
-2. One `Trainer(..., scaling_config=ScalingConfig(num_workers=2))` fit against Ray Train's
-   floor with the same workers: an empty training function, and one that only imports what
-   our workers import (torch and this package). Interleaved, medians.
-3. A 12-trial Tune sweep (M in {1, 2, 3, 5} x eps in {0, 0.01, 0.02}) with each trial a Ray
+2. A 12-trial Tune sweep (M in {1, 2, 3, 5} x eps in {0, 0.01, 0.02}) with each trial a Ray
    Train run and with each trial in its own process; the scores must be identical.
-Writes benchmarks/results/many_ensembles.json.
+Writes benchmarks/results/many_ensembles.json. One Ray Train fit against Ray Train's own floor
+is benchmarks/ray_fit_floor.py.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import time
 import torch
 from benchmarks.common import RESULTS
 
-from ray_ensembles import DeepEnsemble, EnsemblePool, TensorDataset, Trainer
+from ray_ensembles import DeepEnsemble, EnsemblePool, TensorDataset
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(455, 13, generator=G)
@@ -58,47 +56,6 @@ def pool_figures(count: int, tiny_count: int) -> dict:
     return out
 
 
-def empty(config):
-    pass
-
-
-def imports_only(config):
-    import torch  # noqa: F401
-
-    import ray_ensembles.distributed  # noqa: F401
-
-
-def floor_figures(reps: int) -> dict:
-    from ray.train import BackendConfig, LoggingConfig, RunConfig, ScalingConfig
-
-    from ray_ensembles.distributed import POLL_DEFAULT_S, POLL_ENV, env_default
-    from ray_ensembles.ray_internals import data_parallel_trainer
-
-    folder = tempfile.mkdtemp(prefix="many-ensembles-")
-    rows = []
-    for rep in range(reps):
-        row = {}
-        for name, function in (("empty_fit_s", empty), ("imports_only_fit_s", imports_only)):
-            start = time.perf_counter()
-            with env_default(POLL_ENV, POLL_DEFAULT_S):  # the poll our fits use
-                data_parallel_trainer()(function, backend_config=BackendConfig(),
-                                        scaling_config=ScalingConfig(num_workers=2),
-                                        run_config=RunConfig(name=f"{name}-{rep}", storage_path=folder,
-                                                             logging_config=LoggingConfig(log_level="WARNING"))).fit()
-            row[name] = time.perf_counter() - start
-        trainer = Trainer(uci_ensemble(rep), TensorDataset(X, Y), **UCI, results_folder=folder,
-                          scaling_config=ScalingConfig(num_workers=2))
-        start = time.perf_counter()
-        trainer.train()
-        row["our_fit_s"] = time.perf_counter() - start
-        row.update(trainer.timings)
-        rows.append(row)
-        print({k: round(v, 2) for k, v in row.items()}, flush=True)
-    median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return {"reps": rows, "median": median, "ours_above_floor_s": median["our_fit_s"] - median["empty_fit_s"],
-            "imports_above_floor_s": median["imports_only_fit_s"] - median["empty_fit_s"]}
-
-
 def sweep_figures() -> dict:
     from ray_ensembles.sweep import tune_ensemble
 
@@ -122,7 +79,6 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ensembles", type=int, default=24, help="UCI-sized ensembles for the scaling figure")
     p.add_argument("--tiny", type=int, default=200, help="1-step ensembles for the overhead figure")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the Ray Train figures")
     args = p.parse_args(argv)
 
     import ray
@@ -131,19 +87,16 @@ def main(argv=None):
     results = {"ray_start_s": time.perf_counter() - start}
     results["pool"] = pool_figures(args.ensembles, args.tiny)
     print(results["pool"], flush=True)
-    results["ray_train"] = floor_figures(args.reps)
     results["sweep"] = sweep_figures()
     print(results["sweep"], flush=True)
     ray.shutdown()
 
-    pool, floor, sweep = results["pool"], results["ray_train"]["median"], results["sweep"]
+    pool, sweep = results["pool"], results["sweep"]
     print(f"""
 | figure | measured | goal |
 |---|---|---|
 | fit_many, warm pool of 2: wall per 1-step ensemble | {pool['tiny_wall_per_ensemble_ms']:.1f} ms ({pool['tiny_actor_ms_per_ensemble']:.1f} ms of an actor, {pool['tiny_in_fit_ms']:.1f} ms of it in the Trainer) | < 50 ms |
 | fit_many, {args.ensembles} UCI-sized ensembles: 1 actor / 2 actors | {pool['uci_1_actors_s']:.2f} s / {pool['uci_2_actors_s']:.2f} s ({pool['scaling_1_to_2']:.2f}x) | |
-| Ray Train, 2 workers: empty fit / imports only / our fit (medians of {args.reps}) | {floor['empty_fit_s']:.1f} / {floor['imports_only_fit_s']:.1f} / {floor['our_fit_s']:.1f} s | ours <= empty + 2 s |
-| our fit above the empty fit (of which the workers' imports) | {results['ray_train']['ours_above_floor_s']:.1f} s ({results['ray_train']['imports_above_floor_s']:.1f} s) | <= 2 s |
 | 12-trial sweep: Ray Train trials / in-trial | {sweep['ray_train_s']:.1f} s / {sweep['in_trial_s']:.1f} s ({sweep['speedup']:.1f}x) | >= 3x |
 | 12-trial sweep: largest val NLL difference | {sweep['max_val_nll_difference']:.2g} | identical |
 """)

@@ -108,9 +108,6 @@ def main(argv=None):
         ray.shutdown()
     if args.where != "local":
         results["cluster"] = on_a_cluster(args.reps)
-
-    from tests.ray_head import BIN, local_ray_head
-
     print("\n| Ray | empty fit | imports only | our fit | ours above the empty fit (imports) |\n|---|---|---|---|---|")
     for where, figures in results.items():
         m = figures["median"]

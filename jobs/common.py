@@ -5,8 +5,11 @@ that `--help` and the option checks that need none of them answer at once."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
+from pathlib import Path
 
 
 
@@ -117,9 +120,12 @@ def start_ray(args) -> str:
     """Join RAY_ADDRESS (set by `ray job submit`) or a running cluster, else start a local Ray;
     returns a line saying which, with its resources.
 
-    Unless --verbose, Ray's INFO logs stay in its log files (the session folder, the dashboard),
-    and a Ray this job starts runs without Ray Train's preemption watcher: nothing drains the
-    nodes of a local instance, and the watcher's start and shutdown print two internal errors.
+    Unless --verbose, Ray's INFO logs and what its worker processes print stay in its log files
+    (the session folder, the dashboard): with another Ray on the machine, Ray Train's own
+    placement-group cleaner prints a traceback (its state query cannot tell the two apart), and a
+    failure in a worker reaches the job as an exception anyway. A Ray this job starts runs without
+    Ray Train's preemption watcher: nothing drains the nodes of a local instance, and the
+    watcher's start and shutdown print two internal errors.
     """
     import ray
 
@@ -130,7 +136,8 @@ def start_ray(args) -> str:
     if not ray.is_initialized():
         if not args.verbose:
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # reaches only a Ray started here
-        options = dict(logging_config=ray.LoggingConfig(log_level="INFO" if args.verbose else "WARNING"))
+        options = dict(logging_config=ray.LoggingConfig(log_level="INFO" if args.verbose else "WARNING"),
+                       log_to_driver=args.verbose)
         try:
             context = ray.init(**options)
         except ConnectionError as err:  # RAY_ADDRESS or the cluster found does not answer
@@ -169,6 +176,30 @@ def loggers(args, run_name: str | None = None) -> list:
 
 def num_classes(*datasets) -> int:
     return max(2, max(int(d.y.max()) for d in datasets if d is not None) + 1)
+
+
+@contextlib.contextmanager
+def exclusive_output(output: Path):
+    """Hold the folder `output` for this run: a second run writing it at the same time is refused
+    (ValueError), so two never interleave their files. The lock is the kernel's, so a run that was
+    killed frees it; a folder made here that the run leaves empty is removed."""
+    made = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    lock = output / ".ray_ensembles.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"The '--output' option names a folder another run is writing now. Wait for it to "
+                         f"end, or choose another folder. Got {str(output)!r} instead.") from None
+    try:
+        yield
+    finally:
+        if made and [p.name for p in output.iterdir()] == [lock.name]:
+            lock.unlink()
+            output.rmdir()
+        os.close(fd)
 
 
 def resume_command(name: str) -> str:

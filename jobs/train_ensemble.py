@@ -14,13 +14,14 @@ Errors in the options or the data are reported in one line, before Ray starts an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
 
-from common import (add_console_arguments, add_data_arguments, arrow_dataset, default_lr, fail, load_data, loggers,
-                    num_classes, read_dataset, resume_command, say, start_ray)
+from common import (add_console_arguments, add_data_arguments, arrow_dataset, default_lr, exclusive_output, fail,
+                    load_data, loggers, num_classes, read_dataset, resume_command, say, start_ray)
 
 
 
@@ -227,39 +228,42 @@ def main(argv=None):
     from ray_ensembles import Trainer
     from ray_ensembles.distributed import new_run_name
 
-    output = Path(args.output)
-    try:
-        ensemble, train, validation = build(args)
-        options = dict(train_batch_size=args.batch_size, train_lr=args.lr, train_num_epochs=args.epochs,
-                       lr_scheduler=args.lr_schedule == "cosine",
-                       ema_decay=args.ema_decay, amp=args.amp, save_every=args.save_every,
-                       validation_dataset=validation, progress=not (args.quiet or args.json))
-        options.update(shuffle_buffer_rows=args.shuffle_buffer_rows)
-        Trainer(ensemble, train, **options)  # every option checked before Ray starts
-        args.name = args.name or new_run_name()  # named here, so that an interrupted run says how to resume
-        config = run_config(args, output)  # --name and --resume too
-        trackers = loggers(args, args.name)
-        where = start_ray(args)
-        data = dict(dataset=train) if not args.streaming else \
-            dict(dataset=read_dataset(args.data), target=args.target, features=train.feature_names)
-        trainer = Trainer(ensemble, **data, **options, scaling_config=scaling(args), run_config=config,
-                          loggers=trackers)
-        say(args, where, placement(trainer, args.streaming))
-        trainer.train()
-    except KeyboardInterrupt:
-        fail(f"interrupted: the run's checkpoints so far are in {config.storage_path}/{config.name}; resume "
-             f"with: {resume_command(config.name)}", status=130)
-    except (ValueError, TypeError) as err:
-        fail(str(err))
-    except OSError as err:  # the store, during the run: the message names it (check_storage_after)
-        fail(" ".join(str(err).split()), status=1)
-    except FloatingPointError as err:  # trained, but cannot predict: the message says where the run is
-        fail(str(err), status=1)
-    output.mkdir(parents=True, exist_ok=True)
-    ensemble.save(output / "ensemble")
-    report(trainer, output, args)
-    if args.data is None:
-        plot_toy(ensemble, train, output / "toy.png")
+    output, config = Path(args.output), None
+    with contextlib.ExitStack() as held:
+        try:
+            ensemble, train, validation = build(args)
+            options = dict(train_batch_size=args.batch_size, train_lr=args.lr, train_num_epochs=args.epochs,
+                           lr_scheduler=args.lr_schedule == "cosine",
+                           ema_decay=args.ema_decay, amp=args.amp, save_every=args.save_every,
+                           validation_dataset=validation, progress=not (args.quiet or args.json))
+            options.update(shuffle_buffer_rows=args.shuffle_buffer_rows)
+            Trainer(ensemble, train, **options)  # every option checked before Ray starts
+            args.name = args.name or new_run_name()  # named here, so that an interrupted run says how to resume
+            config = run_config(args, output)  # --name and --resume too
+            trackers = loggers(args, args.name)
+            held.enter_context(exclusive_output(output))  # until its files are written: one run at a time
+            where = start_ray(args)
+            data = dict(dataset=train) if not args.streaming else \
+                dict(dataset=read_dataset(args.data), target=args.target, features=train.feature_names)
+            trainer = Trainer(ensemble, **data, **options, scaling_config=scaling(args), run_config=config,
+                              loggers=trackers)
+            say(args, where, placement(trainer, args.streaming))
+            trainer.train()
+        except KeyboardInterrupt:
+            if config is None:
+                fail("interrupted before training started", status=130)
+            fail(f"interrupted: the run's checkpoints so far are in {config.storage_path}/{config.name}; resume "
+                 f"with: {resume_command(config.name)}", status=130)
+        except (ValueError, TypeError) as err:
+            fail(str(err))
+        except OSError as err:  # the store, during the run: the message names it (check_storage_after)
+            fail(" ".join(str(err).split()), status=1)
+        except FloatingPointError as err:  # trained, but cannot predict: the message says where the run is
+            fail(str(err), status=1)
+        ensemble.save(output / "ensemble")
+        report(trainer, output, args)
+        if args.data is None:
+            plot_toy(ensemble, train, output / "toy.png")
     if not args.json:
         print(f"saved the ensemble to {output / 'ensemble'} (run checkpoint: {trainer.checkpoint_path})")
 

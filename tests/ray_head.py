@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +15,18 @@ from pathlib import Path
 
 import psutil
 
+try:
+    from ports import free_port  # tests/ on the path, as under pytest
+except ImportError:  # the benchmarks import this module as tests.<name>
+    from tests.ports import free_port
+
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_start(args: list[str], env: dict, temp_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}", *args],
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -71,11 +69,11 @@ def local_ray_head(num_cpus: int = 2, num_nodes: int = 1, env: dict | None = Non
     env = dict(os.environ, **(env or {}), PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    dashboard, gcs = _free_port(), _free_port()
+    dashboard, gcs = free_port(), free_port()
     temp = Path("/tmp") / f"rayens-{os.getpid()}-{gcs}"  # short: Ray's socket paths are length-limited
     nodes = [_ray_start(["--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                         f"--ray-client-server-port={_free_port()}"], env, temp)]
+                         f"--ray-client-server-port={free_port()}"], env, temp)]
     address = f"http://127.0.0.1:{dashboard}"
     try:
         for k in range(1, num_nodes):
@@ -90,7 +88,7 @@ def local_ray_head(num_cpus: int = 2, num_nodes: int = 1, env: dict | None = Non
                 pass
             if time.time() > deadline or any(node.poll() is not None for node in nodes):
                 raise RuntimeError(f"the Ray cluster of {num_nodes} node(s) did not start within 120 s")
-            time.sleep(1)
+            time.sleep(0.25)
         yield address, env, nodes[0]
     finally:
         for node in reversed(nodes):

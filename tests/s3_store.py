@@ -12,26 +12,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import threading
 import urllib.request
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
+try:
+    from ports import free_port  # tests/ on the path, as under pytest
+except ImportError:  # the benchmarks import this module as tests.<name>
+    from tests.ports import free_port
+
 REGION = "us-east-1"
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class S3Store:
     def __init__(self, bucket: str = "ensembles"):
-        self.bucket, self.port = bucket, _free_port()
+        self.bucket, self.port = bucket, free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log: list[tuple[str, str, str]] = []  # (method, path, query) of every request, in order
         self._app = DomainDispatcherApplication(create_backend_app)

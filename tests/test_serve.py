@@ -19,16 +19,11 @@ import torch
 import yaml
 
 from conftest import REPO, shared_local_ray
+from ports import free_port
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier
 from ray_ensembles.inference import prediction_columns
 
 FEATURES = ["crim", "rm", "age"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(url: str, body=None, headers=None, method=None) -> tuple[int, dict]:
@@ -79,7 +74,6 @@ def saved_ensembles(root):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import ray
     from ray import serve
 
     from ray_ensembles.serving import ensemble_app

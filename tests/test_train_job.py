@@ -119,7 +119,8 @@ def run_job(*argv, ray_address=""):
 
 @pytest.mark.ray
 def test_smoke_run_trains_saves_and_plots_and_prints_a_short_readable_console(tmp_path):
-    out = tmp_path / "out"
+    shared_local_ray()  # another Ray on the machine, beside the one the job starts: Ray Train's own
+    out = tmp_path / "out"  # placement-group cleaner then fails to tell them apart, off the console
     proc = run_job("--output", str(out))
     console = proc.stdout + proc.stderr
     lines = [line.split("\r")[-1] for line in console.splitlines()]  # a bar's redraws share its line
@@ -232,3 +233,42 @@ def test_a_jobs_help_imports_neither_torch_nor_ray(job):
                           env=dict(os.environ, PYTHONPATH=str(REPO / "jobs")))
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.unit
+def test_a_second_run_writing_the_same_output_is_refused_while_the_first_holds_it(tmp_path, capsys,
+                                                                                ray_must_not_start):
+    from common import exclusive_output  # jobs/common.py
+
+    out = tmp_path / "out"
+    with exclusive_output(out):  # a first run, writing
+        with pytest.raises(SystemExit) as exit_info:
+            train_job.main(["--output", str(out), "--smoke-test"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "'--output' option names a folder another run is writing now" in err, err
+        assert [p.name for p in out.iterdir()] == [".ray_ensembles.lock"]  # the second wrote nothing
+    assert not out.exists()  # the first made the folder and left it empty: removed
+
+
+@pytest.mark.unit
+def test_a_ray_that_does_not_start_is_tried_once_more_then_one_line(monkeypatch, capsys):
+    import ray
+
+    import common  # jobs/common.py
+
+    calls = []
+
+    def times_out(**options):
+        calls.append(options)
+        raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "init", times_out)
+    args = train_job.parse_args([])
+    with pytest.raises(SystemExit) as exit_info:
+        common.start_ray(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(calls) == 2 and "\n" not in err
+    assert err.startswith("error: Ray did not start on this machine: The current node timed out"), err
