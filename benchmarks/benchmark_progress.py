@@ -5,8 +5,8 @@
     python -m benchmarks.benchmark_progress --smoke-test  # seconds, for CI
 
 A worker's `on_step` (`distributed.progress_sender`) reads the clock every step and sends its
-progress to the driver's channel actor every REPORT_EVERY_S. This runs the same training loop in
-one process against a real channel actor on a local Ray, interleaved: without the hook, and with
+progress to the driver's channel (the GCS's key-value store) every REPORT_EVERY_S. This runs the
+same training loop in one process against a real channel on a local Ray, interleaved: without the hook, and with
 it. It also times the hook's two parts on their own, which the whole-run difference (noisy on a
 shared VM) can be checked against: one clock check per step, and one message per interval.
 Writes benchmarks/results/progress_cost.json.
@@ -56,8 +56,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_config=ray.LoggingConfig(log_level="WARNING"))
-    channel = RunChannel.remote()
-    ray.get(channel.poll.remote(0))  # started
+    channel = RunChannel()
 
     plain, hooked = [], []
     for i in range(args.repeats):  # interleaved, in alternating order: the VM's slow and fast phases hit both alike
@@ -76,9 +75,9 @@ def main(argv=None):
     losses = [0.1] * 5
     start = time.perf_counter()
     for _ in range(200):
-        channel.progress.remote(0, 1, 5, losses)
+        channel.progress(0, 1, 5, losses)
     message_s = (time.perf_counter() - start) / 200
-    ray.get(channel.poll.remote(0))
+    channel.close()
     parts_s = clock_s + message_s * step / REPORT_EVERY_S  # per step: a clock read, a share of a message
     ray.shutdown()
 

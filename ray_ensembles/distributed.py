@@ -25,7 +25,6 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -134,9 +133,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     rc = run_config or RunConfig(
         name=new_run_name(),
         storage_path=str(Path(results_folder).resolve()), logging_config=LoggingConfig(log_level="WARNING"))
-    # on the driver's node: a zero-CPU actor could land on a node that is later lost
-    channel = RunChannel.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    channel = RunChannel()
     config = {
         "task": ensemble.task, "ensemble_config": ensemble.config, "member_ids": ensemble.member_ids,
         "normalization": ensemble.standardizer.state(),
@@ -170,7 +167,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
         try:
             follower.stop()
         finally:
-            ray.kill(channel)
+            channel.close()
     if result.checkpoint is None:
         raise RuntimeError(f"The Ray run {rc.name} finished without a checkpoint: {result.error}")
     fit_done = time.time()

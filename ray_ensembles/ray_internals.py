@@ -7,6 +7,35 @@ import logging
 import time
 
 
+# The GCS's key-value store, which every process of a Ray cluster reaches without an actor of its
+# own: the run channel's store (reporting.RunChannel). Keys live in this namespace.
+KV_NAMESPACE = "ray_ensembles"
+
+
+def kv_put(key: str, value: bytes):
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+
+
+def kv_get(key: str) -> bytes | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(key, namespace=KV_NAMESPACE)
+
+
+def kv_keys(prefix: str) -> list[str]:
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    return [key.decode() for key in _internal_kv_list(prefix, namespace=KV_NAMESPACE)]
+
+
+def kv_delete_prefix(prefix: str):
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(prefix, del_by_prefix=True, namespace=KV_NAMESPACE)
+
+
 def data_parallel_trainer():
     """Ray Train V2's DataParallelTrainer: the one trainer that places processes without making a
     torch process group (TorchTrainer always makes one); it has no public import path in 2.60."""

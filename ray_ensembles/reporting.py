@@ -1,26 +1,28 @@
 """What Ray Train workers tell the driver while a run goes: progress and history.
 
-Workers send their step and running losses to a `RunChannel` actor every few seconds (a message
-nothing waits on), and write each report's per-epoch losses and validation outputs as side files
-in its checkpoint; the controller's `ReportForwarder` sends those files, as they are, to the
-channel; in the driver, a `Follower` thread polls the channel, moves the progress bar and turns
-each report into history entries (the ensemble's validation metrics are formed there).
+Workers write their step and running losses to the run's `RunChannel` (the GCS's key-value
+store) every few seconds, and each report's per-epoch losses and validation outputs as side
+files in its checkpoint; the controller's `ReportForwarder` sends those files, as they are, to
+the channel; in the driver, a `Follower` thread polls the channel, moves the progress bar and
+turns each report into history entries (the ensemble's validation metrics are formed there).
 
-Nothing here imports torch: the channel and the controller's callback run in processes that
-never train, where importing torch cost seconds of every fit's start (docs/performance.md).
+Nothing here imports torch: the controller's callback runs in a process that never trains,
+where importing torch cost seconds of every fit's start (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import statistics
 import threading
+import uuid
 
-import ray
 import ray.train
 
 from .progress import REPORT_EVERY_S, EnsembleProgress, Every
+from .ray_internals import kv_delete_prefix, kv_get, kv_keys, kv_put
 
 
 def validation_filename(member_id: int) -> str:
@@ -36,36 +38,42 @@ def epochs_filename(rank: int) -> str:
 def progress_sender(channel, rank: int, num_steps: int):
     """A worker's `on_step`: its step and running losses to the driver's channel, every
     REPORT_EVERY_S and at the last step. Not a Ray Train report, which would wait for the
-    controller's poll: a message that nothing waits on, so a step costs one clock read."""
+    controller's poll: one write to the GCS, so a step costs one clock read."""
     tick = Every(REPORT_EVERY_S)
 
     def on_step(fit):
-        last = fit.step == num_steps
-        if tick() or last:
-            sent = channel.progress.remote(rank, fit.step, fit.ensemble.num_members, fit.running_loss().tolist())
-            if last:
-                ray.get(sent)  # in before the run ends, so the driver's last poll sees it
+        if tick() or fit.step == num_steps:  # the last one too, so the driver's last poll sees it
+            channel.progress(rank, fit.step, fit.ensemble.num_members, fit.running_loss().tolist())
 
     return on_step
 
 
-@ray.remote(num_cpus=0)
 class RunChannel:
-    """The driver's mailbox for one run: each worker's latest progress (a message every few
-    seconds), and the reports the controller forwards (one message per report)."""
+    """The driver's mailbox for one run, kept in the GCS's key-value store: each worker's latest
+    progress, and the reports the controller forwards, numbered in order. It has no process of
+    its own (an actor cost every fit the start of a worker process); it pickles as its prefix,
+    so workers and the controller each write through their own copy."""
 
     def __init__(self):
-        self.workers, self.reports = {}, []
+        self.prefix = f"run-{uuid.uuid4().hex}/"
 
     def progress(self, rank: int, step: int, num_members: int, losses: list[float]):
-        self.workers[rank] = (step, num_members, losses)
+        kv_put(f"{self.prefix}progress/{rank:05d}", json.dumps([step, num_members, losses]).encode())
 
-    def add_report(self, report: dict):
-        self.reports.append(report)
+    def add_report(self, index: int, report: dict):
+        kv_put(f"{self.prefix}report/{index:08d}", pickle.dumps(report))
 
     def poll(self, since: int):
-        """(each worker's progress, the reports from index `since` on)."""
-        return self.workers, self.reports[since:]
+        """(each worker's progress, the reports from index `since` on, in order)."""
+        workers = {int(key.rsplit("/", 1)[1]): tuple(json.loads(kv_get(key)))
+                   for key in kv_keys(f"{self.prefix}progress/")}
+        reports = []
+        while (value := kv_get(f"{self.prefix}report/{since + len(reports):08d}")) is not None:
+            reports.append(pickle.loads(value))
+        return workers, reports
+
+    def close(self):
+        kv_delete_prefix(self.prefix)
 
 
 class Follower:
@@ -84,11 +92,11 @@ class Follower:
 
     def _run(self):
         while not self.done.wait(self.POLL_S):
-            with contextlib.suppress(ray.exceptions.RayError):  # missed reports come with the next poll
+            with contextlib.suppress(Exception):  # a poll that failed misses nothing: the next reads it all
                 self.poll()
 
     def poll(self):
-        workers, reports = ray.get(self.channel.poll.remote(self.seen))
+        workers, reports = self.channel.poll(self.seen)
         self.seen += len(reports)
         for report in reports:
             entries = self.to_entries(report)
@@ -133,13 +141,14 @@ def epoch_entries(report: dict) -> list[dict]:
 
 
 class ReportForwarder(ray.train.UserCallback):
-    """On the Ray Train controller: each report's side files to the driver's channel, in one
-    message that the run's end waits for."""
+    """On the Ray Train controller: each report's side files to the driver's channel, written
+    before the run can end."""
 
     def __init__(self, channel, validated: bool):
-        self.channel, self.validated = channel, validated
+        self.channel, self.validated, self.sent = channel, validated, 0
 
     def after_report(self, run_context, metrics, checkpoint):
         report = read_report(metrics, checkpoint, self.validated)
         if report is not None:
-            ray.get(self.channel.add_report.remote(report))
+            self.channel.add_report(self.sent, report)
+            self.sent += 1

@@ -38,3 +38,14 @@ def test_the_report_logger_is_named_by_its_file_and_gets_the_runs_level():
 ])
 def test_the_resources_per_worker_are_ray_trains_own(config):
     assert resources_per_worker(config) == config._resources_per_worker_not_none  # Ray's reckoning
+
+
+def test_the_gcs_key_value_store_the_run_channel_uses_is_where_the_shim_looks():
+    from ray.experimental import internal_kv
+
+    from ray_ensembles.ray_internals import kv_delete_prefix, kv_get, kv_keys, kv_put
+    for name in ("_internal_kv_put", "_internal_kv_get", "_internal_kv_list", "_internal_kv_del"):
+        assert callable(getattr(internal_kv, name))
+    assert {"overwrite", "namespace"} <= set(inspect.signature(internal_kv._internal_kv_put).parameters)
+    assert "del_by_prefix" in inspect.signature(internal_kv._internal_kv_del).parameters
+    assert all(callable(f) for f in (kv_put, kv_get, kv_keys, kv_delete_prefix))
