@@ -78,6 +78,8 @@ def main(argv=None):
     import ray
     from ray import serve
 
+    from ray_ensembles.ray_internals import delete_serve_app
+
     say(args, start_ray(args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,7 +92,9 @@ def main(argv=None):
                   f"POST {url}/predict, GET {url}/ and {url}/healthz. Ctrl-C stops.")
         stop.wait()
     finally:
-        serve.shutdown()
+        # The app, not Serve: on a cluster Serve may hold other apps, and a local Ray goes whole
+        # with ray.shutdown(). Waiting for the deletion (or serve.shutdown()) took 30 s behind HAProxy.
+        delete_serve_app("ray_ensembles")
         ray.shutdown()
 
 

@@ -119,9 +119,11 @@ class TableStream:
 class StreamBatches:
     """The loop's batches (as `MemberBatches`) of a TableStream: `batches(step)` is every
     member's mini-batch at `step`, a pure function of (member seeds, step); the windows are read
-    ahead on a background thread, once for all the members."""
+    ahead on a background thread, once for all the members, up to the last of `num_steps` (None:
+    without end)."""
 
-    def __init__(self, stream: TableStream, ensemble, batch_size: int, shuffle_buffer_rows: int, device):
+    def __init__(self, stream: TableStream, ensemble, batch_size: int, shuffle_buffer_rows: int, device,
+                 num_steps: int | None = None):
         self.stream, self.ensemble, self.batch_size, self.device = stream, ensemble, batch_size, device
         self.member_seeds = ensemble.member_seeds
         self.num_rows = stream.num_rows
@@ -129,6 +131,9 @@ class StreamBatches:
         self.num_windows = math.ceil(self.num_rows / self.window_rows)
         self.steps_per_window = self.window_rows // batch_size
         self.steps_per_epoch = math.ceil(self.num_rows / batch_size)
+        # the reader stops after the run's last epoch: reading on began a Ray Data execution that
+        # the end of the run then waited on (8 s of a 27 s run here)
+        self.last_epoch = math.inf if num_steps is None else (num_steps - 1) // self.steps_per_epoch
         self._window = None   # (epoch, k, MemberBatches of window k)
         self._reader, self._reader_next = None, None
         self.wait_s = 0.0  # the training thread's wait for windows: what reading costs it
@@ -144,14 +149,17 @@ class StreamBatches:
         of one window is read once: its window is held in memory anyway, and each read of a Ray
         Dataset costs seconds of Ray Data's start-up."""
         if self.num_windows == 1:
-            _, _, xs, ys = next(self._read(epoch, 0))
-            while True:
+            reading = self._read(epoch, 0)
+            _, _, xs, ys = next(reading)
+            reading.close()
+            while epoch <= self.last_epoch:
                 yield epoch, 0, xs, ys
                 epoch += 1
+            return
         yield from self._read(epoch, first)
 
     def _read(self, epoch: int, first: int):
-        while True:
+        while epoch <= self.last_epoch:
             skip, parts, held, k = first * self.window_rows, [], 0, first
             for X, y in self.stream.blocks():
                 if skip >= len(X):

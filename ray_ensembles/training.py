@@ -129,7 +129,8 @@ class EnsembleFit:
         self.ensemble = ensemble.to(device)
         self.settings = settings
         if isinstance(x, TableStream):  # a Ray Dataset, read window by window (y is None)
-            self.batches = StreamBatches(x, self.ensemble, settings.batch_size, settings.shuffle_buffer_rows, device)
+            self.batches = StreamBatches(x, self.ensemble, settings.batch_size, settings.shuffle_buffer_rows, device,
+                                         settings.num_steps)
             self.data = x.fingerprint
         else:
             standardizer = ensemble.standardizer

@@ -49,3 +49,8 @@ def test_the_gcs_key_value_store_the_run_channel_uses_is_where_the_shim_looks():
     assert {"overwrite", "namespace"} <= set(inspect.signature(internal_kv._internal_kv_put).parameters)
     assert "del_by_prefix" in inspect.signature(internal_kv._internal_kv_del).parameters
     assert all(callable(f) for f in (kv_put, kv_get, kv_keys, kv_delete_prefix))
+
+
+def test_serve_deletes_an_app_without_waiting_when_asked():
+    from ray import serve
+    assert "_blocking" in inspect.signature(serve.delete).parameters

@@ -45,10 +45,10 @@ def stream(data=None, rows=ROWS):
     return TableStream("y", ["id", "noise"], "regression", data.num_rows, "fp", blocks), blocks
 
 
-def batches(member_ids, window_rows, rows=ROWS):
+def batches(member_ids, window_rows, rows=ROWS, num_steps=None):
     source, blocks = stream(rows=rows)
     ensemble = DeepEnsemble(2, num_members=len(member_ids), member_ids=member_ids, seed=3)
-    return StreamBatches(source, ensemble, BATCH, window_rows, "cpu"), blocks
+    return StreamBatches(source, ensemble, BATCH, window_rows, "cpu", num_steps), blocks
 
 
 def epoch_rows(b, epoch):
@@ -94,6 +94,11 @@ def test_stacked_members_share_the_reading_and_one_window_is_the_in_memory_order
         b.close()
         # each block read once an epoch, whatever the members (the reader may have begun epoch 2)
         assert len(blocks.reads) in (2, 3) and blocks.reads[:2] == [len(blocks.tables)] * 2
+    windowed, blocks = batches([0, 1], window_rows=200, num_steps=2 * ROWS // BATCH)
+    for step in range(2 * windowed.steps_per_epoch):
+        windowed(step)
+    windowed.close()
+    assert len(blocks.reads) == 2  # a run's reading ends with its last epoch, not one ahead
     whole, blocks = batches([0, 1], window_rows=5000)
     for step in range(3 * whole.steps_per_epoch):  # a table of one window is read once, for every epoch
         whole(step)
