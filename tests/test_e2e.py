@@ -34,10 +34,10 @@ pytestmark = pytest.mark.e2e
 G = np.random.default_rng(0)
 X = G.normal(size=(300, 3)).astype(np.float32)
 Y = X[:, 0] - X[:, 2] ** 2 + 0.1 * G.normal(size=300).astype(np.float32)
-# 2 members on 2 workers of 2 CPUs: one per node. 600 steps, 20 checkpoints, so that a run can be stopped
+# 2 members on 2 workers of 2 CPUs: one per node. 600 steps, 10 checkpoints, so that a run can be stopped
 # between its first and its last.
 TRAIN = ["--target", "y", "--features", "a,b,c", "--num-members", "2", "--num-workers", "2", "--cpus-per-worker", "2",
-         "--epochs", "24", "--batch-size", "10", "--lr", "0.01", "--save-every", "30", "--json"]
+         "--epochs", "24", "--batch-size", "10", "--lr", "0.01", "--save-every", "60", "--json"]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_a_killed_driver_and_a_store_that_goes_down_each_resume_from_s3_to_the_u
     submit(cluster, "jobs/train_ensemble.py", "--data", uri(store, "data/train.parquet"), *TRAIN,
            "--storage-path", uri(store, "runs"), "--name", "r2", "--resume", "--output", str(tmp_path / "c"))
     history = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"]
-    assert history[0]["step"] > 30  # it continued from a checkpoint (every 30 steps), not from scratch
+    assert history[0]["step"] > 60  # it continued from a checkpoint (every 60 steps), not from scratch
     assert_same_members(first_run[1], DeepEnsemble.load(uri(store, "runs/r2/ensemble")))
 
 
