@@ -3,7 +3,9 @@ ensemble's location, to MLflow and to TensorBoard event files.
 
 A logger is given to `Trainer(..., loggers=[...])` and called in the driver process, in order:
 `start(params)` before training, `log_epoch(entry)` for every entry of `trainer.history` as it
-arrives (on Ray, in batches as the workers checkpoint), `finish(metrics, ensemble_path)` after.
+arrives (on Ray, in batches as the workers checkpoint), `finish(metrics, ensemble_path)` after;
+a logger's `check()`, if it has one, runs at `Trainer(...)`, so one that cannot record fails
+before anything trains.
 Both need only their own package: `mlflow` (or `mlflow-skinny`) and `tensorboardX` (which Ray
 Tune installs).
 """
@@ -55,9 +57,9 @@ class MLflowLogger:
             MlflowClient(self.tracking_uri)
         except Exception as err:  # MLflow raises its own exception types for an unknown scheme
             name = "The 'tracking_uri' parameter of MLflowLogger" if option is None else f"The {option!r} option"
-            raise ValueError(f"{name} must be a URI MLflow can "
-                             f"store runs at (http(s)://, sqlite:///, a folder, databricks). Got "
-                             f"{self.tracking_uri!r} instead ({str(err).strip().splitlines()[0].strip()}).") from None
+            raise ValueError(f"{name} must be a URI MLflow can store runs at (http(s)://, sqlite:///, a "
+                             f"folder, databricks). Got {self.tracking_uri!r} instead "
+                             f"({str(err).strip().splitlines()[0].strip()}).") from None
 
     def start(self, params: dict):
         from mlflow.entities import Param
