@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -167,10 +168,14 @@ def loggers(args, run_name: str | None = None) -> list:
     if args.mlflow_tracking_uri:
         chosen.append(MLflowLogger(args.mlflow_tracking_uri, experiment_name=args.mlflow_experiment,
                                    run_name=run_name))
-        chosen[-1].check("--mlflow-tracking-uri")
     if args.tensorboard_dir:
         chosen.append(TensorBoardLogger(args.tensorboard_dir))
-        chosen[-1].check("--tensorboard-dir")
+    for logger in chosen:
+        try:
+            logger.check()
+        except ValueError as err:
+            raise ValueError(as_option(str(err), type(logger).__name__, {
+                "tracking_uri": "--mlflow-tracking-uri", "log_dir": "--tensorboard-dir"})) from None
     return chosen
 
 
@@ -200,6 +205,16 @@ def exclusive_output(output: Path):
             lock.unlink()
             output.rmdir()
         os.close(fd)
+
+
+def as_option(message: str, owner: str, options: dict[str, str] | None = None) -> str:
+    """A library message about a parameter of `owner` ("The 'x' parameter of owner ..."), naming
+    the job's option instead: `options[x]`, or --x with dashes."""
+    found = re.match(rf"The '(\w+)' parameter of {re.escape(owner)}", message)
+    if not found:
+        return message
+    option = (options or {}).get(found[1], "--" + found[1].replace("_", "-"))
+    return f"The {option!r} option" + message[found.end():]
 
 
 def resume_command(name: str) -> str:

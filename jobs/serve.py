@@ -12,12 +12,11 @@ says otherwise (behind a cluster's ingress: README, "Online predictions").
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import socket
 import threading
 
-from common import add_console_arguments, fail, say, start_ray
+from common import add_console_arguments, as_option, fail, say, start_ray
 
 
 def parse_args(argv=None):
@@ -35,15 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--max-ensembles-per-replica", type=int, default=3, help="a folder's ensembles kept loaded")
     add_console_arguments(p, tracking=False, results=False)
     return p.parse_args(argv)
-
-
-def as_option(message: str) -> str:
-    """ensemble_app's message about one of its parameters, naming this job's option instead."""
-    found = re.match(r"The '(\w+)' parameter of ensemble_app", message)
-    if not found:
-        return message
-    option = {"num_replicas": "--replicas"}.get(found[1], "--" + found[1].replace("_", "-"))
-    return f"The {option!r} option" + message[found.end():]
 
 
 def check_port(host: str, port: int):
@@ -71,7 +61,7 @@ def main(argv=None):
                            batch_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
                            max_ensembles_per_replica=args.max_ensembles_per_replica)
     except (TypeError, ValueError) as err:
-        fail(as_option(str(err)))
+        fail(as_option(str(err), "ensemble_app", {"num_replicas": "--replicas"}))
     except OSError as err:  # a store that fails
         fail(str(err), status=1)
 

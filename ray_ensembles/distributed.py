@@ -176,7 +176,10 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     path = ensemble.save(join(rc.storage_path, rc.name, "ensemble"))
     ensemble.eval()
     timing = [meta["timing"] for meta in metadata.values()]
-    latest = lambda key: max(t[key] for t in timing)  # noqa: E731  workers run in parallel
+
+    def latest(key: str) -> float:  # workers run in parallel
+        return max(t[key] for t in timing)
+
     return RayFit(checkpoint_path=path, run_name=rc.name,
                   train_losses={m: meta["train_loss"] for m, meta in metadata.items()},
                   placement={m: meta["placement"] for m, meta in metadata.items()},

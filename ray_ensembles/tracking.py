@@ -48,16 +48,14 @@ class MLflowLogger:
         self.experiment_name, self.run_name, self.tags = experiment_name, run_name, dict(tags or {})
         self.client, self.run_id = None, None
 
-    def check(self, option: str | None = None):
-        """Refuse a tracking URI that MLflow has no store for (a ValueError naming `option`, or
-        this class's parameter), before any training."""
+    def check(self):
+        """Refuse a tracking URI that MLflow has no store for, before any training."""
         from mlflow.tracking import MlflowClient
 
         try:
             MlflowClient(self.tracking_uri)
         except Exception as err:  # MLflow raises its own exception types for an unknown scheme
-            name = "The 'tracking_uri' parameter of MLflowLogger" if option is None else f"The {option!r} option"
-            raise ValueError(f"{name} must be a URI MLflow can store runs at (http(s)://, sqlite:///, a "
+            raise ValueError("The 'tracking_uri' parameter of MLflowLogger must be a URI MLflow can store runs at (http(s)://, sqlite:///, a "
                              f"folder, databricks). Got {self.tracking_uri!r} instead "
                              f"({str(err).strip().splitlines()[0].strip()}).") from None
 
@@ -98,16 +96,14 @@ class TensorBoardLogger:
     def __init__(self, log_dir):
         self.log_dir, self.writer = str(log_dir), None
 
-    def check(self, option: str | None = None):
-        """Refuse a `log_dir` that cannot be a folder (a ValueError naming `option`, or this
-        class's parameter), before any training."""
+    def check(self):
+        """Refuse a `log_dir` that cannot be a folder, before any training."""
         path = Path(self.log_dir)
         if "://" in self.log_dir:
             return  # a store that tensorboardX writes to: it answers when the run starts
         existing = next(p for p in (path, *path.parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK):
-            name = "The 'log_dir' parameter of TensorBoardLogger" if option is None else f"The {option!r} option"
-            raise ValueError(f"{name} must be a folder that can be written or made. Got {self.log_dir!r} instead "
+            raise ValueError(f"The 'log_dir' parameter of TensorBoardLogger must be a folder that can be written or made. Got {self.log_dir!r} instead "
                              f"({existing} is {'not writable' if existing.is_dir() else 'a file'}).")
 
     def start(self, params: dict):
