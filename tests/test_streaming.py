@@ -2,10 +2,11 @@
 row in its own order, stacked members share the reading, the standardisation comes from one
 pass, memory does not grow with the table, and bad tables are refused naming the column."""
 
-import threading
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -242,41 +243,16 @@ def test_bad_tables_are_refused_naming_the_column_before_training(ray_data, tmp_
         Trainer(DeepEnsembleClassifier(1, 3), labels, target="y", features=["x"], results_folder=tmp_path).train()
 
 
-class PeakUSS:
-    """The largest unique set size of this process while the block runs, sampled on a thread:
-    its own memory, without the object store's shared pages that it maps (which RSS counts)."""
-
-    def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        process = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, process.memory_full_info().uss)
-            self._stop.wait(0.05)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 @pytest.mark.ray
 def test_memory_does_not_grow_with_the_table(ray_data, tmp_path):
     """Ten times the rows, the same peak: the table at 2M rows is 208 MB as float64 (the in-memory
     path's standardising copy), 104 MB of float32 on disk. Blocks of 100,000 rows in both, as a
     folder of files of that size gives (Ray Data would merge small files into larger blocks)."""
-    peaks = {}
+    address, peaks = shared_local_ray(), {}
     for rows in (200_000, 2_000_000):
         folder, _, _ = parquet(tmp_path / f"rows-{rows}", rows, files=rows // 100_000)
-        e = DeepEnsemble(13, num_members=2, hidden_dim=16)
-        dataset = ray_data.read_parquet(str(folder), override_num_blocks=rows // 100_000)
-        trainer = Trainer(e, dataset, target="y", train_batch_size=4096,
-                          train_num_epochs=1, shuffle_buffer_rows=1 << 16, results_folder=tmp_path / f"runs-{rows}")
-        before = psutil.Process().memory_full_info().uss
-        with PeakUSS() as memory:
-            trainer.train()
-        peaks[rows] = memory.peak - before
+        measured = subprocess.run([sys.executable, str(Path(__file__).with_name("streamed_peak.py")), address,
+                                   str(folder), str(rows // 100_000), str(tmp_path / f"runs-{rows}")],
+                                  capture_output=True, text=True, check=True)
+        peaks[rows] = int(measured.stdout.split()[-1])
     assert peaks[2_000_000] < peaks[200_000] + 50e6, peaks
