@@ -38,7 +38,7 @@ def fit_seconds(steps: int, on_step) -> float:
     data = cubic_toy(20, 0)
     ensemble = DeepEnsemble(1, num_members=5, hidden_dim=100)
     ensemble.fit_normalization(data.X, data.y)
-    fit = EnsembleFit(ensemble, data.X, data.y, TrainSettings(batch_size=20, lr=0.01, num_steps=steps),
+    fit = EnsembleFit(ensemble, data, TrainSettings(batch_size=20, lr=0.01, num_steps=steps),
                       "cpu")
     start = time.perf_counter()
     fit.run(on_step=on_step)

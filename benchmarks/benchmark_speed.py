@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from benchmarks.common import fail, unstacked
 
-from ray_ensembles import DeepEnsemble
+from ray_ensembles import DeepEnsemble, TensorDataset
 from ray_ensembles.training import EnsembleFit, TrainSettings
 
 # name: (dim_in, hidden layers, dim_out of the Gaussian head, training rows)
@@ -88,7 +88,7 @@ class Ours:
                                      nll_beta=0.0)  # the plain NLL, as the implementations it is timed against
         self.ensemble.fit_normalization(X, y)
         settings = TrainSettings(batch_size=BATCH, num_steps=10 ** 9, amp=self.amp, cuda_graphs=self.graphs)
-        self.fit = EnsembleFit(self.ensemble, X, y, settings, device)
+        self.fit = EnsembleFit(self.ensemble, TensorDataset(X, y), settings, device)
 
     def step(self):
         return self.fit.train_step()
@@ -113,7 +113,7 @@ class Loop:
 
     def __init__(self, dims, adversarial, X, y, source: Ours):
         self.adversarial, self.source = adversarial, source
-        self.nets = [net.to(source.fit.xs.device) for net in unstacked(source.ensemble, dims)]  # ours' initial weights
+        self.nets = [net.to(source.fit.batches.xs.device) for net in unstacked(source.ensemble, dims)]  # ours' initial weights
         self.opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in self.nets]
         self.eps = source.ensemble.adversarial_step
         self.steps = 0
@@ -131,7 +131,7 @@ class Loop:
         fit, index = self.source.fit, self.next_rows()
         losses = []
         for m, (net, opt) in enumerate(zip(self.nets, self.opts)):
-            x, y = fit.xs[index[m]], fit.ys[index[m]]
+            x, y = fit.batches.xs[index[m]], fit.batches.ys[index[m]]
             if self.adversarial:
                 x = x.clone().requires_grad_(True)
                 clean = self.member_loss(net, x, y)
@@ -166,7 +166,7 @@ class VMap(Loop):
 
     def step(self):
         fit, index = self.source.fit, self.next_rows()
-        x, y = fit.xs[index], fit.ys[index]
+        x, y = fit.batches.xs[index], fit.batches.ys[index]
         if self.adversarial:
             x = x.clone().requires_grad_(True)
             clean = self.losses(self.params, self.buffers, x, y)
@@ -334,7 +334,7 @@ def ray_overhead(output: Path) -> dict:
     breakdown of the Ray run; and MNIST-sized members on 1 vs 2 workers with 1 thread each."""
     import ray
     from ray.train import ScalingConfig
-    from ray_ensembles import TensorDataset, Trainer
+    from ray_ensembles import Trainer
 
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(455, 13, generator=g), torch.randn(455, 1, generator=g)

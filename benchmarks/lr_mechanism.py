@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from benchmarks.common import REPO, fail, load_uci, score, write_csv
 
-from ray_ensembles import DeepEnsemble
+from ray_ensembles import DeepEnsemble, TensorDataset
 from ray_ensembles.heads import VARIANCE_FLOOR, mean_and_variance
 from ray_ensembles.trainer import num_steps
 from ray_ensembles.training import EnsembleFit, TrainSettings
@@ -52,7 +52,7 @@ def fit_for(X, y, lr, nll_beta, cosine, change=None, epochs=40):
     ensemble.fit_normalization(X, y)
     settings = TrainSettings(batch_size=100, lr=lr, lr_scheduler=cosine,
                              num_steps=num_steps(len(X), 100, None, epochs))
-    fit = EnsembleFit(ensemble, X, y, settings, "cpu")
+    fit = EnsembleFit(ensemble, TensorDataset(X, y), settings, "cpu")
     if change == "warmup":
         object.__setattr__(fit.settings, "lr_at", lambda step: lr * min(1.0, (step + 1) / 100))
     elif change == "mse":
@@ -72,12 +72,12 @@ def trace(X, y, lr, nll_beta) -> list[dict]:
             continue
         grad = ensemble.members.grad_norms()  # of the step just taken
         with torch.no_grad():
-            mean, var = mean_and_variance(ensemble.members(fit.xs.expand(5, -1, -1)))
+            mean, var = mean_and_variance(ensemble.members(fit.batches.xs.expand(5, -1, -1)))
         rows.append({"lr": lr, "nll_beta": nll_beta, "step": fit.step, "loss": float(losses.mean()),
                      "grad_norm_max": float(grad.max()), "var_max": float(var.max()),
                      "var_min": float(var.min()), "var_median": float(var.median()),
                      "rows_var_above_4": float((var > 4).float().mean(1).max()),
-                     "rmse_of_mean_max": float((mean - fit.ys).square().mean((1, 2)).sqrt().max())})
+                     "rmse_of_mean_max": float((mean - fit.batches.ys).square().mean((1, 2)).sqrt().max())})
     return rows
 
 
@@ -88,7 +88,7 @@ def dead_units(X, y, lr) -> list[dict]:
         fit.train_step()
         if fit.step in DEAD_UNIT_STEPS or fit.step == fit.settings.num_steps:
             with torch.no_grad():
-                hidden = torch.baddbmm(ensemble.members.biases[0], fit.xs.expand(5, -1, -1), ensemble.members.weights[0])
+                hidden = torch.baddbmm(ensemble.members.biases[0], fit.batches.xs.expand(5, -1, -1), ensemble.members.weights[0])
             dead = (hidden <= 0).all(1).sum(-1)  # (M,) of 50
             rows.append({"lr": lr, "step": fit.step, "dead_units_mean": float(dead.float().mean()),
                          "dead_units_max": int(dead.max())})

@@ -76,10 +76,10 @@ def check_output(args) -> str:
             raise ValueError(f"Refusing to write predictions to {args.output}: it holds files this job "
                              "did not write. Choose a new folder, or pass --overwrite.")
         return args.output
-    from ray_ensembles import storage
+    from ray_ensembles import directories
 
     protect = [p for p in (args.data, args.ensemble) if not is_uri(p)]
-    return str(storage.check_writable(Path(args.output), is_ours=ours, what="predictions",
+    return str(directories.check_writable(Path(args.output), is_ours=ours, what="predictions",
                                       overwrite=args.overwrite, protect=protect))
 
 
@@ -168,7 +168,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from ray_ensembles import storage
+    from ray_ensembles import directories
     from ray_ensembles.data import table_source
     from ray_ensembles.ensemble import load_ensemble
     from ray_ensembles.inference import BatchPredictor, feature_columns
@@ -229,7 +229,7 @@ def main(argv=None):
             fail(str(err))
         raise
     if local_output:
-        storage.replace_directory(Path(target), final)
+        directories.replace_directory(Path(target), final)
     seconds = time.perf_counter() - started
     if args.json:
         print(json.dumps({"rows": rows if rows >= 0 else None, "output": args.output, "seconds": seconds}))

@@ -72,7 +72,7 @@ def parse_args(argv=None):
 
 
 def build(args):
-    from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, storage
+    from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, directories, storage
     from ray_ensembles.locations import is_uri
 
     toy = args.data is None
@@ -95,8 +95,8 @@ def build(args):
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"The '--output' option must be a folder. Got {args.output!r}, a file, instead.")
-    storage.check_writable(output / "ensemble", is_ours=storage.is_ensemble_directory, what="an ensemble",
-                           protect=[args.data] if args.data and not is_uri(args.data) else [])
+    directories.check_writable(output / "ensemble", is_ours=storage.is_ensemble_directory, what="an ensemble",
+                               protect=[args.data] if args.data and not is_uri(args.data) else [])
     if args.streaming and args.data is None:
         raise ValueError("The '--streaming' option reads the table in --data. Got no --data instead.")
     if args.streaming and args.task == "classification" and args.num_classes is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import storage
+from .manifest import Manifest
 from .optim import StackedAdam
 from .training import EnsembleFit
 
@@ -79,16 +80,16 @@ def check_resumable(path, ensemble, settings):
     """Refuse a checkpoint of another ensemble or without training state; warn when `settings`
     differ from the saved ones (they apply from here on). Gives `ensemble` the checkpoint's
     normalisation, which the resumed run must keep."""
-    manifest = storage.read_manifest(path)
-    if manifest["config"] != ensemble.config or manifest["task"] != ensemble.task:
-        raise ValueError(f"Checkpoint {path} was saved by a {manifest['task']} ensemble with config "
-                         f"{manifest['config']}, not this one's {ensemble.config}.")
-    if "training" not in manifest:
+    manifest = Manifest.read(path)
+    if manifest.config != ensemble.config or manifest.task != ensemble.task:
+        raise ValueError(f"Checkpoint {path} was saved by a {manifest.task} ensemble with config "
+                         f"{manifest.config}, not this one's {ensemble.config}.")
+    if manifest.training is None:
         raise ValueError(f"{path} holds an ensemble without training state; load it with "
                          f"{type(ensemble).__name__}.load, or train it afresh.")
-    saved = manifest["training"]["settings"]
+    saved = manifest.training["settings"]
     changed = {k: (saved[k], v) for k, v in asdict(settings).items() if k in saved and saved[k] != v}
     if changed:
         warnings.warn(f"Resuming {path} with other training settings (saved -> now): "
                       + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=4)
-    ensemble.standardizer.load_state(manifest["normalization"])
+    ensemble.standardizer.load_state(manifest.normalization)

@@ -1,16 +1,17 @@
-"""Training data: in-memory tensors or arrays, checked once."""
+"""Training data: the one interface the loop reads (`TrainingData`), and in-memory tensors."""
 
 from __future__ import annotations
 
 import contextlib
-
-from typing import Sequence
+import hashlib
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
+from .batches import MemberBatches
 from .locations import filesystem_for
-from .validation import as_float_tensor, as_labels, as_tensor
+from .validation import as_float_tensor, as_labels, as_tensor, fail
 
 
 def cubic_toy(n: int, seed: int) -> "TensorDataset":
@@ -18,6 +19,49 @@ def cubic_toy(n: int, seed: int) -> "TensorDataset":
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, generator=g) * 8 - 4
     return TensorDataset(x, x ** 3 + 3 * torch.randn(n, 1, generator=g), feature_names=["x"])
+
+
+class TrainingData(Protocol):
+    """What the loop, the Trainer and the Ray shim need of training data; they never ask which
+    kind it is. `TensorDataset` (in memory) and `streaming.TableStream` (a Ray Dataset, read in
+    windows) implement it: another kind of data is one more class."""
+
+    feature_names: list[str] | None
+    reader_cpus: int  # CPUs a Ray cluster must keep free for reading it (Ray Data's read tasks)
+
+    def __len__(self) -> int: ...
+
+    @property
+    def fingerprint(self) -> str:
+        """A short digest a checkpoint records, so that resuming on other data is refused."""
+
+    def fit_standardization(self, ensemble) -> None:
+        """Fit `ensemble`'s input and target statistics (and its feature names) to these rows."""
+
+    def member_batches(self, ensemble, settings, device):
+        """The loop's batches of `ensemble`'s members (`batches.MemberBatches` or one like it):
+        `batches(step)`, `steps_per_epoch`, `num_rows`, `chunks(rows)`, `reset()`, `close()`."""
+
+    def evaluation_rows(self) -> "TensorDataset | None":
+        """Rows to check the trained ensemble's predictions on, if they are in memory."""
+
+    def shipped(self):
+        """What travels to a Ray Train worker in its config; its `on_worker()` gives the data there."""
+
+    def ray_train_options(self) -> dict:
+        """Options for Ray Train's trainer (its `datasets` and `dataset_config`), if any."""
+
+
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """A short digest of in-memory data: shapes, dtypes, sums and up to 4096 evenly spaced
+    rows. Cheap for any size; a checkpoint resumed on other data is refused by it."""
+    digest = hashlib.sha256()
+    for t in (x, y):
+        rows = torch.linspace(0, len(t) - 1, min(len(t), 4096)).long()
+        sample = t.detach().cpu()[rows].contiguous()
+        digest.update(f"{tuple(t.shape)} {t.dtype} {float(t.sum(dtype=torch.float64))}".encode())  # no float64 copy
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class TensorDataset:
@@ -43,8 +87,8 @@ class TensorDataset:
         if feature_names is not None:
             feature_names = list(feature_names)
             if len(feature_names) != self.X.shape[1] or len(set(feature_names)) != len(feature_names):
-                raise ValueError(f"The 'feature_names' parameter of TensorDataset must be {self.X.shape[1]} "
-                                 f"distinct names, one per column of X. Got {feature_names!r} instead.")
+                fail("TensorDataset", "feature_names", f"{self.X.shape[1]} distinct names, one per column of X",
+                     feature_names)
         self.feature_names = feature_names
 
     @classmethod
@@ -61,11 +105,36 @@ class TensorDataset:
     def __getitem__(self, index):
         return self.X[index], self.y[index]
 
+    # TrainingData ---------------------------------------------------------------------------------
+
+    reader_cpus = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return data_fingerprint(self.X, self.y)
+
+    def fit_standardization(self, ensemble):
+        ensemble.fit_normalization(self.X, self.y)
+        ensemble.feature_names = self.feature_names
+
+    def member_batches(self, ensemble, settings, device):
+        xs = ensemble.standardizer.standardize_x(self.X.to(device))                     # (N, D)
+        ys = ensemble.standardizer.standardize_y(ensemble.check_y(self.y, len(self.X)))  # (N, T) or (N,)
+        return MemberBatches(xs, ys, settings.batch_size, ensemble.member_seeds)
+
+    def evaluation_rows(self) -> "TensorDataset":
+        return self
+
+    def shipped(self) -> "SharedTensors":
+        return SharedTensors(self)
+
+    def ray_train_options(self) -> dict:
+        return {}
+
     def split(self, fraction: float, seed: int = 0) -> tuple["TensorDataset", "TensorDataset"]:
         """(train, validation): a random `fraction` of the rows held out, from `seed` only."""
         if not 0.0 < fraction < 1.0:
-            raise ValueError(f"The 'fraction' parameter of TensorDataset.split must be in (0, 1). "
-                             f"Got {fraction!r} instead.")
+            fail("TensorDataset.split", "fraction", "in (0, 1)", fraction)
         n_val = int(round(len(self) * fraction))
         if not 1 <= n_val < len(self):
             raise ValueError(f"The 'fraction' parameter of TensorDataset.split leaves an empty part "
@@ -74,6 +143,22 @@ class TensorDataset:
         parts = order[n_val:], order[:n_val]
         return tuple(TensorDataset(self.X[i], self.y[i], feature_names=self.feature_names)
                      for i in parts)
+
+
+class SharedTensors:
+    """A TensorDataset on its way to Ray Train workers: one copy in the object store, which each
+    worker fetches once and copies into its own tensors (object-store arrays are read-only)."""
+
+    def __init__(self, data: TensorDataset):
+        import ray
+
+        self.arrays, self.feature_names = ray.put((data.X.numpy(), data.y.numpy())), data.feature_names
+
+    def on_worker(self) -> TensorDataset:
+        import ray
+
+        X, y = (torch.from_numpy(a.copy()) for a in ray.get(self.arrays))
+        return TensorDataset(X, y, feature_names=self.feature_names)
 
 
 def table_source(path_or_uri: str, name: str = "data"):

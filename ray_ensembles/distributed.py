@@ -30,14 +30,14 @@ from safetensors.torch import save as safetensors_save
 
 from . import checkpoint, storage
 from .ensemble import build_ensemble
-from .locations import check_store, is_uri, join
+from .locations import check_store, is_uri, run_ensemble_path
 from .metrics import ensemble_validation_metrics
 from .placement import assign_members, local_device
 from .ray_internals import data_parallel_trainer, quiet_worker_reports
 from .reporting import (Follower, ReportForwarder, RunChannel, epoch_entries, epochs_filename, progress_sender,
                         validation_filename)
-from .streaming import TableStream, execution_options
 from .training import EnsembleFit, TrainSettings, attach_validation
+from .validation import check_type
 
 IMPORTED = time.time()
 
@@ -81,27 +81,23 @@ def check_distributed_request(ensemble, scaling_config, run_config):
     """Checks that need no Ray: run at Trainer construction, before anything starts."""
     from ray.train import RunConfig, ScalingConfig
 
-    if not isinstance(scaling_config, ScalingConfig):
-        raise TypeError("The 'scaling_config' parameter of Trainer must be a ray.train.ScalingConfig. "
-                        f"Got {type(scaling_config).__name__} instead.")
+    check_type("Trainer", "scaling_config", scaling_config, ScalingConfig, "a ray.train.ScalingConfig")
     members, k = ensemble.num_members, scaling_config.num_workers
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= members:
         raise ValueError(f"The 'num_workers' of Trainer's scaling_config must be an int in "
                          f"[1, num_members={members}]: every worker trains at least one member. "
                          f"Got {k!r} instead.")
-    if run_config is not None and not isinstance(run_config, RunConfig):
-        raise TypeError("The 'run_config' parameter of Trainer must be a ray.train.RunConfig. "
-                        f"Got {type(run_config).__name__} instead.")
+    check_type("Trainer", "run_config", run_config, (RunConfig, type(None)), "a ray.train.RunConfig")
 
 
-def check_cluster_resources(scaling_config, streaming: bool = False):
+def check_cluster_resources(scaling_config, reader_cpus: int = 0):
     """Refuse a request the cluster can never satisfy: Ray would wait for it forever. Workers
-    that stream a Ray Dataset need a CPU left for its read tasks, or every read waits."""
+    that stream a Ray Dataset need `reader_cpus` left for its read tasks, or every read waits."""
     if os.environ.get(AUTOSCALING_ENV) == "1":
         return
     have = ray.cluster_resources()
     need_cpu = resources_per_worker(scaling_config).get("CPU", 0) * scaling_config.num_workers
-    if streaming and need_cpu > have.get("CPU", 0.0) - 1 + 1e-9:
+    if reader_cpus and need_cpu > have.get("CPU", 0.0) - reader_cpus + 1e-9:
         raise ValueError(
             f"The scaling_config asks for {need_cpu:g} CPU of the Ray cluster's {have.get('CPU', 0.0):g}, leaving "
             "less than 1 for Ray Data's read tasks, which every worker streaming the dataset waits on. Use fewer "
@@ -127,7 +123,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     sc = scaling_config
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS or a running cluster, else starts a local one
-    check_cluster_resources(sc, streaming=isinstance(dataset, TableStream))
+    check_cluster_resources(sc, reader_cpus=dataset.reader_cpus)
     # A reused name silently resumes an old run, so a fresh run gets a unique one. Ray Train's
     # own INFO lines (each report, each checkpoint) go to its log files, not the console.
     rc = run_config or RunConfig(
@@ -140,12 +136,8 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
         "member_factory": ensemble.member_factory,  # pickled by reference: workers import it
         "settings": dataclasses.asdict(settings), "use_gpu": bool(sc.use_gpu),
         "threads": max(1, int(resources_per_worker(sc).get("CPU", 1))),
-        # one copy in the object store, which each worker fetches once; or the columns of a Ray
-        # Dataset that every worker reads whole (its iterator comes from Ray Train's DataConfig)
-        "data": dataclasses.replace(dataset, dataset=None) if isinstance(dataset, TableStream) else
-        ray.put((dataset.X.numpy(), dataset.y.numpy())),
-        "validation": None if validation_dataset is None else
-        ray.put((validation_dataset.X.numpy(), validation_dataset.y.numpy())),
+        "data": dataset.shipped(),
+        "validation": None if validation_dataset is None else validation_dataset.shipped(),
         "resume_from": None if resume_from is None else str(Path(resume_from).resolve()),
         "channel": channel, "log_level": rc.logging_config.log_level,
     }
@@ -157,7 +149,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
         with env_default(POLL_ENV, POLL_DEFAULT_S):  # the driver's value reaches the controller
             try:
                 result = data_parallel_trainer()(_train_worker, train_loop_config=config, backend_config=BackendConfig(),
-                                                 scaling_config=sc, run_config=rc, **stream_options(dataset)).fit()
+                                                 scaling_config=sc, run_config=rc, **dataset.ray_train_options()).fit()
             except ray.train.TrainingFailedError as err:
                 check_storage_after(err, rc)
                 raise
@@ -173,7 +165,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     fit_done = time.time()
     with result.checkpoint.as_directory() as directory:
         metadata = storage.load_members(directory, ensemble)  # the coordinator
-    path = ensemble.save(join(rc.storage_path, rc.name, "ensemble"))
+    path = ensemble.save(run_ensemble_path(rc.storage_path, rc.name))
     ensemble.eval()
     timing = [meta["timing"] for meta in metadata.values()]
 
@@ -207,17 +199,6 @@ def report_entries(task: str, y_validation):
             y_validation))
 
     return to_entries
-
-
-def stream_options(dataset) -> dict:
-    """The trainer's options that give every worker all of a streamed dataset, each in the
-    dataset's own order (`streaming`); none for in-memory data."""
-    if not isinstance(dataset, TableStream):
-        return {}
-    from ray.train import DataConfig
-
-    return {"datasets": {"train": dataset.dataset}, "dataset_config": DataConfig(
-        datasets_to_split=[], execution_options=execution_options())}
 
 
 def check_storage_after(err, run_config):
@@ -255,17 +236,12 @@ def _train_worker(config):
     rank = context.get_world_rank()
     member_ids = assign_members(config["member_ids"], context.get_world_size())[rank]
     torch.set_num_threads(config["threads"])
-    if isinstance(config["data"], TableStream):  # all of a Ray Dataset, in its own order
-        x, y = dataclasses.replace(config["data"], dataset=ray.train.get_dataset_shard("train")), None
-    else:  # object-store arrays are read-only: copy them once into this worker's own tensors
-        x, y = (torch.from_numpy(a.copy()) for a in ray.get(config["data"]))
-    validation = None
-    if config["validation"] is not None:
-        validation = tuple(torch.from_numpy(a.copy()) for a in ray.get(config["validation"]))
+    data = config["data"].on_worker()
+    validation = None if config["validation"] is None else config["validation"].on_worker()
     settings = TrainSettings(**config["settings"])
     ensemble = build_ensemble(config["task"], config["ensemble_config"], member_ids, config["member_factory"])
     ensemble.standardizer.load_state(config["normalization"])
-    fit = EnsembleFit(ensemble, x, y, settings, local_device(cpu=not config["use_gpu"], index=0))
+    fit = EnsembleFit(ensemble, data, settings, local_device(cpu=not config["use_gpu"], index=0))
     resume = ray.train.get_checkpoint()  # this run's own, after a worker failure
     if resume is not None:
         with resume.as_directory() as directory:
@@ -295,7 +271,7 @@ def _train_worker(config):
             (Path(directory) / epochs_filename(rank)).write_text(json.dumps(epochs))
             epochs.clear()
             if validation is not None:
-                log_lik, points = fit.evaluate(*validation)
+                log_lik, points = fit.evaluate(validation.X, validation.y)
                 for i, m in enumerate(member_ids):
                     (Path(directory) / validation_filename(m)).write_bytes(
                         safetensors_save({"log_lik": log_lik[i].contiguous(), "points": points[i].contiguous()}))

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from . import adversarial, storage
+from .manifest import Manifest
 from .heads import CategoricalHead, GaussianHead
 from .members import ACTIVATIONS, SHAPE, MemberGroups, build_members, member_seed
 from .predictions import CategoricalPrediction, GaussianMixturePrediction, MemberPrediction
 from .standardize import Standardizer
-from .validation import as_float_tensor, check_choice, check_float, check_int
+from .validation import as_float_tensor, check_bool, check_callable, check_choice, check_float, check_int, fail
 
 PREDICT_CHUNK_ROWS = 8192  # rows per forward pass at inference on a CPU: bounds memory, keeps matmuls large
 # On a GPU a pass is mostly kernel launches, so passes are as large as this much activation memory allows.
@@ -59,10 +60,8 @@ class Ensemble(nn.Module):
         self.hidden_dim = check_int(owner, "hidden_dim", hidden_dim, minimum=1)
         self.depth = check_int(owner, "depth", depth, minimum=1)
         self.activation = check_choice(owner, "activation", activation, ACTIVATIONS)
-        for name, value in [("batch_norm", batch_norm), ("use_adversarial_training", use_adversarial_training)]:
-            if not isinstance(value, bool):
-                raise TypeError(f"The '{name}' parameter of {owner} must be a bool. Got {value!r} instead.")
-        self.batch_norm, self.use_adversarial_training = batch_norm, use_adversarial_training
+        self.batch_norm = check_bool(owner, "batch_norm", batch_norm)
+        self.use_adversarial_training = check_bool(owner, "use_adversarial_training", use_adversarial_training)
         self.adversarial_eps = float(check_float(owner, "adversarial_eps", adversarial_eps, minimum=0.0))
         self.perturbation = check_choice(owner, "perturbation", perturbation, {"fgsm", "random"})
         self.seed = check_int(owner, "seed", seed, minimum=0)
@@ -70,12 +69,8 @@ class Ensemble(nn.Module):
             member_ids = list(range(num_members))
         member_ids = [check_int(owner, "member_ids", m, minimum=0) for m in member_ids]
         if len(member_ids) != num_members or len(set(member_ids)) != num_members:
-            raise ValueError(f"The 'member_ids' parameter of {owner} must be {num_members} distinct "
-                             f"ids (num_members). Got {member_ids!r} instead.")
-        if member_factory is not None and not callable(member_factory):
-            raise TypeError(f"The 'member_factory' parameter of {owner} must be a callable returning an "
-                            f"nn.Module. Got {member_factory!r} instead.")
-        self.member_factory = member_factory
+            fail(owner, "member_ids", f"{num_members} distinct ids (num_members)", member_ids)
+        self.member_factory = check_callable(owner, "member_factory", member_factory, "a callable returning an nn.Module")
         self.member_ids = member_ids
         self.member_seeds = [member_seed(seed, m) for m in member_ids]
         self.members = build_members(owner, self.member_seeds, self.dim_in, head.num_outputs, self.hidden_dim,
@@ -436,27 +431,26 @@ def load_ensemble(path, members: Sequence[int] | None = None, *, member_factory=
 
 
 def _load_directory(path: Path, members, member_factory, map_location, cls) -> Ensemble:
-    manifest = storage.read_manifest(path)
-    cls = cls or ENSEMBLE_CLASSES[manifest["task"]]
-    if manifest["task"] != cls.head_class.task:
-        raise ValueError(f"{path} holds a {manifest['task']} ensemble; load it with the "
-                         f"{manifest['task']} class, not {cls.__name__}.")
-    entries = {e["id"]: e for e in manifest["members"]}
+    manifest = Manifest.read(path)
+    cls = cls or ENSEMBLE_CLASSES[manifest.task]
+    if manifest.task != cls.head_class.task:
+        raise ValueError(f"{path} holds a {manifest.task} ensemble; load it with the "
+                         f"{manifest.task} class, not {cls.__name__}.")
+    entries = manifest.entries
     ids = list(entries) if members is None else list(members)
     unknown = [m for m in ids if m not in entries]
     if unknown or not ids or len(set(ids)) != len(ids):
         raise ValueError(f"The 'members' parameter of {cls.__name__}.load must be a non-empty "
                          f"list of distinct ids in {sorted(entries)}. Got {members!r} instead.")
-    saved_factory = manifest["config"].get("member_factory")
+    saved_factory = manifest.config.get("member_factory")
     if saved_factory is not None and member_factory is None:
         raise ValueError(f"{path} holds members built by the factory {saved_factory}; pass that "
                          f"callable as {cls.__name__}.load(..., member_factory=...).")
     try:
-        configs = [entries[m]["config"] for m in ids] if "config" in entries[ids[0]] else None
-        ensemble = build_ensemble(manifest["task"], manifest["config"], ids, member_factory, configs)
-        ensemble.standardizer.load_state(manifest["normalization"])
+        ensemble = build_ensemble(manifest.task, manifest.config, ids, member_factory, manifest.member_configs(ids))
+        ensemble.standardizer.load_state(manifest.normalization)
         if len(ids) == len(entries):  # fitted to all the members: a subset starts without it
-            ensemble.calibration = manifest.get("calibration")
+            ensemble.calibration = manifest.calibration
     except (TypeError, ValueError) as err:
         raise ValueError(f"The manifest in {path} does not describe a valid {cls.__name__}: {err}") from None
     storage.load_members(path, ensemble)

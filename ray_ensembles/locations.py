@@ -43,6 +43,11 @@ def join(location, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) + sep + query
 
 
+def run_ensemble_path(root, name: str) -> str:
+    """Where a run (or a sweep's trial) called `name` under `root` keeps its ensemble."""
+    return join(root, name, "ensemble")
+
+
 def check_store(location, name: str, *, write: bool = False):
     """Before any work: a URI's store answers, takes the credentials and has the bucket, and
     (`write`) lets this program write there. One ValueError naming `name` and the URI otherwise.

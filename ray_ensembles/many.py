@@ -23,7 +23,7 @@ from . import storage
 from .locations import check_store, is_uri, join
 from .progress import EnsembleProgress
 from .trainer import Trainer
-from .validation import check_float, check_int
+from .validation import check_bool, check_float, check_int, fail
 
 # Options the pool sets itself: where checkpoints go, how progress is shown, and no Ray Train.
 _NOT_PER_ENSEMBLE = {"results_folder", "scaling_config", "run_config", "progress", "metrics_callback",
@@ -100,8 +100,7 @@ class EnsemblePool:
 
     def __init__(self, num_workers: int | None = None, *, use_gpu: bool = False, cpus_per_worker: float = 1.0):
         owner = "EnsemblePool"
-        if not isinstance(use_gpu, bool):
-            raise TypeError(f"The 'use_gpu' parameter of {owner} must be a bool. Got {use_gpu!r} instead.")
+        check_bool(owner, "use_gpu", use_gpu)
         self.cpus_per_worker = check_float(owner, "cpus_per_worker", cpus_per_worker, strict_minimum=0.0)
         if num_workers is not None:
             check_int(owner, "num_workers", num_workers, minimum=1)
@@ -198,11 +197,9 @@ def check_many(ensembles, options: dict, storage_path, progress, max_retries, us
     """({key: Trainer arguments}, {key: member-steps}), every ensemble and option checked, and the
     save location: before anything starts."""
     if not isinstance(ensembles, Mapping) or not ensembles:
-        raise ValueError("The 'ensembles' parameter of fit_many must be a non-empty dict of key -> (ensemble, "
-                         f"dataset). Got {ensembles!r} instead.")
+        fail("fit_many", "ensembles", "a non-empty dict of key -> (ensemble, dataset)", ensembles)
     check_int("fit_many", "max_retries", max_retries, minimum=0)
-    if not isinstance(progress, bool):
-        raise TypeError(f"The 'progress' parameter of fit_many must be a bool. Got {progress!r} instead.")
+    check_bool("fit_many", "progress", progress)
     checked = {key: _job(key, spec, options, use_gpu) for key, spec in ensembles.items()}
     jobs = {key: job for key, (job, _) in checked.items()}
     if storage_path is not None:

@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse
 
 from .ensemble import load_ensemble
 from .inference import summary_columns
-from .locations import check_store, filesystem_for, is_uri, join
+from .locations import check_store, filesystem_for, is_uri, join, run_ensemble_path
 from .storage import MANIFEST
 from .validation import check_float, check_int
 
@@ -180,7 +180,7 @@ def ensemble_location(root: str, ensemble_id: str) -> str | None:
     (a sweep's trial folder); None if neither holds one."""
     if not isinstance(ensemble_id, str) or not ENSEMBLE_ID.fullmatch(ensemble_id):
         return None
-    return next((c for c in (join(root, ensemble_id), join(root, ensemble_id, "ensemble")) if has_ensemble(c)), None)
+    return next((c for c in (join(root, ensemble_id), run_ensemble_path(root, ensemble_id)) if has_ensemble(c)), None)
 
 
 def ensemble_ids(root: str) -> list[str]:

@@ -89,6 +89,40 @@ class TableStream:
     def __len__(self):
         return self.num_rows
 
+    # TrainingData ---------------------------------------------------------------------------------
+
+    reader_cpus = 1  # every worker streaming the table waits on Ray Data's read tasks
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.features
+
+    def fit_standardization(self, ensemble):
+        ensemble.standardizer.fit_moments(*self.scan(ensemble))  # one pass over the table
+        ensemble.feature_names = self.features
+
+    def member_batches(self, ensemble, settings, device) -> "StreamBatches":
+        return StreamBatches(self, ensemble, settings.batch_size, settings.shuffle_buffer_rows, device,
+                             settings.num_steps)
+
+    def evaluation_rows(self) -> None:
+        return None
+
+    def shipped(self) -> "TableStream":
+        return dataclasses.replace(self, dataset=None)  # Ray Train's DataConfig gives each worker the dataset
+
+    def on_worker(self) -> "TableStream":
+        import ray.train
+
+        return dataclasses.replace(self, dataset=ray.train.get_dataset_shard("train"))
+
+    def ray_train_options(self) -> dict:
+        """Every worker gets all of the dataset (no shards), in the dataset's own order."""
+        from ray.train import DataConfig
+
+        return {"datasets": {"train": self.dataset},
+                "dataset_config": DataConfig(datasets_to_split=[], execution_options=execution_options())}
+
     def blocks(self):
         """The table's rows in the dataset's own order, CHUNK_ROWS at a time: (X (n, D), y (n,))
         numpy arrays, every column checked (`table_arrays`): a bad value fails at its chunk.

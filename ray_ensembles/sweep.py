@@ -26,8 +26,9 @@ import torch
 from ray.tune import Callback
 
 from .data import TensorDataset
-from .locations import is_uri, join
+from .locations import is_uri, join, run_ensemble_path
 from .metrics import ensemble_validation_metrics
+from .validation import check_choice, check_float, check_int, check_type, fail
 
 ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size",
            "steps": "train_num_steps"}
@@ -95,8 +96,7 @@ def normalize_param_space(param_space, task: str = "regression") -> dict:
     from ray import tune
 
     if not isinstance(param_space, dict) or not param_space:
-        raise ValueError("The 'param_space' parameter of tune_ensemble must be a non-empty dict of "
-                         f"option -> values. Got {param_space!r} instead.")
+        fail("tune_ensemble", "param_space", "a non-empty dict of option -> values", param_space)
     space = {}
     for name, spec in canonical_options(param_space, task, "param_space").items():
         if isinstance(spec, (list, tuple)):
@@ -159,7 +159,6 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
 
     from .distributed import AUTOSCALING_ENV, env_default
     from .ensemble import ENSEMBLE_CLASSES
-    from .validation import check_choice, check_float, check_int
 
     owner = "tune_ensemble"
     check_choice(owner, "task", task, {"regression", "classification"})
@@ -173,9 +172,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
         check_int(owner, "max_workers_per_trial", max_workers_per_trial, minimum=1)
     if trial_training == "auto":
         trial_training = "ray_train" if use_gpu or (max_workers_per_trial or 1) > 1 else "in_trial"
-    if not isinstance(dataset, TensorDataset):
-        raise TypeError(f"The 'dataset' parameter of tune_ensemble must be a TensorDataset. "
-                        f"Got {type(dataset).__name__} instead.")
+    check_type(owner, "dataset", dataset, TensorDataset, "a TensorDataset")
     if validation_dataset is None:
         dataset, validation_dataset = dataset.split(validation_fraction, seed=seed)
     ensemble_options = canonical_options(dict(ensemble_options or {}), task, "ensemble_options")
@@ -259,7 +256,7 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                     if k in metrics})
         trial_id = metrics.get("trial_id") or (result.path and Path(result.path).name)
         row.update(training=trial_training, trial_id=trial_id, error=None if result.error is None else str(result.error).splitlines()[0],
-                   ensemble_path=join(base["trials_dir"], trial_id, "ensemble"))
+                   ensemble_path=run_ensemble_path(base["trials_dir"], trial_id))
         table.append(row)
     table.sort(key=lambda r: (r.get("val_nll") is None, r.get("val_nll") or 0.0))
     if not table or table[0].get("val_nll") is None:
@@ -325,7 +322,7 @@ def _run_trial(config, *, train, validation, base):
         with tempfile.TemporaryDirectory(prefix="ray_ensembles-trial-") as folder:
             Trainer(ensemble, train, validation_dataset=validation, **trainer_kwargs, save_every=save_every,
                     results_folder=folder, cpu=not base["use_gpu"], metrics_callback=report).train()
-        ensemble.save(join(base["trials_dir"], trial_id, "ensemble"))
+        ensemble.save(run_ensemble_path(base["trials_dir"], trial_id))
         return
     workers = min(ensemble.num_members, base["max_workers"])
     per_worker = {"CPU": base["cpus_per_worker"], **({"GPU": 1} if base["use_gpu"] else {})}
@@ -393,7 +390,6 @@ def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, 
 
     from .ensemble import combine, load_ensemble
     from .selection import greedy_selection, mixture_nll
-    from .validation import check_int
 
     owner = "hyper_ensemble"
     size = check_int(owner, "size", size, minimum=1)
@@ -408,8 +404,7 @@ def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, 
     if not replacement and size > candidates:
         raise ValueError(f"The 'size' parameter of {owner} must be at most the {candidates} members the sweep "
                          f"trains when chosen without replacement. Got {size} instead.")
-    if not isinstance(dataset, TensorDataset):
-        raise TypeError(f"The 'dataset' parameter of {owner} must be a TensorDataset. Got {type(dataset).__name__} instead.")
+    check_type(owner, "dataset", dataset, TensorDataset, "a TensorDataset")
     if validation_dataset is None:
         dataset, validation_dataset = dataset.split(validation_fraction, seed=seed)
     result = tune_ensemble(dataset, {**param_space, "seed": tune.randint(0, 2**31 - 1)}, task=task,
@@ -461,7 +456,6 @@ def m_curve(ensemble, X, y, *, num_subsets: int = 20, seed: int = 0) -> list[dic
     `num_subsets` distinct subsets (all of them when there are fewer) are scored; each row has the
     mean and standard deviation over subsets of the ensemble NLL (and RMSE or accuracy).
     """
-    from .validation import check_int
 
     num_subsets = check_int("m_curve", "num_subsets", num_subsets, minimum=1)
     seed = check_int("m_curve", "seed", seed, minimum=0)

@@ -7,8 +7,6 @@ import dataclasses
 import math
 from pathlib import Path
 
-import torch.utils.data
-
 from . import checkpoint, storage
 from .data import TensorDataset
 from .ensemble import Ensemble
@@ -16,9 +14,9 @@ from .metrics import ensemble_validation_metrics
 from .locations import is_uri
 from .placement import assign_members, launched_rank, local_device, process_group
 from .progress import EnsembleProgress, Every
-from .streaming import TableStream, is_ray_dataset
 from .training import EnsembleFit, TrainSettings, attach_validation
-from .validation import check_int
+from .training_data import check_datasets
+from .validation import check_bool, check_callable, check_int
 
 
 def num_steps(num_rows: int, batch_size: int, steps: int | None, epochs: int | None) -> int:
@@ -30,47 +28,6 @@ def num_steps(num_rows: int, batch_size: int, steps: int | None, epochs: int | N
     if epochs is not None:
         return check_int("Trainer", "train_num_epochs", epochs, minimum=1) * math.ceil(num_rows / batch_size)
     return check_int("Trainer", "train_num_steps", TrainSettings.num_steps if steps is None else steps, minimum=1)
-
-
-def check_datasets(ensemble, dataset, validation_dataset, target=None, features=None
-                   ) -> tuple[TensorDataset | TableStream, TensorDataset | None]:
-    """The Trainer's data, as TensorDatasets (a torch one is converted), or a Ray Dataset as a
-    TableStream of its `target` and `features` columns, checked against the ensemble: a wrong
-    width, target shape, label or column fails here, before anything starts (a streamed table's
-    values, at the scan that fits the standardisation)."""
-    if not isinstance(ensemble, Ensemble):
-        raise TypeError(f"The 'ensemble' parameter of Trainer must be a DeepEnsemble or "
-                        f"DeepEnsembleClassifier. Got {type(ensemble).__name__} instead.")
-    if ensemble.is_combined:
-        raise ValueError("The 'ensemble' parameter of Trainer must be one configuration of members. Got one "
-                         "combined from several (combine) instead: train each of its parts as an ensemble of its own.")
-    validation_dataset = check_tensor_dataset(ensemble, "validation_dataset", validation_dataset)
-    if is_ray_dataset(dataset):
-        stream = TableStream.of(dataset, target, features, ensemble.task)
-        if len(stream.features) != ensemble.dim_in:
-            raise ValueError(f"The 'features' parameter of Trainer must name dim_in={ensemble.dim_in} columns. "
-                             f"Got {len(stream.features)} ({stream.features}) instead.")
-        return stream, validation_dataset
-    if target is not None or features is not None:
-        raise ValueError("The 'target' and 'features' parameters of Trainer name the columns of a Ray Dataset. "
-                         f"Got them with a {type(dataset).__name__} instead.")
-    if dataset is None:
-        raise TypeError("The 'dataset' parameter of Trainer must be a TensorDataset or a Ray Dataset. Got NoneType instead.")
-    return check_tensor_dataset(ensemble, "dataset", dataset), validation_dataset
-
-
-def check_tensor_dataset(ensemble, name: str, data) -> TensorDataset | None:
-    if isinstance(data, torch.utils.data.TensorDataset):
-        data = TensorDataset.from_torch(data)
-    if data is not None:
-        if not isinstance(data, TensorDataset):
-            kinds = "TensorDataset or a Ray Dataset" if name == "dataset" else "TensorDataset"
-            raise TypeError(f"The '{name}' parameter of Trainer must be a {kinds}. Got {type(data).__name__} instead.")
-        if data.X.shape[1] != ensemble.dim_in:
-            raise ValueError(f"The '{name}' parameter of Trainer must have dim_in={ensemble.dim_in} "
-                             f"input columns. Got {data.X.shape[1]} instead.")
-        ensemble.check_y(data.y, len(data))
-    return data
 
 
 class Trainer:
@@ -132,14 +89,11 @@ class Trainer:
             on_divergence=on_divergence, max_restarts=max_restarts, lr_scheduler=lr_scheduler,
             shuffle_buffer_rows=shuffle_buffer_rows)
         for name, value in [("cpu", cpu), ("progress", progress), ("refit_normalization", refit_normalization)]:
-            if not isinstance(value, bool):
-                raise TypeError(f"The '{name}' parameter of Trainer must be a bool. Got {value!r} instead.")
+            check_bool("Trainer", name, value)
         if Path(results_folder).exists() and not Path(results_folder).is_dir():
             raise ValueError(f"The 'results_folder' parameter of Trainer must be a folder (it holds "
                              f"the checkpoints). Got {str(results_folder)!r}, a file, instead.")
-        if metrics_callback is not None and not callable(metrics_callback):
-            raise TypeError(f"The 'metrics_callback' parameter of Trainer must be callable (it gets "
-                            f"each history entry). Got {metrics_callback!r} instead.")
+        check_callable("Trainer", "metrics_callback", metrics_callback, "callable (it gets each history entry)")
 
         self.ensemble = ensemble
         self.dataset = dataset
@@ -174,8 +128,7 @@ class Trainer:
     # in-process ---------------------------------------------------------------------------------
 
     def _new_fit(self, ensemble=None) -> EnsembleFit:
-        data = (self.dataset, None) if isinstance(self.dataset, TableStream) else (self.dataset.X, self.dataset.y)
-        return EnsembleFit(ensemble or self.ensemble, *data, self.settings, local_device(self.cpu))
+        return EnsembleFit(ensemble or self.ensemble, self.dataset, self.settings, local_device(self.cpu))
 
     def milestone_path(self, milestone: int) -> Path:
         return self.results_folder / f"checkpoint-{milestone}"
@@ -228,12 +181,7 @@ class Trainer:
         """Fit the standardisation to this data unless the ensemble's is fitted already (a
         trained or loaded ensemble keeps its own, unless `refit_normalization`)."""
         if self.refit_normalization or not self.ensemble.normalization_fitted:
-            if isinstance(self.dataset, TableStream):  # one pass over the table
-                self.ensemble.standardizer.fit_moments(*self.dataset.scan(self.ensemble))
-                self.ensemble.feature_names = self.dataset.features
-            else:
-                self.ensemble.fit_normalization(self.dataset.X, self.dataset.y)
-                self.ensemble.feature_names = self.dataset.feature_names
+            self.dataset.fit_standardization(self.ensemble)
 
     def train(self):
         """Train every member; afterwards `self.ensemble` holds the trained members and
@@ -271,7 +219,7 @@ class Trainer:
     def _check_predictions(self):
         """An ensemble that trained but cannot predict finite values in the target's units (a
         target of extreme scale) fails here, where the run is still at hand, not at its first use."""
-        rows = self.validation_dataset or (None if isinstance(self.dataset, TableStream) else self.dataset)
+        rows = self.validation_dataset or self.dataset.evaluation_rows()
         if rows is None:
             return
         try:

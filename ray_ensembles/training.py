@@ -10,7 +10,6 @@ whichever other members share its process.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -18,12 +17,11 @@ from typing import Callable, ClassVar
 import torch
 from ema_pytorch import EMA
 
-from .batches import MemberBatches
 from .cuda_graphs import GraphedStep
+from .data import TrainingData
 from .members import member_seed
 from .optim import StackedAdam
-from .streaming import StreamBatches, TableStream
-from .validation import check_choice, check_float, check_int
+from .validation import check_bool, check_choice, check_float, check_int
 
 
 class MemberDivergedError(RuntimeError):
@@ -79,8 +77,7 @@ class TrainSettings:
             check("max_grad_norm", check_float, strict_minimum=0.0)
         check_choice("Trainer", "on_divergence", self.on_divergence, {"raise", "restart"})
         for field in ("amp", "cuda_graphs", "lr_scheduler"):
-            if not isinstance(getattr(self, field), bool):
-                raise TypeError(f"The '{field}' parameter of Trainer must be a bool. Got {getattr(self, field)!r} instead.")
+            check_bool("Trainer", field, getattr(self, field))
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the step after `step` steps: a function of the step alone."""
@@ -95,18 +92,6 @@ def horizon_lr(num_steps: int) -> float:
     methods take for a fixed horizon. At 0.1, hidden ReLUs die at a steady rate, so a long run
     at the paper's rate ends with half its units dead (docs/benchmarks.md, "Learning rate")."""
     return 0.1 * min(1.0, math.sqrt(200 / num_steps))
-
-
-def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
-    """A short digest of the training data: shapes, dtypes, sums and up to 4096 evenly spaced
-    rows. Cheap for any size; a checkpoint resumed on other data is refused by it."""
-    digest = hashlib.sha256()
-    for t in (x, y):
-        rows = torch.linspace(0, len(t) - 1, min(len(t), 4096)).long()
-        sample = t.detach().cpu()[rows].contiguous()
-        digest.update(f"{tuple(t.shape)} {t.dtype} {float(t.sum(dtype=torch.float64))}".encode())  # no float64 copy
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def attach_validation(entries: list[dict], step: int, validation: dict) -> list[dict]:
@@ -124,20 +109,11 @@ class EnsembleFit:
     """Training state of the members held by one process: weights, Adam, EMA and step.
     Checkpoints of it are written and read by `checkpoint`."""
 
-    def __init__(self, ensemble, x: torch.Tensor | TableStream, y: torch.Tensor | None, settings: TrainSettings,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, ensemble, data: TrainingData, settings: TrainSettings, device: torch.device | str = "cpu"):
         self.ensemble = ensemble.to(device)
         self.settings = settings
-        if isinstance(x, TableStream):  # a Ray Dataset, read window by window (y is None)
-            self.batches = StreamBatches(x, self.ensemble, settings.batch_size, settings.shuffle_buffer_rows, device,
-                                         settings.num_steps)
-            self.data = x.fingerprint
-        else:
-            standardizer = ensemble.standardizer
-            self.xs = standardizer.standardize_x(x.to(device))                      # (N, D)
-            self.ys = standardizer.standardize_y(ensemble.check_y(y, len(x)))       # (N, T) or (N,)
-            self.batches = MemberBatches(self.xs, self.ys, settings.batch_size, ensemble.member_seeds)
-            self.data = data_fingerprint(x, y)
+        self.batches = data.member_batches(self.ensemble, settings, device)
+        self.data = data.fingerprint
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.optimizer = StackedAdam(ensemble.members, ensemble.num_members, settings.lr, settings.weight_decay)
         self.ema = None

@@ -12,15 +12,36 @@ import numpy as np
 import torch
 
 
-def _fail(owner: str, name: str, constraint: str, value, error=ValueError):
+def fail(owner: str, name: str, constraint: str, value, error=ValueError):
+    """Raise the one form of message: the parameter, its owner, the constraint, the value."""
     raise error(f"The '{name}' parameter of {owner} must be {constraint}. Got {value!r} instead.")
+
+
+def check_bool(owner: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        fail(owner, name, "a bool", value, TypeError)
+    return value
+
+
+def check_callable(owner: str, name: str, value, constraint: str = "callable"):
+    """`value` if it is None or callable; `constraint` says what it must be."""
+    if value is not None and not callable(value):
+        fail(owner, name, constraint, value, TypeError)
+    return value
+
+
+def check_type(owner: str, name: str, value, types, constraint: str):
+    """`value` if it is an instance of `types`; the message names the type received, not its value."""
+    if not isinstance(value, types):
+        raise TypeError(f"The '{name}' parameter of {owner} must be {constraint}. Got {type(value).__name__} instead.")
+    return value
 
 
 def check_int(owner: str, name: str, value, *, minimum: int | None = None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(owner, name, "an int", value, TypeError)
+        fail(owner, name, "an int", value, TypeError)
     if minimum is not None and value < minimum:
-        _fail(owner, name, f"an int >= {minimum}", value)
+        fail(owner, name, f"an int >= {minimum}", value)
     return int(value)
 
 
@@ -28,23 +49,23 @@ def check_float(owner: str, name: str, value, *, minimum: float | None = None,
                 strict_minimum: float | None = None, below: float | None = None):
     """A finite real number; `strict_minimum` excludes the bound, `below` is an exclusive maximum."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        _fail(owner, name, "a real number", value, TypeError)
+        fail(owner, name, "a real number", value, TypeError)
     value = float(value)
     if not np.isfinite(value):
-        _fail(owner, name, "finite", value)
+        fail(owner, name, "finite", value)
     if minimum is not None and value < minimum:
-        _fail(owner, name, f"a number >= {minimum}", value)
+        fail(owner, name, f"a number >= {minimum}", value)
     if strict_minimum is not None and value <= strict_minimum:
-        _fail(owner, name, f"a number > {strict_minimum}", value)
+        fail(owner, name, f"a number > {strict_minimum}", value)
     if below is not None and value >= below:
         low = "" if minimum is None else f"in [{minimum}, {below})"
-        _fail(owner, name, low or f"a number < {below}", value)
+        fail(owner, name, low or f"a number < {below}", value)
     return value
 
 
 def check_choice(owner: str, name: str, value, choices):
     if value not in choices:
-        _fail(owner, name, f"one of {sorted(choices)}", value)
+        fail(owner, name, f"one of {sorted(choices)}", value)
     return value
 
 
@@ -57,17 +78,17 @@ def as_tensor(owner: str, name: str, value) -> torch.Tensor:
         try:
             value = np.asarray(value)
         except ValueError:
-            _fail(owner, name, "a rectangular array", "a ragged list", TypeError)
+            fail(owner, name, "a rectangular array", "a ragged list", TypeError)
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
-            _fail(owner, name, "an array of real numbers", f"dtype {value.dtype}", TypeError)
+            fail(owner, name, "an array of real numbers", f"dtype {value.dtype}", TypeError)
         # torch needs arrays it may write to (Arrow's and pandas' may be read-only): copy those
         value = torch.from_numpy(np.ascontiguousarray(value) if value.flags.writeable else value.copy())
     if not isinstance(value, torch.Tensor):
-        _fail(owner, name, "a torch.Tensor, numpy array, pandas object or list", type(value).__name__,
+        fail(owner, name, "a torch.Tensor, numpy array, pandas object or list", type(value).__name__,
               TypeError)
     if value.device.type == "meta":
-        _fail(owner, name, "a tensor holding data", "a tensor on the meta device", TypeError)
+        fail(owner, name, "a tensor holding data", "a tensor on the meta device", TypeError)
     return value.detach()
 
 
@@ -76,12 +97,12 @@ def as_float_tensor(owner: str, name: str, value, *, ndim: tuple[int, ...]) -> t
     so that standardising loses nothing; float32 stays float32, half precision becomes it."""
     value = as_tensor(owner, name, value)
     if value.dtype == torch.bool or value.is_complex():
-        _fail(owner, name, "a tensor of real numbers", f"dtype {value.dtype}", TypeError)
+        fail(owner, name, "a tensor of real numbers", f"dtype {value.dtype}", TypeError)
     if value.ndim not in ndim:
         dims = " or ".join(f"{d}-D" for d in ndim)
-        _fail(owner, name, f"{dims}", f"shape {tuple(value.shape)}")
+        fail(owner, name, f"{dims}", f"shape {tuple(value.shape)}")
     if value.shape[-2 if value.ndim > 1 else 0] == 0:
-        _fail(owner, name, "non-empty", f"shape {tuple(value.shape)}")
+        fail(owner, name, "non-empty", f"shape {tuple(value.shape)}")
     if value.dtype != torch.float64:
         value = value.double() if not value.is_floating_point() else value.float()
     # A finite sum proves every value finite in one fast pass (isfinite costs four); only a
@@ -89,7 +110,7 @@ def as_float_tensor(owner: str, name: str, value, *, ndim: tuple[int, ...]) -> t
     if not torch.isfinite(value.sum()):
         bad = int((~torch.isfinite(value)).sum())
         if bad:
-            _fail(owner, name, "free of NaN and inf", f"{bad} non-finite value(s)")
+            fail(owner, name, "free of NaN and inf", f"{bad} non-finite value(s)")
     return value
 
 
@@ -100,14 +121,14 @@ def as_labels(owner: str, name: str, value) -> torch.Tensor:
     if value.is_floating_point():
         whole = torch.isfinite(value).all() and (value == value.round()).all()
         if not whole:
-            _fail(owner, name, "integer class labels", f"dtype {value.dtype} with non-integer values",
+            fail(owner, name, "integer class labels", f"dtype {value.dtype} with non-integer values",
                   TypeError)
     elif value.is_complex():
-        _fail(owner, name, "integer class labels", f"dtype {value.dtype}", TypeError)
+        fail(owner, name, "integer class labels", f"dtype {value.dtype}", TypeError)
     if value.ndim == 2 and value.shape[1] == 1:
         value = value[:, 0]
     if value.ndim != 1:
-        _fail(owner, name, "1-D (one label per row)", f"shape {tuple(value.shape)}")
+        fail(owner, name, "1-D (one label per row)", f"shape {tuple(value.shape)}")
     return value.long()
 
 
@@ -115,6 +136,6 @@ def as_label_tensor(owner: str, name: str, value, *, num_classes: int) -> torch.
     """Class labels (`as_labels`) in [0, num_classes) as a 1-D int64 tensor."""
     value = as_labels(owner, name, value)
     if len(value) and (value.min() < 0 or value.max() >= num_classes):
-        _fail(owner, name, f"labels in [0, {num_classes})",
+        fail(owner, name, f"labels in [0, {num_classes})",
               f"labels in [{int(value.min())}, {int(value.max())}]")
     return value

@@ -27,7 +27,7 @@ def worker_checkpoint(directory, member_ids, steps=4, **ensemble_kwargs):
     """What one worker writes into a Ray checkpoint."""
     kwargs = dict(dim_in=2, hidden_dim=8, seed=1, **ensemble_kwargs)
     e = DeepEnsemble(num_members=len(member_ids), member_ids=member_ids, **kwargs)
-    fit = EnsembleFit(e, X, Y, TrainSettings(batch_size=20, num_steps=steps), "cpu")
+    fit = EnsembleFit(e, TensorDataset(X, Y), TrainSettings(batch_size=20, num_steps=steps), "cpu")
     fit.run()
     for m, (tensors, meta) in checkpoint.member_files(fit).items():
         storage.write_member_file(directory, m, tensors, meta)

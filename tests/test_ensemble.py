@@ -200,12 +200,12 @@ def test_a_regression_ensemble_does_not_load_as_a_classifier(saved):
 def test_a_failed_save_leaves_the_previous_one_intact(saved, monkeypatch):
     e, path, X = saved
     before = DeepEnsemble.load(path)(X).mean
-    from ray_ensembles import storage
+    from ray_ensembles.manifest import Manifest
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(storage, "write_manifest", crash)
+    monkeypatch.setattr(Manifest, "write", crash)
     with pytest.raises(OSError):
         DeepEnsemble(dim_in=2, num_members=3, hidden_dim=8, seed=99).save(path)
     assert torch.equal(DeepEnsemble.load(path)(X).mean, before)

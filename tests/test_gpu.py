@@ -52,7 +52,7 @@ def test_cuda_graphs_give_the_eager_members_through_a_restart(amp):
         e.fit_normalization(X, Y)
         settings = TrainSettings(batch_size=32, num_steps=100, lr=3e-3, max_grad_norm=1.0, ema_decay=0.9,
                                  ema_update_every=1, amp=amp, cuda_graphs=graphs, on_divergence="restart")
-        fit = EnsembleFit(e, X, Y, settings, local_device())
+        fit = EnsembleFit(e, TensorDataset(X, Y), settings, local_device())
         while fit.step < settings.num_steps:
             if fit.step == 70:
                 with torch.no_grad():

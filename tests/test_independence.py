@@ -63,13 +63,13 @@ def test_each_step_gives_every_member_its_own_rows_across_gathered_blocks(monkey
     X, y = torch.randn(230, 4, generator=g), torch.randn(230, 1, generator=g)
     e = DeepEnsemble(dim_in=4, num_members=3, hidden_dim=8, seed=0)
     monkeypatch.setattr(batches, "GATHER_BYTES", 3 * 3 * 10 * 4 * 5)  # 3 steps of 3 members x 10 rows
-    fit = EnsembleFit(e, X, y, TrainSettings(batch_size=10, num_steps=100), "cpu")
+    fit = EnsembleFit(e, TensorDataset(X, y), TrainSettings(batch_size=10, num_steps=100), "cpu")
     assert fit.batches.steps_per_gather == 3 and fit.steps_per_epoch == 23
     for step in range(2 * fit.steps_per_epoch + 5):
         fit.step = step
         xs, ys = fit.batches(step)
         rows = fit.batches.rows(step)
-        assert torch.equal(xs, fit.xs[rows]) and torch.equal(ys, fit.ys[rows])
+        assert torch.equal(xs, fit.batches.xs[rows]) and torch.equal(ys, fit.batches.ys[rows])
         assert not torch.equal(rows[0], rows[1])
 
 
@@ -99,7 +99,7 @@ def test_a_nan_member_changes_no_other_member():
 def test_divergence_stops_with_the_member_step_and_last_loss(toy_data, tmp_path):
     X, y = toy_data
     e = DeepEnsemble(dim_in=2, num_members=3, hidden_dim=8, seed=0)
-    fit = EnsembleFit(e, X, y, TrainSettings(batch_size=50, num_steps=10), "cpu")
+    fit = EnsembleFit(e, TensorDataset(X, y), TrainSettings(batch_size=50, num_steps=10), "cpu")
     fit.train_step()
     with torch.no_grad():
         e.members.biases[-1][2].fill_(float("inf"))
@@ -140,7 +140,7 @@ def test_restart_re_initialises_only_the_diverged_member(toy_data, factory):
 
     def run(poison):
         e = DeepEnsemble(**kwargs)
-        fit = EnsembleFit(e, X, y, settings, "cpu")
+        fit = EnsembleFit(e, TensorDataset(X, y), settings, "cpu")
         for step in range(12):
             if poison and step == 5:
                 with torch.no_grad():
@@ -162,7 +162,7 @@ def test_restart_re_initialises_only_the_diverged_member(toy_data, factory):
 def test_restarts_are_bounded(toy_data):
     X, y = toy_data
     e = DeepEnsemble(dim_in=2, num_members=2, hidden_dim=8)
-    fit = EnsembleFit(e, X, y, TrainSettings(batch_size=50, num_steps=10, on_divergence="restart",
+    fit = EnsembleFit(e, TensorDataset(X, y), TrainSettings(batch_size=50, num_steps=10, on_divergence="restart",
                                              max_restarts=0), "cpu")
     with torch.no_grad():
         e.members.weights[0][1].fill_(float("nan"))

@@ -18,6 +18,7 @@ from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, T
 from ray_ensembles import sweep
 from ray_ensembles.data import read_table, table_to_dataset
 from ray_ensembles.ensemble import load_ensemble
+from ray_ensembles.manifest import FORMAT_VERSION
 from ray_ensembles.metrics import calibration_curve, crps_gaussian, miscalibration_area
 from ray_ensembles.training import EnsembleFit
 
@@ -220,11 +221,11 @@ def test_restart_attempts_and_a_partial_epoch_survive_a_checkpoint(tmp_path):
     np.testing.assert_allclose([list(e.values()) for e in resumed_epochs],
                                [list(e.values()) for e in full_epochs[1:]], rtol=1e-6)
 
-    fit = EnsembleFit(small(), X, Y, resumed.settings, "cpu")
+    fit = EnsembleFit(small(), TensorDataset(X, Y), resumed.settings, "cpu")
     fit.attempts = [2, 0]
     fit.step = 3
     checkpoint.save(fit, tmp_path / "attempts")
-    again = EnsembleFit(small(), X, Y, resumed.settings, "cpu")
+    again = EnsembleFit(small(), TensorDataset(X, Y), resumed.settings, "cpu")
     checkpoint.restore(again, tmp_path / "attempts")
     assert again.attempts == [2, 0]  # a second divergence gets attempt 3, a seed it never had
 
@@ -411,7 +412,7 @@ def test_an_uncalibrated_ensemble_is_format_3_and_versions_1_and_2_still_load(tm
     e = small()
     e.save(tmp_path / "ens")
     manifest = json.loads((tmp_path / "ens" / "manifest.json").read_text())
-    assert manifest["format_version"] == 3 and storage.FORMAT_VERSION == 4  # 4: calibrated ones only
+    assert manifest["format_version"] == 3 and FORMAT_VERSION == 4  # 4: calibrated ones only
     manifest["format_version"] = 1
     del manifest["normalization"]["target_dtype"], manifest["config"]["nll_beta"]
     for entry in manifest["members"]:  # member files of then: their config had no nll_beta either
@@ -437,16 +438,16 @@ def test_the_other_tasks_summaries_are_none_as_in_deep_ensembles_pytorch():
 
 KILL_DURING_SAVE = """
 import os, sys
-from ray_ensembles import DeepEnsemble, storage
+from ray_ensembles import DeepEnsemble, directories, manifest
 path, step = sys.argv[1], sys.argv[2]
 def die(*args, **kwargs):
     os._exit(3)
 if step == "before the manifest":
-    storage.write_manifest = die
+    manifest.Manifest.write = die
 elif step == "before the exchange":
-    storage._exchange = die
+    directories._exchange = die
 elif step == "before the old is removed":
-    storage.shutil.rmtree = die
+    directories.shutil.rmtree = die
 DeepEnsemble(dim_in=2, num_members=2, hidden_dim=8, seed=1).save(path)
 """
 

@@ -184,7 +184,7 @@ def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_dat
     from ray_ensembles.training import EnsembleFit, TrainSettings
     X, y = toy_data
     settings = TrainSettings(batch_size=32, num_steps=10)
-    fit = EnsembleFit(make(), X, y, settings, "cpu")
+    fit = EnsembleFit(make(), TensorDataset(X, y), settings, "cpu")
     fit.run()
     checkpoint.save(fit, tmp_path / "new")
     old = tmp_path / "old"  # member files as written before step counts were saved (no manifest)
@@ -194,8 +194,8 @@ def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_dat
             tensors = {k: member.get_tensor(k) for k in member.keys() if not k.startswith("adam.step.")}
             save_file(tensors, old / f.name, metadata=member.metadata())
     with pytest.raises(ValueError, match=r"lacks the optimiser state \['adam.step.\*'\]"):
-        checkpoint.restore(EnsembleFit(make(), X, y, settings, "cpu"), old)
-    checkpoint.restore(EnsembleFit(make(), X, y, settings, "cpu"), tmp_path / "new")
+        checkpoint.restore(EnsembleFit(make(), TensorDataset(X, y), settings, "cpu"), old)
+    checkpoint.restore(EnsembleFit(make(), TensorDataset(X, y), settings, "cpu"), tmp_path / "new")
 
 
 @pytest.mark.parametrize("options, error, message", [

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from ray_ensembles import DeepEnsemble
+from ray_ensembles import DeepEnsemble, TensorDataset
 from ray_ensembles.heads import VARIANCE_FLOOR, mean_and_variance
 from ray_ensembles.training import EnsembleFit, TrainSettings
 
@@ -25,15 +25,15 @@ def worst_after_warm_start(nll_beta, seed, steps=200, settle=50):
     x, y = skewed_problem(seed=seed)
     e = DeepEnsemble(13, 1, num_members=5, hidden_dim=50, seed=seed, nll_beta=nll_beta)
     e.fit_normalization(x, y)
-    fit = EnsembleFit(e, x, y, TrainSettings(batch_size=100, lr=0.1, num_steps=steps), "cpu")
+    fit = EnsembleFit(e, TensorDataset(x, y), TrainSettings(batch_size=100, lr=0.1, num_steps=steps), "cpu")
     rmse, high, low = 0.0, 0.0, float("inf")
     while fit.step < steps:
         fit.train_step()
         if fit.step >= settle:
             with torch.no_grad():
-                mean, var = mean_and_variance(e.members(fit.xs.expand(5, -1, -1)))
+                mean, var = mean_and_variance(e.members(fit.batches.xs.expand(5, -1, -1)))
             assert torch.isfinite(mean).all() and torch.isfinite(var).all()
-            rmse = max(rmse, float((mean - fit.ys).square().mean((1, 2)).sqrt().max()))
+            rmse = max(rmse, float((mean - fit.batches.ys).square().mean((1, 2)).sqrt().max()))
             high, low = max(high, float(var.max())), min(low, float(var.min()))
     return rmse, high, low
 
