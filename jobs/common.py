@@ -27,7 +27,7 @@ def add_data_arguments(parser):
 
 def default_lr(args, num_rows: int) -> float:
     """The rate for --epochs of --batch-size over num_rows rows when --lr is not given."""
-    from ray_ensembles.trainer import num_steps  # here: the prediction job imports this module too
+    from ray_ensembles.training import num_steps  # here: the prediction job imports this module too
     from ray_ensembles.training import horizon_lr
 
     return horizon_lr(num_steps(num_rows, args.batch_size, None, args.epochs))

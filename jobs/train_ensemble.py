@@ -237,7 +237,7 @@ def main(argv=None):
                            ema_decay=args.ema_decay, amp=args.amp, save_every=args.save_every,
                            validation_dataset=validation, progress=not (args.quiet or args.json))
             options.update(shuffle_buffer_rows=args.shuffle_buffer_rows)
-            Trainer(ensemble, train, **options)  # every option checked before Ray starts
+            Trainer.check(ensemble, train, **options)  # before Ray starts
             args.name = args.name or new_run_name()  # named here, so that an interrupted run says how to resume
             config = run_config(args, output)  # --name and --resume too
             trackers = loggers(args, args.name)

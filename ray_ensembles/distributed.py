@@ -36,7 +36,8 @@ from .placement import assign_members, local_device
 from .ray_internals import data_parallel_trainer, quiet_worker_reports
 from .reporting import (Follower, ReportForwarder, RunChannel, epoch_entries, epochs_filename, progress_sender,
                         validation_filename)
-from .training import EnsembleFit, TrainSettings, attach_validation
+from .history import History, RunResult, attach_validation
+from .training import EnsembleFit, TrainSettings
 from .validation import check_type
 
 IMPORTED = time.time()
@@ -45,18 +46,6 @@ AUTOSCALING_ENV = "RAY_ENSEMBLES_AUTOSCALING"  # "1": the cluster grows on deman
 # Ray Train's controller polls its workers every this many seconds (2 by default). Start-up, every
 # report and the end of a run each wait for a poll (docs/performance.md).
 POLL_ENV, POLL_DEFAULT_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
-
-
-@dataclasses.dataclass
-class RayFit:
-    """What a Ray fit returns. `placement`: member id -> the worker rank, Ray node id, device and
-    GPU ids that trained it; `timings`: seconds (workers run in parallel, so their figures are maxima)."""
-
-    checkpoint_path: str | Path
-    run_name: str
-    train_losses: dict[int, float]
-    placement: dict[int, dict]
-    timings: dict[str, float]
 
 
 def new_run_name() -> str:
@@ -113,10 +102,10 @@ def check_cluster_resources(scaling_config, reader_cpus: int = 0):
 
 
 def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, run_config=None,
-               results_folder, validation_dataset=None, resume_from=None, emit=None,
-               progress: bool = False) -> RayFit:
+               results_folder, history: History, validation_dataset=None, resume_from=None,
+               progress: bool = False) -> RunResult:
     """Train `ensemble` (its standardisation fitted) on `dataset` on Ray Train workers, then
-    assemble its members into it and save it. History entries go to `emit` as they come;
+    assemble its members into it and save it. History entries go to `history` as they come;
     `resume_from` is a checkpoint directory every node can read, which the workers continue."""
     from ray.train import BackendConfig, LoggingConfig, RunConfig
 
@@ -144,7 +133,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     rc = dataclasses.replace(rc, callbacks=[*(rc.callbacks or []), ReportForwarder(channel, validation_dataset is not None)])
     started = time.time()
     follower = Follower(channel, report_entries(ensemble.task, None if validation_dataset is None else validation_dataset.y),
-                        emit or (lambda entries: None), ensemble.num_members * settings.num_steps, progress)
+                        history, ensemble.num_members * settings.num_steps, progress)
     try:
         with env_default(POLL_ENV, POLL_DEFAULT_S):  # the driver's value reaches the controller
             try:
@@ -172,7 +161,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     def latest(key: str) -> float:  # workers run in parallel
         return max(t[key] for t in timing)
 
-    return RayFit(checkpoint_path=path, run_name=rc.name,
+    return RunResult(checkpoint_path=path, run_name=rc.name,
                   train_losses={m: meta["train_loss"] for m, meta in metadata.items()},
                   placement={m: meta["placement"] for m, meta in metadata.items()},
                   timings={"workers_up_s": latest("import_started") - started,  # Ray Train's start

@@ -68,8 +68,8 @@ def folder_name(key) -> str:
 
 
 def _job(key, spec, options: dict, use_gpu: bool) -> tuple[dict, int]:
-    """The Trainer arguments of one ensemble and its member-steps, checked here by building its
-    Trainer: any bad input fails before anything starts, naming the ensemble's key."""
+    """The Trainer arguments of one ensemble and its member-steps, checked here (`Trainer.check`):
+    any bad input fails before anything starts, naming the ensemble's key."""
     if isinstance(spec, Mapping):
         job = dict(spec)
     elif isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
@@ -86,10 +86,10 @@ def _job(key, spec, options: dict, use_gpu: bool) -> tuple[dict, int]:
                          f"Trainer's other options except {sorted(_NOT_PER_ENSEMBLE)}. Got {sorted(job)} instead.")
     job["cpu"] = not use_gpu
     try:
-        trainer = Trainer(**job, results_folder=".")  # creates nothing
+        settings = Trainer.check(**job, results_folder=".")
     except (TypeError, ValueError) as err:
         raise type(err)(f"The ensemble {key!r} of fit_many: {err}") from None
-    return job, trainer.ensemble.num_members * trainer.settings.num_steps
+    return job, job["ensemble"].num_members * settings.num_steps
 
 
 class EnsemblePool:

@@ -166,3 +166,34 @@ def ensemble_validation_metrics(task: str, member_ids, member_log_lik, member_po
     else:
         out["val_accuracy"] = accuracy(points.mean(0), y)
     return out
+
+
+def validation_metrics(task: str, validation, evaluate, member_ids) -> dict:
+    """`ensemble_validation_metrics` of the members that `evaluate(X, y)` scores (ids
+    `member_ids`) on the `validation` dataset's rows; {} without validation rows."""
+    if validation is None:
+        return {}
+    log_lik, points = evaluate(validation.X, validation.y)
+    return ensemble_validation_metrics(task, member_ids, log_lik, points, validation.y)
+
+
+def run_metrics(ensemble, validation, train_losses: dict[int, float]) -> dict:
+    """A trained ensemble's `Trainer.metrics`: {"members": {id: {"train_loss", "val_nll"}}, and
+    with validation rows the ensemble's "val_nll" and "val_rmse" or "val_accuracy"}."""
+    members = {m: {"train_loss": loss} for m, loss in train_losses.items()}
+    scores = validation_metrics(ensemble.task, validation, ensemble.evaluate_members, ensemble.member_ids)
+    for m, nll in scores.pop("member_val_nll", {}).items():
+        members[m]["val_nll"] = nll
+    return {"members": members, **scores}
+
+
+def check_predictions(ensemble, rows, saved_at):
+    """An ensemble that trained but cannot predict finite values in the target's units (a target
+    of extreme scale) fails here, where the run is still at hand, not at its first use."""
+    if rows is None:
+        return
+    try:
+        ensemble.predict(rows.X[:256]).variance  # the mixture's sum can overflow alone
+    except FloatingPointError as err:
+        raise FloatingPointError(f"The ensemble trained, but cannot predict: {err} Its members are "
+                                 f"saved at {saved_at}.") from None

@@ -78,13 +78,13 @@ class RunChannel:
 
 class Follower:
     """In the driver, beside the blocking fit: polls the run's channel, moves the progress bar
-    (`total` member-steps) and hands each new report's history entries (`to_entries(report)`)
-    to `emit`."""
+    (`total` member-steps) and records each new report's history entries (`to_entries(report)`)
+    into the run's `history.History`, as the in-process loop does."""
 
     POLL_S = 0.5
 
-    def __init__(self, channel, to_entries, emit, total: int, progress: bool):
-        self.channel, self.to_entries, self.emit, self.seen, self.val_nll = channel, to_entries, emit, 0, None
+    def __init__(self, channel, to_entries, history, total: int, progress: bool):
+        self.channel, self.to_entries, self.history, self.seen = channel, to_entries, history, 0
         self.bar = EnsembleProgress(total, enabled=progress)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ray_ensembles-progress", daemon=True)
@@ -99,13 +99,11 @@ class Follower:
         workers, reports = self.channel.poll(self.seen)
         self.seen += len(reports)
         for report in reports:
-            entries = self.to_entries(report)
-            self.emit(entries)
-            self.val_nll = next((e["val_nll"] for e in reversed(entries) if "val_nll" in e), self.val_nll)
+            self.history.emit(self.to_entries(report))
         if workers:
             done = sum(step * n for step, n, _ in workers.values())
             losses = [loss for _, _, member_losses in workers.values() for loss in member_losses]
-            self.bar.update(done, statistics.fmean(losses), self.val_nll)
+            self.bar.update(done, statistics.fmean(losses), self.history.latest("val_nll"))
 
     def stop(self):
         self.done.set()

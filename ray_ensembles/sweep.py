@@ -301,7 +301,8 @@ def _run_trial(config, *, train, validation, base):
     from ray import tune
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
 
-    from .trainer import Trainer, num_steps
+    from .trainer import Trainer
+    from .training import num_steps
 
     ensemble_kwargs, trainer_kwargs = split_options({**base["ensemble"], **base["trainer"], **config},
                                                     base["cls"].head_class.task)

@@ -94,15 +94,15 @@ def horizon_lr(num_steps: int) -> float:
     return 0.1 * min(1.0, math.sqrt(200 / num_steps))
 
 
-def attach_validation(entries: list[dict], step: int, validation: dict) -> list[dict]:
-    """Put validation metrics on the epoch entry that ended at `step`, or add an entry for a
-    checkpoint taken mid-epoch. The in-process and Ray paths report alike through this."""
-    if validation:
-        if entries and entries[-1]["step"] == step:
-            entries[-1].update(validation)
-        else:
-            entries.append({"step": step, **validation})
-    return entries
+def num_steps(num_rows: int, batch_size: int, steps: int | None, epochs: int | None) -> int:
+    """The length of a run: `steps`, or `epochs` of ceil(num_rows / batch_size) steps, or 10,000
+    steps (TrainSettings' default, deep-ensembles-pytorch's) when neither is given."""
+    if steps is not None and epochs is not None:
+        raise ValueError("Trainer takes one of 'train_num_steps' and 'train_num_epochs'. "
+                         f"Got both ({steps}, {epochs}) instead.")
+    if epochs is not None:
+        return check_int("Trainer", "train_num_epochs", epochs, minimum=1) * math.ceil(num_rows / batch_size)
+    return check_int("Trainer", "train_num_steps", TrainSettings.num_steps if steps is None else steps, minimum=1)
 
 
 class EnsembleFit:
