@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 
 from common import (add_console_arguments, add_data_arguments, arrow_dataset, default_lr, exclusive_output, fail,
@@ -121,7 +120,7 @@ def scaling(args):
     import ray
     from ray.train import ScalingConfig
 
-    from ray_ensembles.distributed import AUTOSCALING_ENV
+    from ray_ensembles.cluster import autoscaling
 
     have = ray.cluster_resources()
     cpus = have.get("CPU", 1) - args.streaming  # a streaming run leaves a CPU to Ray Data's read tasks
@@ -132,7 +131,7 @@ def scaling(args):
         share = cpus / args.num_workers
         args.cpus_per_worker = 1.0 if not args.streaming or share >= 1 or share <= 0 else math.floor(share * 100) / 100
     need = args.num_workers * args.cpus_per_worker
-    if not args.use_gpu and need > cpus + 1e-9 and os.environ.get(AUTOSCALING_ENV) != "1":
+    if not args.use_gpu and need > cpus + 1e-9 and not autoscaling():
         raise ValueError(f"The '--num-workers' and '--cpus-per-worker' options must fit the Ray cluster's "
                          f"{have.get('CPU', 0):g} CPUs" + (", less 1 for Ray Data's reads with --streaming" if args.streaming
                                                          else "") + f". Got {args.num_workers} x {args.cpus_per_worker:g} instead.")

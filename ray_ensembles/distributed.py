@@ -29,6 +29,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from . import checkpoint, storage
+from .cluster import AUTOSCALING_ENV, autoscaling, capacity, join_ray
 from .ensemble import build_ensemble
 from .locations import check_store, is_uri, run_ensemble_path
 from .metrics import ensemble_validation_metrics
@@ -42,7 +43,6 @@ from .validation import check_type
 
 IMPORTED = time.time()
 
-AUTOSCALING_ENV = "RAY_ENSEMBLES_AUTOSCALING"  # "1": the cluster grows on demand, skip the size check
 # Ray Train's controller polls its workers every this many seconds (2 by default). Start-up, every
 # report and the end of a run each wait for a poll (docs/performance.md).
 POLL_ENV, POLL_DEFAULT_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
@@ -82,9 +82,9 @@ def check_distributed_request(ensemble, scaling_config, run_config):
 def check_cluster_resources(scaling_config, reader_cpus: int = 0):
     """Refuse a request the cluster can never satisfy: Ray would wait for it forever. Workers
     that stream a Ray Dataset need `reader_cpus` left for its read tasks, or every read waits."""
-    if os.environ.get(AUTOSCALING_ENV) == "1":
+    if autoscaling():
         return
-    have = ray.cluster_resources()
+    have = capacity()
     need_cpu = resources_per_worker(scaling_config).get("CPU", 0) * scaling_config.num_workers
     if reader_cpus and need_cpu > have.get("CPU", 0.0) - reader_cpus + 1e-9:
         raise ValueError(
@@ -110,8 +110,7 @@ def fit_on_ray(ensemble, dataset, settings: TrainSettings, *, scaling_config, ru
     from ray.train import BackendConfig, LoggingConfig, RunConfig
 
     sc = scaling_config
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS or a running cluster, else starts a local one
+    join_ray()
     check_cluster_resources(sc, reader_cpus=dataset.reader_cpus)
     # A reused name silently resumes an old run, so a fresh run gets a unique one. Ray Train's
     # own INFO lines (each report, each checkpoint) go to its log files, not the console.

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from . import storage
+from .cluster import capacity
 from .locations import check_store, is_uri, join
 from .progress import EnsembleProgress
 from .trainer import Trainer
@@ -104,9 +105,7 @@ class EnsemblePool:
         self.cpus_per_worker = check_float(owner, "cpus_per_worker", cpus_per_worker, strict_minimum=0.0)
         if num_workers is not None:
             check_int(owner, "num_workers", num_workers, minimum=1)
-        if not ray.is_initialized():
-            ray.init()
-        have = ray.cluster_resources()
+        have = capacity()
         fits = int(have.get("GPU", 0)) if use_gpu else int(have.get("CPU", 0) // cpus_per_worker)
         if fits < 1 or (num_workers or 0) > fits:
             raise ValueError(f"The EnsemblePool asks for {num_workers or 1} worker(s) of {cpus_per_worker:g} CPU"

@@ -4,30 +4,28 @@ Every trial trains a whole ensemble with the Trainer and is scored by the ensemb
 validation part carved out of the TRAINING rows. A CPU trial trains in its own Tune process
 (members stacked), without Ray Train's start-up; a trial with a GPU or several workers runs
 `Trainer(..., scaling_config=...)`, M members on up to M workers. Either way its members are the
-same networks: they depend on (seed, member id) alone. Members are i.i.d., so `m_curve` estimates the NLL for every M from one
-trained ensemble by scoring random member subsets.
+same networks: they depend on (seed, member id) alone. `hyper_ensemble` (module `hyper`) builds
+on it; `m_curve` (module `selection`) needs no sweep and no Ray, and is importable from here too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import itertools
 import math
 import os
-import random
 import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from ray.tune import Callback
 
+from .cluster import autoscaling, capacity
 from .data import TensorDataset
 from .locations import is_uri, join, run_ensemble_path
-from .metrics import ensemble_validation_metrics
+from .selection import m_curve  # noqa: F401 (public here: sweeps and the M curve answer one question)
 from .validation import check_choice, check_float, check_int, check_type, fail
 
 ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size",
@@ -113,7 +111,7 @@ def normalize_param_space(param_space, task: str = "regression") -> dict:
     return space
 
 
-def _grid_size(space) -> int:
+def grid_size(space) -> int:
     """How many trials Tune makes of the space: one per combination of its grids."""
     return math.prod(len(spec["grid_search"]) for spec in space.values()
                      if isinstance(spec, dict) and "grid_search" in spec)
@@ -152,12 +150,11 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     the sweep called `name`. With `progress`, it prints the trials' placement, one line per finished trial and Tune's status
     table at most every 30 s. `callbacks` are Tune callbacks (e.g. Ray's MLflowLoggerCallback).
     """
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from .distributed import AUTOSCALING_ENV, env_default
+    from .distributed import env_default
     from .ensemble import ENSEMBLE_CLASSES
 
     owner = "tune_ensemble"
@@ -184,34 +181,9 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     if not is_uri(storage):
         storage = str(Path(storage).resolve())
 
-    # A Ray Train trial is its driver (DRIVER_CPU) plus up to M workers, capped at what the
-    # cluster can hold beside that driver: members stack on the workers that fit. An in-trial
-    # trial is one worker's worth in Tune's own process. Only a trial that cannot get even one
-    # worker is refused. The largest trial decides how many run at once.
     largest_m = _largest(space, "num_members", ensemble_options.get("num_members", 5))
-    if not ray.is_initialized():
-        ray.init()
-    have = ray.cluster_resources()
-    autoscaling = os.environ.get(AUTOSCALING_ENV) == "1"
-    in_trial = trial_training == "in_trial"
-    driver = 0.0 if in_trial else DRIVER_CPU
-    workers = 1 if in_trial else min(largest_m, max_workers_per_trial or largest_m)
-    if not autoscaling:
-        room = math.floor((have.get("CPU", 0) - driver) / cpus_per_worker + 1e-9)
-        workers = min(workers, room, *([int(have.get("GPU", 0))] if use_gpu else []))
-    need = {"CPU": driver + max(workers, 1) * cpus_per_worker, "GPU": max(workers, 1) if use_gpu else 0}
-    if workers < 1 and not autoscaling:
-        raise ValueError(f"The largest trial of tune_ensemble needs at least {need} (M={largest_m} on 1 "
-                         f"worker, {cpus_per_worker:g} CPU each{'' if in_trial else f', plus {DRIVER_CPU} CPU for the trial'}) "
-                         f"but the Ray cluster has {dict((r, have.get(r, 0)) for r in need)}.")
-    fits = [math.floor(have.get(r, 0) / n + 1e-9) for r, n in need.items() if n > 0]
-    concurrent = max(1, min(fits)) if max_concurrent is None else check_int(owner, "max_concurrent", max_concurrent, minimum=1)
-    at_once = f"{concurrent} trial{'s' * (concurrent != 1)} at a time"
-    placement = (f"each trial: in its own process, {cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} "
-                 f"(members stacked, no Ray Train run); {at_once}" if in_trial else
-                 f"each trial: up to {workers} Ray Train worker{'s' * (workers != 1)} x {cpus_per_worker:g} CPU"
-                 f"{' + 1 GPU' if use_gpu else ''} (members stacked round-robin) + {DRIVER_CPU} CPU for the "
-                 f"trial; {at_once}")
+    workers, concurrent, placement = size_trials(largest_m, trial_training, cpus_per_worker, use_gpu,
+                                                 max_workers_per_trial, max_concurrent)
 
     cls = ENSEMBLE_CLASSES[task]
     dim_out = {"dim_out": dataset.y.shape[1] if dataset.y.ndim == 2 else 1} if task == "regression" else \
@@ -221,12 +193,12 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
             "max_workers": workers, "trials_dir": join(storage, name, "trials"), "training": trial_training}
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, train=dataset, validation=validation_dataset, base=base),
-        {"CPU": cpus_per_worker, "GPU": int(use_gpu)} if in_trial else {"CPU": DRIVER_CPU})
+        {"CPU": cpus_per_worker, "GPU": int(use_gpu)} if trial_training == "in_trial" else {"CPU": DRIVER_CPU})
     path = join(storage, name)
     console = {"callbacks": list(callbacks or [])}
     if progress:
         print(placement, flush=True)
-        console.update(verbose=1, callbacks=[*console["callbacks"], TrialLines(list(space), _grid_size(space) * num_samples)], progress_reporter=tune.CLIReporter(
+        console.update(verbose=1, callbacks=[*console["callbacks"], TrialLines(list(space), grid_size(space) * num_samples)], progress_reporter=tune.CLIReporter(
             max_report_frequency=30, parameter_columns=list(space), metric_columns=["val_nll", "training_iteration"]))
     if resume:
         if not tune.Tuner.can_restore(path):
@@ -247,6 +219,47 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     # Tune's CLIReporter (a status table at most every 30 s) runs only under its classic output
     with env_default("RAY_AIR_NEW_OUTPUT", "0") if progress else contextlib.nullcontext():
         grid = tuner.fit()
+    table = result_table(grid, space, trial_training, base["trials_dir"])
+    if not table or table[0].get("val_nll") is None:
+        raise RuntimeError(f"No trial of the sweep {name} finished: {[r['error'] for r in table]}")
+    best = table[0]
+    return SweepResult(table, {k: best[k] for k in space}, best["ensemble_path"], grid)
+
+
+def size_trials(largest_m: int, trial_training: str, cpus_per_worker: float, use_gpu: bool,
+                max_workers_per_trial: int | None, max_concurrent: int | None) -> tuple[int, int, str]:
+    """(workers per trial, trials at once, a line saying so) against the cluster. A Ray Train
+    trial is its driver (DRIVER_CPU) plus up to M workers, capped at what the cluster holds
+    beside that driver: members stack on the workers that fit. An in-trial trial is one worker's
+    worth in Tune's own process. Only a trial that cannot get even one worker is refused. The
+    largest trial decides how many run at once."""
+    have = capacity()
+    in_trial = trial_training == "in_trial"
+    driver = 0.0 if in_trial else DRIVER_CPU
+    workers = 1 if in_trial else min(largest_m, max_workers_per_trial or largest_m)
+    if not autoscaling():
+        room = math.floor((have.get("CPU", 0) - driver) / cpus_per_worker + 1e-9)
+        workers = min(workers, room, *([int(have.get("GPU", 0))] if use_gpu else []))
+    need = {"CPU": driver + max(workers, 1) * cpus_per_worker, "GPU": max(workers, 1) if use_gpu else 0}
+    if workers < 1 and not autoscaling():
+        raise ValueError(f"The largest trial of tune_ensemble needs at least {need} (M={largest_m} on 1 "
+                         f"worker, {cpus_per_worker:g} CPU each{'' if in_trial else f', plus {DRIVER_CPU} CPU for the trial'}) "
+                         f"but the Ray cluster has {dict((r, have.get(r, 0)) for r in need)}.")
+    fits = [math.floor(have.get(r, 0) / n + 1e-9) for r, n in need.items() if n > 0]
+    concurrent = max(1, min(fits)) if max_concurrent is None else \
+        check_int("tune_ensemble", "max_concurrent", max_concurrent, minimum=1)
+    at_once = f"{concurrent} trial{'s' * (concurrent != 1)} at a time"
+    placement = (f"each trial: in its own process, {cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} "
+                 f"(members stacked, no Ray Train run); {at_once}" if in_trial else
+                 f"each trial: up to {workers} Ray Train worker{'s' * (workers != 1)} x {cpus_per_worker:g} CPU"
+                 f"{' + 1 GPU' if use_gpu else ''} (members stacked round-robin) + {DRIVER_CPU} CPU for the "
+                 f"trial; {at_once}")
+    return workers, concurrent, placement
+
+
+def result_table(grid, space: dict, trial_training: str, trials_dir: str) -> list[dict]:
+    """One row per trial of Tune's `grid`: its swept values, its last metrics, how it trained,
+    its error and where its ensemble is; best validation NLL first."""
     table = []
     for result in grid:
         row = {k: result.config.get(k) for k in space}
@@ -256,13 +269,10 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
                     if k in metrics})
         trial_id = metrics.get("trial_id") or (result.path and Path(result.path).name)
         row.update(training=trial_training, trial_id=trial_id, error=None if result.error is None else str(result.error).splitlines()[0],
-                   ensemble_path=run_ensemble_path(base["trials_dir"], trial_id))
+                   ensemble_path=run_ensemble_path(trials_dir, trial_id))
         table.append(row)
     table.sort(key=lambda r: (r.get("val_nll") is None, r.get("val_nll") or 0.0))
-    if not table or table[0].get("val_nll") is None:
-        raise RuntimeError(f"No trial of the sweep {name} finished: {[r['error'] for r in table]}")
-    best = table[0]
-    return SweepResult(table, {k: best[k] for k in space}, best["ensemble_path"], grid)
+    return table
 
 
 class TrialLines(Callback):
@@ -368,118 +378,10 @@ def _tune_report_callback(task, y_validation):
     return EnsembleTuneReportCallback()
 
 
-def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, num_samples: int = 10,
-                   seeds_per_config: int = 1, replacement: bool = True, calibrate: bool = False, refit: bool = False,
-                   task: str = "regression", validation_dataset: TensorDataset | None = None,
-                   validation_fraction: float = 0.2, ensemble_options: dict | None = None, seed: int = 0,
-                   **sweep_options):
-    """A hyper-deep ensemble (Wenzel et al., 2020): a Tune sweep trains `num_samples` draws of
-    `param_space` (its grid repeated, its distributions sampled), each `seeds_per_config`
-    stacked members with a seed of its own; greedy selection (with `replacement`, by default)
-    picks `size` of all those members by the mixture's NLL on the validation rows (a
-    `validation_fraction` of `dataset`'s rows unless `validation_dataset`: never test rows); the
-    chosen members are combined from the trials' saved ensembles, without retraining, each with
-    its trial's swept values in `member_configs[i]["hyperparameters"]`. With `refit`, each chosen
-    member is trained again, from the same initialisation, on all the rows (training and
-    validation; `fit_many`). `calibrate` fits the variance scale (or temperature) on the
-    validation rows, to the members that did not train on them (with `refit`, the scale fitted
-    before the refit is kept). Other options go to `tune_ensemble` (`trainer_options`,
-    `storage_path`, `trial_training`, ...). The returned ensemble's `selection` holds each chosen
-    member's trial and the validation NLLs.
-    """
-    from ray import tune
+def __getattr__(name: str):
+    # hyper_ensemble builds on this module (a sweep, then selection), so it is loaded on first use
+    if name == "hyper_ensemble":
+        from .hyper import hyper_ensemble
 
-    from .ensemble import combine, load_ensemble
-    from .selection import greedy_selection, mixture_nll
-
-    owner = "hyper_ensemble"
-    size = check_int(owner, "size", size, minimum=1)
-    num_samples = check_int(owner, "num_samples", num_samples, minimum=1)
-    seeds_per_config = check_int(owner, "seeds_per_config", seeds_per_config, minimum=1)
-    ensemble_options = dict(ensemble_options or {})
-    if "num_members" in (param_space or {}) or "num_members" in ensemble_options:
-        raise ValueError(f"The 'param_space' of {owner} must not set num_members: each configuration trains "
-                         f"'seeds_per_config' members. Got {param_space!r}, {ensemble_options!r} instead.")
-    space = normalize_param_space(param_space, task)  # an empty or unknown space fails here
-    candidates = _grid_size(space) * num_samples * seeds_per_config
-    if not replacement and size > candidates:
-        raise ValueError(f"The 'size' parameter of {owner} must be at most the {candidates} members the sweep "
-                         f"trains when chosen without replacement. Got {size} instead.")
-    check_type(owner, "dataset", dataset, TensorDataset, "a TensorDataset")
-    if validation_dataset is None:
-        dataset, validation_dataset = dataset.split(validation_fraction, seed=seed)
-    result = tune_ensemble(dataset, {**param_space, "seed": tune.randint(0, 2**31 - 1)}, task=task,
-                           validation_dataset=validation_dataset, num_samples=num_samples, seed=seed,
-                           ensemble_options={**ensemble_options, "num_members": seeds_per_config}, **sweep_options)
-    trials = [row for row in result.table if row.get("val_nll") is not None]
-    ensembles = [load_ensemble(row["ensemble_path"]) for row in trials]
-    log_lik = torch.cat([e.evaluate_members(validation_dataset.X, validation_dataset.y)[0] for e in ensembles])
-    if not replacement and size > len(log_lik):
-        raise RuntimeError(f"{owner}: only {len(log_lik)} members finished training; {size} were asked for "
-                           f"without replacement. Failed trials: {[r['error'] for r in result.table if r['error']]}")
-    chosen = greedy_selection(log_lik, size, replacement=replacement)
-    members = [(t, i) for t, e in enumerate(ensembles) for i in range(e.num_members)]
-    picks = [members[c] for c in chosen]
-    swept = [k for k in space if k != "seed"] + ["seed"]
-    hyper = combine([ensembles[t].subset([ensembles[t].member_ids[i]]) for t, i in picks],
-                    [{k: trials[t][k] for k in swept} for t, _ in picks])
-    selection = {"trials": [trials[t]["trial_id"] for t, _ in picks], "val_nll": mixture_nll(log_lik, chosen),
-                 "best_single_trial_val_nll": trials[0]["val_nll"], "candidates": len(log_lik)}
-    if calibrate:
-        fitted = hyper.calibrate(validation_dataset.X, validation_dataset.y)
-        selection["calibrated_val_nll"] = fitted["val_nll_after"]
-    if refit:
-        from .many import fit_many
-
-        everything = TensorDataset(torch.cat([dataset.X, validation_dataset.X]),
-                                   torch.cat([dataset.y, validation_dataset.y]), feature_names=dataset.feature_names)
-        fixed = {**canonical_options(ensemble_options, task, "ensemble_options"),
-                 **canonical_options(dict(sweep_options.get("trainer_options") or {}), task, "trainer_options")}
-        jobs = {}
-        for t, i in dict.fromkeys(picks):  # a member chosen twice trains once
-            kwargs, trainer_kwargs = split_options({**fixed, **{k: trials[t][k] for k in swept}}, task)
-            part = ensembles[t]
-            outputs = {"dim_out": part.dim_out} if task == "regression" else {"num_classes": part.num_classes}
-            member = type(part)(part.dim_in, **outputs, **kwargs, num_members=1, member_ids=[part.member_ids[i]])
-            jobs[(t, i)] = {"ensemble": member, "dataset": everything, **trainer_kwargs}
-        refitted = fit_many(jobs)
-        calibration = hyper.calibration
-        hyper = combine([refitted[p].ensemble for p in picks], [{k: trials[t][k] for k in swept} for t, _ in picks])
-        hyper.calibration = calibration
-    hyper.selection = selection
-    return hyper
-
-
-def m_curve(ensemble, X, y, *, num_subsets: int = 20, seed: int = 0) -> list[dict]:
-    """Validation metrics for every ensemble size 1..M from ONE trained ensemble of M members.
-
-    Members are i.i.d., so an ensemble of k members is a random k-subset of them. For each k, up to
-    `num_subsets` distinct subsets (all of them when there are fewer) are scored; each row has the
-    mean and standard deviation over subsets of the ensemble NLL (and RMSE or accuracy).
-    """
-
-    num_subsets = check_int("m_curve", "num_subsets", num_subsets, minimum=1)
-    seed = check_int("m_curve", "seed", seed, minimum=0)
-    log_lik, points = ensemble.evaluate_members(X, y)
-    y = ensemble.check_y(y, len(X)).cpu()
-    ids = ensemble.member_ids
-    rng = random.Random(seed)
-    rows = []
-    for k in range(1, len(ids) + 1):
-        if math.comb(len(ids), k) <= num_subsets:
-            subsets = list(itertools.combinations(range(len(ids)), k))
-        else:  # distinct subsets, drawn until there are enough (there are more than num_subsets)
-            drawn = set()
-            while len(drawn) < num_subsets:
-                drawn.add(tuple(sorted(rng.sample(range(len(ids)), k))))
-            subsets = sorted(drawn)
-        scores = [ensemble_validation_metrics(ensemble.task, [ids[i] for i in s], log_lik[list(s)],
-                                              points[list(s)], y) for s in subsets]
-        row = {"num_members": k, "num_subsets": len(subsets)}
-        for metric in ("val_nll", "val_rmse", "val_accuracy"):
-            if metric in scores[0]:
-                values = [s[metric] for s in scores]
-                row[f"{metric}_mean"] = statistics.fmean(values)
-                row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        rows.append(row)
-    return rows
+        return hyper_ensemble
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

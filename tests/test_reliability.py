@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, checkpoint, storage
-from ray_ensembles import sweep
+from ray_ensembles import selection, sweep
 from ray_ensembles.data import read_table, table_to_dataset
 from ray_ensembles.ensemble import load_ensemble
 from ray_ensembles.manifest import FORMAT_VERSION
@@ -329,8 +329,8 @@ def test_a_target_scale_that_overflows_is_an_error_not_nan(tmp_path):
 def test_m_curve_draws_distinct_subsets_and_checks_its_arguments(monkeypatch, tmp_path):
     e = DeepEnsemble(dim_in=2, num_members=6, hidden_dim=8)
     drawn = []
-    score = sweep.ensemble_validation_metrics
-    monkeypatch.setattr(sweep, "ensemble_validation_metrics", lambda task, ids, *a: drawn.append(tuple(ids)) or score(task, ids, *a))
+    score = selection.ensemble_validation_metrics
+    monkeypatch.setattr(selection, "ensemble_validation_metrics", lambda task, ids, *a: drawn.append(tuple(ids)) or score(task, ids, *a))
     rows = sweep.m_curve(e, X, Y, num_subsets=19)  # 20 triples: almost all of them
     triples = [d for d in drawn if len(d) == 3]
     assert rows[2]["num_subsets"] == 19 and len(set(triples)) == 19
