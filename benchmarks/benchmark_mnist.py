@@ -82,7 +82,7 @@ def load_images(path: str, split: str, labels: bool = True):
 
 def evaluate(member_probs, y, ood_member_probs) -> dict:
     """Metrics of one ensemble from its members' probabilities on the test and OOD sets."""
-    from ray_ensembles.predictions import CategoricalPrediction
+    from ray_ensembles.model.predictions import CategoricalPrediction
     test, ood = CategoricalPrediction(member_probs), CategoricalPrediction(ood_member_probs)
     return {"error": 1 - M.accuracy(test.probs, y), "nll": M.classification_nll(test.probs, y),
             "brier": M.brier_score(test.probs, y), "ece": M.expected_calibration_error(test.probs, y),

@@ -24,10 +24,10 @@ import ray
 import torch
 
 from ray_ensembles import DeepEnsemble
-from ray_ensembles.data import cubic_toy
-from ray_ensembles.reporting import RunChannel, progress_sender
-from ray_ensembles.progress import REPORT_EVERY_S, Every
-from ray_ensembles.training import EnsembleFit, TrainSettings
+from ray_ensembles.loop.data import cubic_toy
+from ray_ensembles.on_ray.reporting import RunChannel, progress_sender
+from ray_ensembles.loop.progress import REPORT_EVERY_S, Every
+from ray_ensembles.loop.training import EnsembleFit, TrainSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "progress_cost.json"
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from benchmarks.common import fail, unstacked
 
 from ray_ensembles import DeepEnsemble, TensorDataset
-from ray_ensembles.training import EnsembleFit, TrainSettings
+from ray_ensembles.loop.training import EnsembleFit, TrainSettings
 
 # name: (dim_in, hidden layers, dim_out of the Gaussian head, training rows)
 SHAPES = {"uci": (13, [50], 1, 455), "protein": (9, [100], 1, 40_000), "mnist": (784, [200, 200, 200], 5, 60_000)}

@@ -34,7 +34,7 @@ import torch
 from benchmarks.common import REPO, fail, load_uci, score, write_csv
 
 from ray_ensembles import DeepEnsemble, EnsemblePool, TensorDataset, combine, horizon_lr
-from ray_ensembles.selection import greedy_selection
+from ray_ensembles.model.selection import greedy_selection
 
 NAMES = {"bostonHousing": "Boston", "concrete": "Concrete", "energy": "Energy", "kin8nm": "Kin8nm",
          "naval-propulsion-plant": "Naval", "power-plant": "Power", "protein-tertiary-structure": "Protein",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ray_ensembles.metrics import gaussian_nll, mixture_gaussian_nll, rmse
+from ray_ensembles.model.metrics import gaussian_nll, mixture_gaussian_nll, rmse
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

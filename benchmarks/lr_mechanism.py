@@ -23,8 +23,8 @@ import torch
 from benchmarks.common import REPO, fail, load_uci, score, write_csv
 
 from ray_ensembles import DeepEnsemble, TensorDataset
-from ray_ensembles.heads import VARIANCE_FLOOR, mean_and_variance
-from ray_ensembles.training import EnsembleFit, TrainSettings, num_steps
+from ray_ensembles.model.heads import VARIANCE_FLOOR, mean_and_variance
+from ray_ensembles.loop.training import EnsembleFit, TrainSettings, num_steps
 
 DEAD_UNIT_STEPS = (10, 50, 100, 200, 500, 1000, 2000)
 TRACE_STEPS = (1, 2, 3, 5, 10, 20, 40, 60, 80, 100, 120, 140, 160, 180, 200)

@@ -33,7 +33,7 @@ def empty(config):
 def imports_only(config):
     import torch  # noqa: F401
 
-    import ray_ensembles.distributed  # noqa: F401
+    import ray_ensembles.on_ray.distributed  # noqa: F401
 
 
 def rounds(reps: int) -> dict:
@@ -42,8 +42,8 @@ def rounds(reps: int) -> dict:
     from ray.train import BackendConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
-    from ray_ensembles.distributed import POLL_DEFAULT_S, POLL_ENV, env_default
-    from ray_ensembles.ray_internals import data_parallel_trainer
+    from ray_ensembles.on_ray.distributed import POLL_DEFAULT_S, POLL_ENV, env_default
+    from ray_ensembles.on_ray.ray_internals import data_parallel_trainer
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(455, 13, generator=g)

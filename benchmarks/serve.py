@@ -103,7 +103,7 @@ def naive_app(location: str):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from ray_ensembles.ensemble import load_ensemble
+    from ray_ensembles.model.ensemble import load_ensemble
 
     ensemble = load_ensemble(location)
 
@@ -150,7 +150,7 @@ def replica_work(location: str, reps: int = 2000) -> dict:
     """Milliseconds per request of what a replica does itself, timed in this process with one
     torch thread as a replica has: parsing, the forward pass (alone, and as 1/32 of a pass of 32
     rows), and the response rows."""
-    from ray_ensembles.ensemble import load_ensemble
+    from ray_ensembles.model.ensemble import load_ensemble
 
     torch.set_num_threads(1)
     ensemble = load_ensemble(location)

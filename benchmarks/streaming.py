@@ -94,7 +94,7 @@ def train_one(table: Path, streaming: bool, args) -> dict:
     from ray.train import ScalingConfig
 
     from ray_ensembles import DeepEnsemble, Trainer
-    from ray_ensembles.data import read_table, table_to_dataset
+    from ray_ensembles.loop.data import read_table, table_to_dataset
 
     features = [f"x{i}" for i in range(NUM_FEATURES)]
     ensemble = DeepEnsemble(NUM_FEATURES, num_members=args.members, hidden_dim=50, seed=0)
@@ -139,7 +139,7 @@ def main(argv=None):
         fail(f"The '--rows' and '--in-memory-rows' options must be positive. Got {args.rows!r}, {args.in_memory_rows}.")
 
     import ray
-    from ray_ensembles.ray_internals import quiet_ray_data
+    from ray_ensembles.on_ray.ray_internals import quiet_ray_data
 
     tables = {n: generate(args.folder, n) for n in sorted({*rows, args.in_memory_rows} - {0})}
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

@@ -27,8 +27,8 @@ def add_data_arguments(parser):
 
 def default_lr(args, num_rows: int) -> float:
     """The rate for --epochs of --batch-size over num_rows rows when --lr is not given."""
-    from ray_ensembles.training import num_steps  # here: the prediction job imports this module too
-    from ray_ensembles.training import horizon_lr
+    from ray_ensembles.loop.training import num_steps  # here: the prediction job imports this module too
+    from ray_ensembles.loop.training import horizon_lr
 
     return horizon_lr(num_steps(num_rows, args.batch_size, None, args.epochs))
 
@@ -36,8 +36,8 @@ def default_lr(args, num_rows: int) -> float:
 def load_data(args, allow_no_validation: bool = True):
     """(train, validation) datasets, checked before any Ray work. The toy problem's validation
     set is a fresh sample of the same distribution; a table's is carved from its rows."""
-    from ray_ensembles.data import cubic_toy, read_table, table_to_dataset
-    from ray_ensembles.locations import check_store
+    from ray_ensembles.loop.data import cubic_toy, read_table, table_to_dataset
+    from ray_ensembles.io.locations import check_store
 
     if args.data is None:
         return cubic_toy(20, args.seed), cubic_toy(1000, args.seed + 1)
@@ -63,7 +63,7 @@ def arrow_dataset(location: str):
     files' metadata) without reading it, and without Ray."""
     import pyarrow.dataset
 
-    from ray_ensembles.data import table_source
+    from ray_ensembles.loop.data import table_source
 
     filesystem, path, fmt = table_source(location)
     return pyarrow.dataset.dataset(path, filesystem=filesystem, format=fmt)
@@ -72,7 +72,7 @@ def arrow_dataset(location: str):
 def table_head(location: str, target: str, features, task: str):
     """The first rows of a table to stream, their columns and values checked before Ray starts,
     and every file's column types (a file that disagrees would fail only when its turn came)."""
-    from ray_ensembles.data import mismatched_column, table_to_dataset
+    from ray_ensembles.loop.data import mismatched_column, table_to_dataset
 
     mismatch = mismatched_column(location)
     if mismatch:
@@ -87,7 +87,7 @@ def read_dataset(location: str):
     """A Ray Dataset of the Parquet or CSV table at `location` (a path or URI), to stream."""
     import ray.data
 
-    from ray_ensembles.data import table_source
+    from ray_ensembles.loop.data import table_source
 
     filesystem, path, fmt = table_source(location)
     read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv
@@ -130,7 +130,7 @@ def start_ray(args) -> str:
     """
     import ray
 
-    from ray_ensembles.ray_internals import quiet_ray_data
+    from ray_ensembles.on_ray.ray_internals import quiet_ray_data
 
     quiet_ray_data("INFO" if args.verbose else "WARNING")
     dashboard = None
@@ -160,9 +160,9 @@ def start_ray(args) -> str:
 
 
 def loggers(args, run_name: str | None = None) -> list:
-    """The experiment trackers the options ask for (ray_ensembles.tracking), each checked: call
+    """The experiment trackers the options ask for (ray_ensembles.io.tracking), each checked: call
     it before Ray starts."""
-    from ray_ensembles.tracking import MLflowLogger, TensorBoardLogger
+    from ray_ensembles.io.tracking import MLflowLogger, TensorBoardLogger
 
     chosen = []
     if args.mlflow_tracking_uri:

@@ -37,7 +37,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from common import add_console_arguments, fail, say, start_ray
 
-from ray_ensembles.locations import check_store, filesystem_for, is_uri
+from ray_ensembles.io.locations import check_store, filesystem_for, is_uri
 
 MARKER = "_ray_ensembles_predictions.json"  # marks a folder this job wrote; Parquet readers skip "_" files
 
@@ -76,7 +76,7 @@ def check_output(args) -> str:
             raise ValueError(f"Refusing to write predictions to {args.output}: it holds files this job "
                              "did not write. Choose a new folder, or pass --overwrite.")
         return args.output
-    from ray_ensembles import directories
+    from ray_ensembles.io import directories
 
     protect = [p for p in (args.data, args.ensemble) if not is_uri(p)]
     return str(directories.check_writable(Path(args.output), is_ours=ours, what="predictions",
@@ -168,10 +168,10 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from ray_ensembles import directories
-    from ray_ensembles.data import table_source
-    from ray_ensembles.ensemble import load_ensemble
-    from ray_ensembles.inference import BatchPredictor, feature_columns
+    from ray_ensembles.io import directories
+    from ray_ensembles.loop.data import table_source
+    from ray_ensembles.model.ensemble import load_ensemble
+    from ray_ensembles.model.inference import BatchPredictor, feature_columns
 
     gc.freeze()
     if args.threads is None:
@@ -242,7 +242,7 @@ def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dict
     when the output is a URI (not counted)."""
     import ray.data
 
-    from ray_ensembles.inference import BatchPredictor
+    from ray_ensembles.model.inference import BatchPredictor
 
     say(args, start_ray(args), f"predicting {args.data} on {args.num_workers} Ray Data actor"
                                f"{'s' * (args.num_workers != 1)}{' (one GPU each)' if args.use_gpu else ''}")

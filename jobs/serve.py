@@ -68,7 +68,7 @@ def main(argv=None):
     import ray
     from ray import serve
 
-    from ray_ensembles.ray_internals import delete_serve_app
+    from ray_ensembles.on_ray.ray_internals import delete_serve_app
 
     say(args, start_ray(args))
     stop = threading.Event()

@@ -71,8 +71,9 @@ def parse_args(argv=None):
 
 
 def build(args):
-    from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, directories, storage
-    from ray_ensembles.locations import is_uri
+    from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier
+    from ray_ensembles.io import directories, storage
+    from ray_ensembles.io.locations import is_uri
 
     toy = args.data is None
     if args.smoke_test:
@@ -120,7 +121,7 @@ def scaling(args):
     import ray
     from ray.train import ScalingConfig
 
-    from ray_ensembles.cluster import autoscaling
+    from ray_ensembles.on_ray.cluster import autoscaling
 
     have = ray.cluster_resources()
     cpus = have.get("CPU", 1) - args.streaming  # a streaming run leaves a CPU to Ray Data's read tasks
@@ -145,7 +146,7 @@ def run_config(args, output: Path):
     import pyarrow.fs
     from ray.train import FailureConfig, LoggingConfig, RunConfig
 
-    from ray_ensembles.locations import check_store, filesystem_for
+    from ray_ensembles.io.locations import check_store, filesystem_for
 
     storage = args.storage_path or str((output / "runs").resolve())
     check_store(storage, "--storage-path", write=True)
@@ -165,8 +166,8 @@ def run_config(args, output: Path):
 
 def placement(trainer, streaming: bool) -> str:
     """Which worker trains which members, on what."""
-    from ray_ensembles.distributed import resources_per_worker
-    from ray_ensembles.placement import assign_members
+    from ray_ensembles.on_ray.distributed import resources_per_worker
+    from ray_ensembles.loop.placement import assign_members
 
     sc = trainer.scaling_config
     groups = assign_members(trainer.ensemble.member_ids, sc.num_workers)
@@ -225,7 +226,7 @@ def plot_toy(ensemble, train, path: Path):
 def main(argv=None):
     args = parse_args(argv)
     from ray_ensembles import Trainer
-    from ray_ensembles.distributed import new_run_name
+    from ray_ensembles.on_ray.distributed import new_run_name
 
     output, config = Path(args.output), None
     with contextlib.ExitStack() as held:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import add_console_arguments, add_data_arguments, default_lr, fail, load_data, num_classes, say, start_ray
 
-from ray_ensembles.locations import check_store
+from ray_ensembles.io.locations import check_store
 
 
 def number_list(kind):
@@ -116,7 +116,7 @@ def plot(series: dict, path: Path, errors: dict | None = None):
 
 
 def run_sweep(args, space, train, validation, output: Path):
-    from ray_ensembles import storage
+    from ray_ensembles.io import storage
     from ray_ensembles.sweep import tune_ensemble
 
     result = tune_ensemble(
@@ -155,7 +155,7 @@ def tracking_callbacks(args) -> list:
     if not args.mlflow_tracking_uri:
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray_ensembles.tracking import file_store_uri
+    from ray_ensembles.io.tracking import file_store_uri
 
     return [MLflowLoggerCallback(tracking_uri=file_store_uri(args.mlflow_tracking_uri),
                                  experiment_name=args.mlflow_experiment, save_artifact=False)]

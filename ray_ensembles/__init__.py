@@ -7,11 +7,11 @@ from ._version import __version__
 # The public names load on first use, so that a process that needs only a torch-free module of
 # this package (Ray's controller, the run's channel, a job's --help) never imports torch.
 _EXPORTS = {
-    "TensorDataset": "data", "DeepEnsemble": "ensemble", "DeepEnsembleClassifier": "ensemble", "combine": "ensemble",
+    "TensorDataset": "loop.data", "DeepEnsemble": "model.ensemble", "DeepEnsembleClassifier": "model.ensemble", "combine": "model.ensemble",
     "EnsemblePool": "many", "FitResult": "many", "fit_many": "many", "iter_fit_many": "many",
-    "CategoricalPrediction": "predictions", "GaussianMixturePrediction": "predictions",
-    "MemberPrediction": "predictions", "Trainer": "trainer", "MemberDivergedError": "training",
-    "horizon_lr": "training",
+    "CategoricalPrediction": "model.predictions", "GaussianMixturePrediction": "model.predictions",
+    "MemberPrediction": "model.predictions", "Trainer": "trainer", "MemberDivergedError": "loop.training",
+    "horizon_lr": "loop.training",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from .data import TensorDataset
-from .ensemble import combine, load_ensemble
+from .loop.data import TensorDataset
+from .model.ensemble import combine, load_ensemble
 from .many import fit_many
-from .selection import greedy_selection, mixture_nll
+from .model.selection import greedy_selection, mixture_nll
 from .sweep import grid_size, canonical_options, normalize_param_space, split_options, tune_ensemble
-from .validation import check_int, check_type
+from .model.validation import check_int, check_type
 
 
 def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, num_samples: int = 10,

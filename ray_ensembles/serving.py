@@ -44,11 +44,11 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .ensemble import load_ensemble
-from .inference import summary_columns
-from .locations import check_store, filesystem_for, is_uri, join, run_ensemble_path
-from .storage import MANIFEST
-from .validation import check_float, check_int
+from .model.ensemble import load_ensemble
+from .model.inference import summary_columns
+from .io.locations import check_store, filesystem_for, is_uri, join, run_ensemble_path
+from .io.storage import MANIFEST
+from .model.validation import check_float, check_int
 
 logger = logging.getLogger(__name__)
 

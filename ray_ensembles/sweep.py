@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
-from .cluster import autoscaling, capacity
-from .data import TensorDataset
-from .locations import is_uri, join, run_ensemble_path
-from .selection import m_curve  # noqa: F401 (public here: sweeps and the M curve answer one question)
-from .validation import check_choice, check_float, check_int, check_type, fail
+from .on_ray.cluster import autoscaling, capacity
+from .loop.data import TensorDataset
+from .io.locations import is_uri, join, run_ensemble_path
+from .model.selection import m_curve  # noqa: F401 (public here: sweeps and the M curve answer one question)
+from .model.validation import check_choice, check_float, check_int, check_type, fail
 
 ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size",
            "steps": "train_num_steps"}
@@ -45,7 +45,7 @@ def _options_of(function) -> set[str]:
 def option_names(task: str) -> tuple[set[str], set[str]]:
     """(ensemble options, Trainer options) a trial may take: the keyword parameters of the
     ensemble class and of Trainer, so a new option is sweepable without a list to update."""
-    from .ensemble import ENSEMBLE_CLASSES
+    from .model.ensemble import ENSEMBLE_CLASSES
     from .trainer import Trainer
 
     return _options_of(ENSEMBLE_CLASSES[task].__init__), _options_of(Trainer.__init__)
@@ -154,8 +154,8 @@ def tune_ensemble(dataset: TensorDataset, param_space: dict, *, task: str = "reg
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from .distributed import env_default
-    from .ensemble import ENSEMBLE_CLASSES
+    from .on_ray.distributed import env_default
+    from .model.ensemble import ENSEMBLE_CLASSES
 
     owner = "tune_ensemble"
     check_choice(owner, "task", task, {"regression", "classification"})
@@ -312,7 +312,7 @@ def _run_trial(config, *, train, validation, base):
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
 
     from .trainer import Trainer
-    from .training import num_steps
+    from .loop.training import num_steps
 
     ensemble_kwargs, trainer_kwargs = split_options({**base["ensemble"], **base["trainer"], **config},
                                                     base["cls"].head_class.task)
@@ -358,8 +358,8 @@ def tune_metrics(entry: dict) -> dict:
 def _tune_report_callback(task, y_validation):
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .distributed import report_entries
-    from .reporting import read_report
+    from .on_ray.distributed import report_entries
+    from .on_ray.reporting import read_report
 
     class EnsembleTuneReportCallback(TuneReportCallback):
         """Reports the ENSEMBLE's validation metrics, formed from every worker's members, to Tune

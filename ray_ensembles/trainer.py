@@ -6,18 +6,18 @@ import copy
 import dataclasses
 from pathlib import Path
 
-from . import checkpoint
-from .data import TensorDataset
-from .ensemble import Ensemble
-from .history import History, RunResult
-from .in_process import fit_here, milestone_path
-from .launched import fit_launched
-from .locations import is_uri
-from .metrics import check_predictions, run_metrics
-from .placement import launched_rank, local_device
-from .training import EnsembleFit, TrainSettings, num_steps
+from .loop import checkpoint
+from .loop.data import TensorDataset
+from .model.ensemble import Ensemble
+from .loop.history import History, RunResult
+from .loop.in_process import fit_here, milestone_path
+from .loop.launched import fit_launched
+from .io.locations import is_uri
+from .model.metrics import check_predictions, run_metrics
+from .loop.placement import launched_rank, local_device
+from .loop.training import EnsembleFit, TrainSettings, num_steps
 from .training_data import check_datasets
-from .validation import check_bool, check_int
+from .model.validation import check_bool, check_int
 
 
 class Trainer:
@@ -72,7 +72,7 @@ class Trainer:
         self.scaling_config, self.run_config = scaling_config, run_config
         self.recorder = History(metrics_callback, loggers)  # checks them
         if scaling_config is not None:
-            from .distributed import check_distributed_request
+            from .on_ray.distributed import check_distributed_request
             check_distributed_request(ensemble, scaling_config, run_config)
         self.checkpoint_path: Path | str | None = None
         self.run_name: str | None = None
@@ -124,7 +124,7 @@ class Trainer:
         return self.ensemble
 
     def _fit_on_ray(self) -> RunResult:
-        from .distributed import fit_on_ray
+        from .on_ray.distributed import fit_on_ray
 
         return fit_on_ray(self.ensemble, self.dataset, self.settings, scaling_config=self.scaling_config,
                           run_config=self.run_config, results_folder=self.results_folder,

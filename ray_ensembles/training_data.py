@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch.utils.data
 
-from .data import TensorDataset, TrainingData
-from .ensemble import Ensemble
-from .streaming import TableStream, is_ray_dataset
-from .validation import check_type
+from .loop.data import TensorDataset, TrainingData
+from .model.ensemble import Ensemble
+from .on_ray.streaming import TableStream, is_ray_dataset
+from .model.validation import check_type
 
 
 def check_datasets(ensemble, dataset, validation_dataset, target=None, features=None

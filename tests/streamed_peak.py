@@ -34,7 +34,7 @@ if __name__ == "__main__":
     import ray
 
     from ray_ensembles import DeepEnsemble, Trainer
-    from ray_ensembles.ray_internals import quiet_ray_data
+    from ray_ensembles.on_ray.ray_internals import quiet_ray_data
 
     ray.init(address=address, log_to_driver=False)
     quiet_ray_data("WARNING")

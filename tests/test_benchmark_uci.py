@@ -152,7 +152,7 @@ def test_the_synthetic_hard_regime_is_the_plant_it_describes():
 
 @pytest.mark.unit
 def test_the_default_rate_follows_the_runs_length():
-    from ray_ensembles.training import horizon_lr
+    from ray_ensembles.loop.training import horizon_lr
     assert [horizon_lr(s) for s in (120, 200, 800, 20_000)] == pytest.approx([0.1, 0.1, 0.05, 0.01])
     options = lambda rows: bench.trainer_options(dict(CFG, lr=None, epochs=40, batch_size=100), rows)
     assert options(455)["train_lr"] == 0.1   # Boston: 200 steps

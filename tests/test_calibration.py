@@ -90,8 +90,8 @@ def test_a_calibration_of_the_wrong_kind_is_refused_and_training_drops_it(overco
 
 @pytest.mark.unit
 def test_a_temperature_is_fitted_through_probabilities_that_underflowed_to_zero():
-    from ray_ensembles.heads import CategoricalHead
-    from ray_ensembles.predictions import CategoricalPrediction
+    from ray_ensembles.model.heads import CategoricalHead
+    from ray_ensembles.model.predictions import CategoricalPrediction
 
     probs = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.9, 0.1]]] * 2)  # (M=2, B=4, C=2)
     fitted, before, after = CategoricalHead("test", 2).fit_calibration(CategoricalPrediction(probs), torch.tensor([0, 1, 1, 0]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, combine
-from ray_ensembles.inference import prediction_columns
+from ray_ensembles.model.inference import prediction_columns
 from ray_ensembles.serving import parse_request, predict_parts, response_rows
 
 G = torch.Generator().manual_seed(0)

@@ -6,11 +6,13 @@ import pytest
 import torch
 from ray.train import ScalingConfig
 
-from ray_ensembles import DeepEnsemble, TensorDataset, Trainer, checkpoint, storage
-from ray_ensembles.distributed import POLL_ENV, env_default
-from ray_ensembles.placement import assign_members
-from ray_ensembles.storage import load_members as assemble  # the coordinator's assembly
-from ray_ensembles.training import EnsembleFit, TrainSettings
+from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
+from ray_ensembles.loop import checkpoint
+from ray_ensembles.io import storage
+from ray_ensembles.on_ray.distributed import POLL_ENV, env_default
+from ray_ensembles.loop.placement import assign_members
+from ray_ensembles.io.storage import load_members as assemble  # the coordinator's assembly
+from ray_ensembles.loop.training import EnsembleFit, TrainSettings
 
 pytestmark = pytest.mark.unit
 

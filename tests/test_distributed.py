@@ -169,7 +169,7 @@ def test_classifier_members_train_on_workers(tmp_path):
 
 
 def test_the_driver_gets_live_progress_and_every_entry_in_order(tmp_path, monkeypatch):
-    from ray_ensembles.progress import EnsembleProgress
+    from ray_ensembles.loop.progress import EnsembleProgress
 
     class Recorder:
         def __init__(self):

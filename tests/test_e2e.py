@@ -25,7 +25,7 @@ import torch
 
 from conftest import REPO
 from ray_ensembles import DeepEnsemble
-from ray_ensembles.locations import filesystem_for
+from ray_ensembles.io.locations import filesystem_for
 from ray_head import BIN, local_ray_head
 from s3_store import s3_store
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
-from ray_ensembles.predictions import GaussianMixturePrediction
+from ray_ensembles.model.predictions import GaussianMixturePrediction
 
 pytestmark = pytest.mark.unit
 
@@ -200,7 +200,7 @@ def test_a_regression_ensemble_does_not_load_as_a_classifier(saved):
 def test_a_failed_save_leaves_the_previous_one_intact(saved, monkeypatch):
     e, path, X = saved
     before = DeepEnsemble.load(path)(X).mean
-    from ray_ensembles.manifest import Manifest
+    from ray_ensembles.io.manifest import Manifest
 
     def crash(*args, **kwargs):
         raise OSError("disk full")

@@ -12,8 +12,8 @@ from ray.train import ScalingConfig
 
 import predict as job
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
-from ray_ensembles.placement import local_device
-from ray_ensembles.training import EnsembleFit, TrainSettings
+from ray_ensembles.loop.placement import local_device
+from ray_ensembles.loop.training import EnsembleFit, TrainSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

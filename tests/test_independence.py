@@ -5,9 +5,10 @@ import pickle
 import pytest
 import torch
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, MemberDivergedError, TensorDataset, Trainer, batches
-from ray_ensembles.members import epoch_permutations, member_seed
-from ray_ensembles.training import EnsembleFit, TrainSettings
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, MemberDivergedError, TensorDataset, Trainer
+from ray_ensembles.loop import batches
+from ray_ensembles.model.members import epoch_permutations, member_seed
+from ray_ensembles.loop.training import EnsembleFit, TrainSettings
 
 pytestmark = pytest.mark.unit
 

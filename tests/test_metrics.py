@@ -8,7 +8,7 @@ import torch
 from scipy import integrate, stats
 from scipy.special import logsumexp
 
-from ray_ensembles import metrics
+from ray_ensembles.model import metrics
 
 pytestmark = pytest.mark.unit
 

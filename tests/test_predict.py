@@ -124,7 +124,7 @@ def test_a_failure_stops_the_job_and_leaves_no_output(saved, tmp_path, monkeypat
     table = pq.read_table(root / "in.parquet")
     bad = table.set_column(table.column_names.index("a"), "a", pa.array([float("nan")] * 100 + [1.0] * 900))
     write_row_groups(tmp_path / "in.parquet", bad, 100)
-    from ray_ensembles.inference import BatchPredictor  # the job's, which it imports when it runs
+    from ray_ensembles.model.inference import BatchPredictor  # the job's, which it imports when it runs
 
     calls, predict = [], BatchPredictor.__call__
     monkeypatch.setattr(BatchPredictor, "__call__", lambda self, t: calls.append(1) or predict(self, t))

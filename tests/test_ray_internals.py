@@ -7,8 +7,8 @@ import logging
 import pytest
 from ray.train import ScalingConfig
 
-from ray_ensembles.distributed import resources_per_worker
-from ray_ensembles.ray_internals import data_parallel_trainer, quiet_worker_reports
+from ray_ensembles.on_ray.distributed import resources_per_worker
+from ray_ensembles.on_ray.ray_internals import data_parallel_trainer, quiet_worker_reports
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +43,7 @@ def test_the_resources_per_worker_are_ray_trains_own(config):
 def test_the_gcs_key_value_store_the_run_channel_uses_is_where_the_shim_looks():
     from ray.experimental import internal_kv
 
-    from ray_ensembles.ray_internals import kv_delete_prefix, kv_get, kv_keys, kv_put
+    from ray_ensembles.on_ray.ray_internals import kv_delete_prefix, kv_get, kv_keys, kv_put
     for name in ("_internal_kv_put", "_internal_kv_get", "_internal_kv_list", "_internal_kv_del"):
         assert callable(getattr(internal_kv, name))
     assert {"overwrite", "namespace"} <= set(inspect.signature(internal_kv._internal_kv_put).parameters)

@@ -14,13 +14,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer, checkpoint, storage
-from ray_ensembles import selection, sweep
-from ray_ensembles.data import read_table, table_to_dataset
-from ray_ensembles.ensemble import load_ensemble
-from ray_ensembles.manifest import FORMAT_VERSION
-from ray_ensembles.metrics import calibration_curve, crps_gaussian, miscalibration_area
-from ray_ensembles.training import EnsembleFit
+from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
+from ray_ensembles.loop import checkpoint
+from ray_ensembles.io import storage
+from ray_ensembles import sweep
+from ray_ensembles.model import selection
+from ray_ensembles.loop.data import read_table, table_to_dataset
+from ray_ensembles.model.ensemble import load_ensemble
+from ray_ensembles.io.manifest import FORMAT_VERSION
+from ray_ensembles.model.metrics import calibration_curve, crps_gaussian, miscalibration_area
+from ray_ensembles.loop.training import EnsembleFit
 
 G = torch.Generator().manual_seed(0)
 X = torch.rand(200, 2, generator=G) * 8 - 4
@@ -438,7 +441,8 @@ def test_the_other_tasks_summaries_are_none_as_in_deep_ensembles_pytorch():
 
 KILL_DURING_SAVE = """
 import os, sys
-from ray_ensembles import DeepEnsemble, directories, manifest
+from ray_ensembles import DeepEnsemble
+from ray_ensembles.io import directories, manifest
 path, step = sys.argv[1], sys.argv[2]
 def die(*args, **kwargs):
     os._exit(3)

@@ -15,8 +15,8 @@ import torch
 
 from conftest import REPO
 from ray_ensembles import DeepEnsemble
-from ray_ensembles.data import read_table
-from ray_ensembles.locations import check_store, join
+from ray_ensembles.loop.data import read_table
+from ray_ensembles.io.locations import check_store, join
 from s3_store import s3_store
 
 

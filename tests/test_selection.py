@@ -1,4 +1,4 @@
-"""Greedy ensemble selection (ray_ensembles.selection), on synthetic candidates and on trained
+"""Greedy ensemble selection (ray_ensembles.model.selection), on synthetic candidates and on trained
 members of different configurations."""
 
 import random
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
-from ray_ensembles.selection import greedy_selection, mixture_nll
+from ray_ensembles.model.selection import greedy_selection, mixture_nll
 
 
 def gaussian_log_lik(mean, std, y):

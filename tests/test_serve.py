@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO, shared_local_ray
 from ports import free_port
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier
-from ray_ensembles.inference import prediction_columns
+from ray_ensembles.model.inference import prediction_columns
 
 FEATURES = ["crim", "rm", "age"]
 

@@ -14,9 +14,9 @@ import torch
 
 from conftest import shared_local_ray
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
-from ray_ensembles.batches import MemberBatches
-from ray_ensembles.standardize import Moments, Standardizer
-from ray_ensembles.streaming import StreamBatches, TableStream
+from ray_ensembles.loop.batches import MemberBatches
+from ray_ensembles.model.standardize import Moments, Standardizer
+from ray_ensembles.on_ray.streaming import StreamBatches, TableStream
 
 ROWS, BLOCK, BATCH = 1000, 70, 25  # blocks that do not line up with the windows or batches
 
@@ -146,7 +146,7 @@ def test_the_one_pass_moments_are_the_whole_tables_statistics():
 
 @pytest.mark.unit
 def test_ray_datas_scheduling_loop_is_paced_only_when_its_steps_return_at_once(monkeypatch):
-    from ray_ensembles import ray_internals
+    from ray_ensembles.on_ray import ray_internals
 
     clock, sleeps = [100.0], []
     monkeypatch.setattr(ray_internals.time, "perf_counter", lambda: clock[0])
@@ -165,7 +165,7 @@ def test_ray_datas_scheduling_loop_is_paced_only_when_its_steps_return_at_once(m
 def ray_data():
     import ray
 
-    from ray_ensembles.ray_internals import quiet_ray_data
+    from ray_ensembles.on_ray.ray_internals import quiet_ray_data
 
     quiet_ray_data("WARNING")
     shared_local_ray()
@@ -187,8 +187,8 @@ def parquet(folder, rows, files=4, seed=0):
 
 @pytest.mark.ray
 def test_the_streamed_copy_reads_in_order_without_progress_bars_and_the_users_dataset_is_untouched(ray_data):
-    from ray_ensembles.ray_internals import PacedExecution, ordered_dataset
-    from ray_ensembles.streaming import execution_options
+    from ray_ensembles.on_ray.ray_internals import PacedExecution, ordered_dataset
+    from ray_ensembles.on_ray.streaming import execution_options
 
     dataset = ray_data.range(10)
     ordered = ordered_dataset(dataset, execution_options())  # Ray's private copy: fails here if it moves

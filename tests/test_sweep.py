@@ -104,7 +104,7 @@ def test_a_finished_sweep_resumes_without_retraining(sweep, table_file):
     runs = sweep / "runs"
     before = {p: p.stat().st_mtime for p in runs.glob("grid/trials/*/ensemble/manifest.json")}
     assert len(before) == 4
-    from ray_ensembles.data import read_table, table_to_dataset
+    from ray_ensembles.loop.data import read_table, table_to_dataset
     train, validation = table_to_dataset(read_table(str(table_file)), "y").split(0.1, seed=0)
     result = tune_ensemble(train, {"num_members": [1, 2], "adversarial_eps": [0.0, 0.01]},
                            validation_dataset=validation, storage_path=runs, name="grid", resume=True,
@@ -151,7 +151,7 @@ def test_a_hyper_ensemble_selects_members_of_several_configurations_from_a_sweep
 
     from ray import tune
 
-    from ray_ensembles.selection import mixture_nll
+    from ray_ensembles.model.selection import mixture_nll
     from ray_ensembles.sweep import hyper_ensemble
 
     train, validation = TensorDataset(X, Y).split(0.25, seed=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
-from ray_ensembles.metrics import ensemble_validation_metrics
+from ray_ensembles.model.metrics import ensemble_validation_metrics
 from ray_ensembles.sweep import m_curve, normalize_param_space, tune_ensemble
 
 pytestmark = pytest.mark.unit

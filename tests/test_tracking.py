@@ -6,8 +6,8 @@ import struct
 import pytest
 
 from ray_ensembles import DeepEnsemble, TensorDataset, Trainer
-from ray_ensembles.progress import EnsembleProgress
-from ray_ensembles.tracking import MLflowLogger, TensorBoardLogger
+from ray_ensembles.loop.progress import EnsembleProgress
+from ray_ensembles.io.tracking import MLflowLogger, TensorBoardLogger
 
 pytestmark = pytest.mark.unit
 
@@ -85,7 +85,7 @@ def test_the_bar_counts_member_steps_up_to_the_whole_ensemble(toy_data, tmp_path
     X, y = toy_data
     seen = []
     monkeypatch.setattr(EnsembleProgress, "update", lambda self, done, loss=None, val=None: seen.append((done, loss)))
-    monkeypatch.setattr("ray_ensembles.in_process.Every", lambda seconds: lambda: True)  # every step, not every 0.5 s
+    monkeypatch.setattr("ray_ensembles.loop.in_process.Every", lambda seconds: lambda: True)  # every step, not every 0.5 s
     Trainer(DeepEnsemble(dim_in=2, num_members=3, hidden_dim=8), TensorDataset(X, y), train_batch_size=50,
             train_num_steps=12, results_folder=tmp_path, progress=True).train()
     assert [done for done, _ in seen] == [3 * step for step in range(1, 13)]

@@ -100,7 +100,7 @@ def test_bad_options_exit_with_one_line_before_ray_starts(case, argv, message, t
 
 @pytest.mark.unit
 def test_table_columns_become_named_features(table):
-    from ray_ensembles.data import read_table, table_to_dataset
+    from ray_ensembles.loop.data import read_table, table_to_dataset
     ds = table_to_dataset(read_table(str(table)), "y")
     assert ds.feature_names == ["id", "a", "b", "label"]  # numeric columns other than the target
     ds = table_to_dataset(read_table(f"file://{table}"), "label", ["a", "b"], task="classification")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
-from ray_ensembles.metrics import gaussian_nll
+from ray_ensembles.model.metrics import gaussian_nll
 
 pytestmark = pytest.mark.unit
 
@@ -145,8 +145,8 @@ def test_stacked_adam_is_torch_fused_adam_per_member_and_restarts_one_member_afr
     """The loop's Adam calls torch's fused kernel without torch.optim's bookkeeping: bit-identical
     to torch.optim.Adam(fused=True), also when a parameter has no gradient for a step. After
     reset_member(1), member 1 follows a brand-new torch Adam while members 0 and 2 carry on."""
-    from ray_ensembles.members import StackedMLP
-    from ray_ensembles.training import StackedAdam
+    from ray_ensembles.model.members import StackedMLP
+    from ray_ensembles.loop.training import StackedAdam
     g = torch.Generator().manual_seed(0)
     members = StackedMLP(3, 4, 2, hidden_dim=5, depth=1)
     for i in range(3):
@@ -180,8 +180,8 @@ def test_stacked_adam_is_torch_fused_adam_per_member_and_restarts_one_member_afr
 def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_data, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from ray_ensembles import checkpoint
-    from ray_ensembles.training import EnsembleFit, TrainSettings
+    from ray_ensembles.loop import checkpoint
+    from ray_ensembles.loop.training import EnsembleFit, TrainSettings
     X, y = toy_data
     settings = TrainSettings(batch_size=32, num_steps=10)
     fit = EnsembleFit(make(), TensorDataset(X, y), settings, "cpu")
@@ -209,7 +209,7 @@ def test_resuming_a_checkpoint_without_adam_step_counts_is_a_clear_error(toy_dat
 ])
 def test_train_settings_built_directly_check_themselves_as_the_trainer_does(options, error, message):
     """The benchmarks build the loop's settings without a Trainer: the same checks, the same names."""
-    from ray_ensembles.training import TrainSettings
+    from ray_ensembles.loop.training import TrainSettings
     with pytest.raises(error, match=message):
         TrainSettings(**options)
     assert TrainSettings(lr=1, num_steps=np.int64(5)).lr == 1.0  # normalised to Python's own numbers

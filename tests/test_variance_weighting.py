@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ray_ensembles import DeepEnsemble, TensorDataset
-from ray_ensembles.heads import VARIANCE_FLOOR, mean_and_variance
-from ray_ensembles.training import EnsembleFit, TrainSettings
+from ray_ensembles.model.heads import VARIANCE_FLOOR, mean_and_variance
+from ray_ensembles.loop.training import EnsembleFit, TrainSettings
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from ._version import __version__
+from .._version import __version__
 
 FORMAT = "ray_ensembles.ensemble"
 # 2: per-member Adam step counts, restart attempts and epoch loss sums in checkpoints, float64

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import checkpoint, storage
+from . import checkpoint
+from ..io import storage
 from .history import History, RunResult
 from .in_process import fit_here, milestone_path
 from .placement import assign_members, launched_rank, process_group

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .members import epoch_permutations
+from ..model.members import epoch_permutations
 
 GATHER_BYTES = 32 << 20  # rows gathered ahead for the coming steps
 

@@ -29,9 +29,9 @@ from typing import Sequence
 
 import torch
 
-from .batches import MemberBatches
-from .data import table_arrays, table_features
-from .standardize import Moments
+from ..loop.batches import MemberBatches
+from ..loop.data import table_arrays, table_features
+from ..model.standardize import Moments
 
 
 CHUNK_ROWS = 1 << 16  # rows of a block converted at a time

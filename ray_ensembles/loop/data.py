@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from .batches import MemberBatches
-from .locations import filesystem_for
-from .validation import as_float_tensor, as_labels, as_tensor, fail
+from ..io.locations import filesystem_for
+from ..model.validation import as_float_tensor, as_labels, as_tensor, fail
 
 
 def cubic_toy(n: int, seed: int) -> "TensorDataset":

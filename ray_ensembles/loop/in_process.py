@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .history import History
-from .metrics import validation_metrics
+from ..model.metrics import validation_metrics
 from .progress import EnsembleProgress, Every
 from .training import EnsembleFit
 

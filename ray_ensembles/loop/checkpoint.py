@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import storage
-from .manifest import Manifest
+from ..io import storage
+from ..io.manifest import Manifest
 from .optim import StackedAdam
 from .training import EnsembleFit
 

@@ -21,7 +21,7 @@ import uuid
 
 import ray.train
 
-from .progress import REPORT_EVERY_S, EnsembleProgress, Every
+from ..loop.progress import REPORT_EVERY_S, EnsembleProgress, Every
 from .ray_internals import kv_delete_prefix, kv_get, kv_keys, kv_put
 
 

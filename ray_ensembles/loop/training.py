@@ -19,9 +19,9 @@ from ema_pytorch import EMA
 
 from .cuda_graphs import GraphedStep
 from .data import TrainingData
-from .members import member_seed
+from ..model.members import member_seed
 from .optim import StackedAdam
-from .validation import check_bool, check_choice, check_float, check_int
+from ..model.validation import check_bool, check_choice, check_float, check_int
 
 
 class MemberDivergedError(RuntimeError):

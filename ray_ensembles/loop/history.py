@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .validation import check_callable
+from ..model.validation import check_callable
 
 
 def attach_validation(entries: list[dict], step: int, validation: dict) -> list[dict]:
