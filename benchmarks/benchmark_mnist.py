@@ -24,7 +24,7 @@ from benchmarks.common import REPO, fail
 from torch import nn
 
 from ray_ensembles import DeepEnsembleClassifier, TensorDataset, Trainer
-from ray_ensembles import metrics as M
+from ray_ensembles.model import metrics as M
 
 DATA = REPO.parent / "shared" / "data"
 VARIANTS = {"plain": {}, "adversarial": {"use_adversarial_training": True},
