@@ -43,7 +43,7 @@ class History:
         for logger in loggers:
             if not all(callable(getattr(logger, name, None)) for name in ("start", "log_epoch", "finish")):
                 raise TypeError(f"The 'loggers' parameter of {owner} must hold objects with start, log_epoch "
-                                f"and finish methods (see ray_ensembles.tracking). Got {logger!r} instead.")
+                                f"and finish methods (see ray_ensembles.io.tracking). Got {logger!r} instead.")
             if callable(getattr(logger, "check", None)):
                 logger.check()  # a tracker that cannot record fails here, not after training
         self.metrics_callback, self.loggers = metrics_callback, list(loggers)
