@@ -48,6 +48,12 @@ def parse_args(argv=None):
                        help="default 0.01 on the toy, else 0.1 up to 200 steps and 0.1 * sqrt(200 / steps) beyond")
     train.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
                        help="cosine anneals the rate to 0 over the run; the paper's is constant")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up of the rate before its schedule")
+    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam",
+                       help="each member's own; adamw decouples --weight-decay")
+    train.add_argument("--momentum", type=float, default=0.9, help="with --optimizer sgd")
+    train.add_argument("--nesterov", action="store_true", help="with --optimizer sgd: Nesterov's momentum")
+    train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--ema-decay", type=float, default=0.0)
     train.add_argument("--amp", action="store_true", help="bfloat16 autocast (on GPUs)")
     train.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
@@ -233,7 +239,9 @@ def main(argv=None):
         try:
             ensemble, train, validation = build(args)
             options = dict(train_batch_size=args.batch_size, train_lr=args.lr, train_num_epochs=args.epochs,
-                           lr_scheduler=args.lr_schedule == "cosine",
+                           lr_scheduler=args.lr_schedule == "cosine", warmup_steps=args.warmup_steps,
+                           optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov,
+                           weight_decay=args.weight_decay,
                            ema_decay=args.ema_decay, amp=args.amp, save_every=args.save_every,
                            validation_dataset=validation, progress=not (args.quiet or args.json))
             options.update(shuffle_buffer_rows=args.shuffle_buffer_rows)

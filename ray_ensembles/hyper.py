@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from .loop.data import TensorDataset
-from .model.ensemble import combine, load_ensemble
 from .many import fit_many
+from .model.ensemble import combine, load_ensemble
 from .model.selection import greedy_selection, mixture_nll
-from .sweep import grid_size, canonical_options, normalize_param_space, split_options, tune_ensemble
 from .model.validation import check_int, check_type
+from .sweep import grid_size, canonical_options, normalize_param_space, split_options, tune_ensemble
 
 
 def hyper_ensemble(dataset: TensorDataset, param_space: dict, *, size: int = 5, num_samples: int = 10,

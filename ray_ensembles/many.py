@@ -20,11 +20,11 @@ import ray
 import torch
 
 from .io import storage
-from .on_ray.cluster import capacity
 from .io.locations import check_store, is_uri, join
 from .loop.progress import EnsembleProgress
-from .trainer import Trainer
 from .model.validation import check_bool, check_float, check_int, fail
+from .on_ray.cluster import capacity
+from .trainer import Trainer
 
 # Options the pool sets itself: where checkpoints go, how progress is shown, and no Ray Train.
 _NOT_PER_ENSEMBLE = {"results_folder", "scaling_config", "run_config", "progress", "metrics_callback",

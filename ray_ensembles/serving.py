@@ -44,10 +44,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .model.ensemble import load_ensemble
-from .model.inference import summary_columns
 from .io.locations import check_store, filesystem_for, is_uri, join, run_ensemble_path
 from .io.storage import MANIFEST
+from .model.ensemble import load_ensemble
+from .model.inference import summary_columns
 from .model.validation import check_float, check_int
 
 logger = logging.getLogger(__name__)

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
-from .on_ray.cluster import autoscaling, capacity
-from .loop.data import TensorDataset
 from .io.locations import is_uri, join, run_ensemble_path
+from .loop.data import TensorDataset
 from .model.selection import m_curve  # noqa: F401 (public here: sweeps and the M curve answer one question)
 from .model.validation import check_choice, check_float, check_int, check_type, fail
+from .on_ray.cluster import autoscaling, capacity
 
 ALIASES = {"lr": "train_lr", "epochs": "train_num_epochs", "batch_size": "train_batch_size",
            "steps": "train_num_steps"}

@@ -6,18 +6,18 @@ import copy
 import dataclasses
 from pathlib import Path
 
+from .io.locations import is_uri
 from .loop import checkpoint
 from .loop.data import TensorDataset
-from .model.ensemble import Ensemble
 from .loop.history import History, RunResult
 from .loop.in_process import fit_here, milestone_path
 from .loop.launched import fit_launched
-from .io.locations import is_uri
-from .model.metrics import check_predictions, run_metrics
 from .loop.placement import launched_rank, local_device
 from .loop.training import EnsembleFit, TrainSettings, num_steps
-from .training_data import check_datasets
+from .model.ensemble import Ensemble
+from .model.metrics import check_predictions, run_metrics
 from .model.validation import check_bool, check_int
+from .training_data import check_datasets
 
 
 class Trainer:
@@ -31,7 +31,9 @@ class Trainer:
     with its `target` column and `features`, streamed in windows of `shuffle_buffer_rows` rows
     (`streaming`). A fitted ensemble keeps its standardisation unless `refit_normalization`.
     `ema_decay=0` turns EMA off; `amp` is bfloat16 autocast; `cuda_graphs` replays each GPU step
-    from a CUDA graph; `lr_scheduler` anneals the rate to 0 (cosine). `progress` shows one bar
+    from a CUDA graph; `lr_scheduler` anneals the rate to 0 (cosine), after `warmup_steps` of
+    linear warm-up. `optimizer`: "adam" (the default), "adamw" (decoupled `weight_decay`) or "sgd"
+    (with `momentum`, and `nesterov`), each member with its own state. `progress` shows one bar
     for the whole ensemble; each entry of `history` goes, in order, to `metrics_callback(entry)`
     and to each of `loggers` (`tracking`). Every option: docs/usage.md.
     """
@@ -47,7 +49,9 @@ class Trainer:
                  save_every: int = TrainSettings.save_every, cpu: bool = False,
                  cuda_graphs: bool = TrainSettings.cuda_graphs, progress: bool = False,
                  on_divergence: str = TrainSettings.on_divergence, max_restarts: int = TrainSettings.max_restarts,
-                 lr_scheduler: bool = TrainSettings.lr_scheduler, refit_normalization: bool = False,
+                 lr_scheduler: bool = TrainSettings.lr_scheduler, warmup_steps: int = TrainSettings.warmup_steps,
+                 optimizer: str = TrainSettings.optimizer, momentum: float = TrainSettings.momentum,
+                 nesterov: bool = TrainSettings.nesterov, refit_normalization: bool = False,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
                  metrics_callback=None, loggers=(), target: str | None = None, features=None,
                  shuffle_buffer_rows: int = TrainSettings.shuffle_buffer_rows):
@@ -59,6 +63,7 @@ class Trainer:
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
             ema_update_every=ema_update_every, amp=amp, cuda_graphs=cuda_graphs, save_every=save_every,
             on_divergence=on_divergence, max_restarts=max_restarts, lr_scheduler=lr_scheduler,
+            warmup_steps=warmup_steps, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
             shuffle_buffer_rows=shuffle_buffer_rows)
         for name, value in [("cpu", cpu), ("progress", progress), ("refit_normalization", refit_normalization)]:
             check_bool("Trainer", name, value)

@@ -7,8 +7,8 @@ import torch.utils.data
 
 from .loop.data import TensorDataset, TrainingData
 from .model.ensemble import Ensemble
-from .on_ray.streaming import TableStream, is_ray_dataset
 from .model.validation import check_type
+from .on_ray.streaming import TableStream, is_ray_dataset
 
 
 def check_datasets(ensemble, dataset, validation_dataset, target=None, features=None

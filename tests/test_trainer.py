@@ -130,6 +130,14 @@ BAD_INPUTS = [
      "'y' parameter of log_prob must be \\(20, 1\\).*\\(1, 1\\)"),
     ("log_prob two targets for dim_out 1", lambda: make()(X_OK).log_prob(torch.zeros(20, 2)), ValueError,
      "\\(20, 1\\).*\\(20, 2\\)"),
+    ("unknown optimizer", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), optimizer="rmsprop"), ValueError,
+     "'optimizer'.*'adam', 'adamw', 'sgd'.*'rmsprop'"),
+    ("momentum 1", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), optimizer="sgd", momentum=1.0), ValueError,
+     "'momentum'.*\\[0.0, 1.0\\).*Got 1.0"),
+    ("nesterov with adam", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), nesterov=True), ValueError,
+     "'nesterov'.*optimizer='sgd' with momentum > 0.*True"),
+    ("warm-up as long as the run", lambda: Trainer(make(), TensorDataset(X_OK, Y_OK), train_num_steps=10,
+                                                   warmup_steps=10), ValueError, "'warmup_steps'.*fewer than the run's 10 steps.*Got 10"),
 ]
 
 
@@ -146,7 +154,7 @@ def test_stacked_adam_is_torch_fused_adam_per_member_and_restarts_one_member_afr
     to torch.optim.Adam(fused=True), also when a parameter has no gradient for a step. After
     reset_member(1), member 1 follows a brand-new torch Adam while members 0 and 2 carry on."""
     from ray_ensembles.model.members import StackedMLP
-    from ray_ensembles.loop.training import StackedAdam
+    from ray_ensembles.loop.optim import StackedAdam
     g = torch.Generator().manual_seed(0)
     members = StackedMLP(3, 4, 2, hidden_dim=5, depth=1)
     for i in range(3):

@@ -1,7 +1,7 @@
 """Training checkpoints: an ensemble directory whose member files also hold the training state.
 
 Per member: `model.*` the weights to predict with (EMA's when on), `online.*` the weights being
-trained when EMA is on, `adam.*` the optimiser's moments and step counts; its metadata adds the
+trained when EMA is on, `adam.*` (Adam, AdamW) or `sgd.*` the optimiser's state; its metadata adds the
 loop's step, settings and data fingerprint, restart attempts and the epoch's loss so far. Any
 checkpoint therefore loads as an ensemble; `restore` resumes one exactly.
 """
@@ -16,7 +16,6 @@ import torch
 
 from ..io import storage
 from ..io.manifest import Manifest
-from .optim import StackedAdam
 from .training import EnsembleFit
 
 
@@ -27,14 +26,15 @@ def training_state(fit: EnsembleFit) -> dict:
 def member_files(fit: EnsembleFit) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
     """Per member id: the tensors of its checkpoint file and its metadata."""
     members = fit.ensemble.members
-    adam = {key: fit.optimizer.named_state(key) for key in StackedAdam.KEYS}
+    optimizer = fit.optimizer
+    state = {key: optimizer.named_state(key) for key in optimizer.KEYS}
     files = {}
     for i, m in enumerate(fit.ensemble.member_ids):
         tensors = {f"model.{k}": v for k, v in fit.predicting_members.member_state(i).items()}
         if fit.ema is not None:
             tensors.update({f"online.{k}": v for k, v in members.member_state(i).items()})
-        for key, named in adam.items():
-            tensors.update({f"adam.{key}.{k}": v for k, v in members.member_view(i, named).items()})
+        for key, named in state.items():
+            tensors.update({f"{optimizer.PREFIX}.{key}.{k}": v for k, v in members.member_view(i, named).items()})
         metadata = dict(storage.member_metadata(fit.ensemble, i), training=training_state(fit),
                         train_loss=float(fit.last_finite_loss[i]), attempt=fit.attempts[i],
                         epoch_loss_sum=float(fit.epoch_loss_sum[i]), epoch_loss_steps=int(fit.epoch_steps[i]))
@@ -71,9 +71,10 @@ def restore(fit: EnsembleFit, directory):
     fit.batches.reset()  # the restored seeds set the data order
     fit.step = loaded[0][1]["training"]["step"]
     if fit.step > 0:
+        prefix = fit.optimizer.PREFIX
         fit.optimizer.load_state(
-            {key: members.assemble([storage.strip_prefix(t, f"adam.{key}.") for t, _ in loaded])
-             for key in StackedAdam.KEYS})
+            {key: members.assemble([storage.strip_prefix(t, f"{prefix}.{key}.") for t, _ in loaded])
+             for key in fit.optimizer.KEYS})
 
 
 def check_resumable(path, ensemble, settings):

@@ -9,9 +9,9 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from .batches import MemberBatches
 from ..io.locations import filesystem_for
 from ..model.validation import as_float_tensor, as_labels, as_tensor, fail
+from .batches import MemberBatches
 
 
 def cubic_toy(n: int, seed: int) -> "TensorDataset":

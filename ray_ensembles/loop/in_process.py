@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..model.metrics import validation_metrics
 from . import checkpoint
 from .history import History
-from ..model.metrics import validation_metrics
 from .progress import EnsembleProgress, Every
 from .training import EnsembleFit
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import checkpoint
 from ..io import storage
+from . import checkpoint
 from .history import History, RunResult
 from .in_process import fit_here, milestone_path
 from .placement import assign_members, launched_rank, process_group

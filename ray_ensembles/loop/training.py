@@ -17,11 +17,11 @@ from typing import Callable, ClassVar
 import torch
 from ema_pytorch import EMA
 
+from ..model.members import member_seed
+from ..model.validation import check_bool, check_choice, check_float, check_int, fail
 from .cuda_graphs import GraphedStep
 from .data import TrainingData
-from ..model.members import member_seed
-from .optim import StackedAdam
-from ..model.validation import check_bool, check_choice, check_float, check_int
+from .optim import stacked_optimizer
 
 
 class MemberDivergedError(RuntimeError):
@@ -60,6 +60,10 @@ class TrainSettings:
     on_divergence: str = "raise"   # or "restart": re-initialise only that member, fresh seed
     max_restarts: int = 3          # per member, with on_divergence="restart"
     lr_scheduler: bool = True      # cosine annealing of the rate to 0 over num_steps (the peer's)
+    warmup_steps: int = 0          # a linear warm-up of the rate over the first steps, before the schedule
+    optimizer: str = "adam"        # or "adamw" (decoupled weight decay) or "sgd"
+    momentum: float = 0.9          # SGD's
+    nesterov: bool = False         # SGD's
     shuffle_buffer_rows: int = 1 << 20  # a streamed table's rows mix within windows of this many (`streaming`)
 
     def __post_init__(self):
@@ -70,20 +74,31 @@ class TrainSettings:
         for field in ("batch_size", "num_steps", "ema_update_every", "save_every", "shuffle_buffer_rows"):
             check(field, check_int, minimum=1)
         check("max_restarts", check_int, minimum=0)
+        check("warmup_steps", check_int, minimum=0)
+        if self.warmup_steps >= self.num_steps:
+            fail("Trainer", "warmup_steps", f"fewer than the run's {self.num_steps} steps", self.warmup_steps)
+        check_choice("Trainer", "optimizer", self.optimizer, {"adam", "adamw", "sgd"})
+        check("momentum", check_float, minimum=0.0, below=1.0)
         check("lr", check_float, strict_minimum=0.0)
         check("weight_decay", check_float, minimum=0.0)
         check("ema_decay", check_float, minimum=0.0, below=1.0)
         if self.max_grad_norm is not None:
             check("max_grad_norm", check_float, strict_minimum=0.0)
+        if self.nesterov is True and (self.optimizer != "sgd" or self.momentum == 0):
+            fail("Trainer", "nesterov", "False unless optimizer='sgd' with momentum > 0", self.nesterov)
         check_choice("Trainer", "on_divergence", self.on_divergence, {"raise", "restart"})
-        for field in ("amp", "cuda_graphs", "lr_scheduler"):
+        for field in ("amp", "cuda_graphs", "lr_scheduler", "nesterov"):
             check_bool("Trainer", field, getattr(self, field))
 
     def lr_at(self, step: int) -> float:
-        """The learning rate of the step after `step` steps: a function of the step alone."""
+        """The learning rate of the step after `step` steps: a function of the step alone. The
+        warm-up rises linearly to `lr` at its last step; the cosine then runs over the rest."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
         if not self.lr_scheduler:
             return self.lr
-        return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.num_steps))
+        done = (step - self.warmup_steps) / (self.num_steps - self.warmup_steps)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def horizon_lr(num_steps: int) -> float:
@@ -115,7 +130,7 @@ class EnsembleFit:
         self.batches = data.member_batches(self.ensemble, settings, device)
         self.data = data.fingerprint
         self.steps_per_epoch = self.batches.steps_per_epoch
-        self.optimizer = StackedAdam(ensemble.members, ensemble.num_members, settings.lr, settings.weight_decay)
+        self.optimizer = stacked_optimizer(ensemble.members, ensemble.num_members, settings)
         self.ema = None
         if settings.ema_decay > 0:  # updated by _update_ema, not by the EMA's own schedule
             self.ema = EMA(ensemble.members, beta=settings.ema_decay, include_online_model=False,

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import adversarial
 from ..io import storage
 from ..io.manifest import Manifest
+from . import adversarial
 from .heads import CategoricalHead, GaussianHead
 from .members import ACTIVATIONS, SHAPE, MemberGroups, build_members, member_seed
 from .predictions import CategoricalPrediction, GaussianMixturePrediction, MemberPrediction

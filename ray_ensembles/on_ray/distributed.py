@@ -28,13 +28,13 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from ..loop import checkpoint
 from ..io import storage
-from .cluster import AUTOSCALING_ENV, autoscaling, capacity, join_ray
-from ..model.ensemble import build_ensemble
 from ..io.locations import check_store, is_uri, run_ensemble_path
-from ..model.metrics import ensemble_validation_metrics
+from ..loop import checkpoint
 from ..loop.placement import assign_members, local_device
+from ..model.ensemble import build_ensemble
+from ..model.metrics import ensemble_validation_metrics
+from .cluster import AUTOSCALING_ENV, autoscaling, capacity, join_ray
 from .ray_internals import data_parallel_trainer, quiet_worker_reports
 from .reporting import (Follower, ReportForwarder, RunChannel, epoch_entries, epochs_filename, progress_sender,
                         validation_filename)
