@@ -12,6 +12,7 @@ import csv
 import json
 import re
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -155,9 +156,12 @@ def test_a_killed_driver_and_a_store_that_goes_down_each_resume_from_s3_to_the_u
 
     interrupt(cluster, "r2", tmp_path / "a", kill_driver)
     assert "runs/r2/ensemble/manifest.json" not in store.keys("runs/r2/")  # no ensemble, not half of one
-    again = submit(cluster, "jobs/train_ensemble.py", "--data", uri(store, "data/train.parquet"), *TRAIN,
-                   "--storage-path", uri(store, "runs"), "--name", "r2", "--output", str(tmp_path / "a"), succeeds=False)
-    assert "pass --resume" in again  # no silent resume
+    # no silent resume: the job refuses the name before Ray starts (run here, beside the cluster,
+    # against the same store: a submission would only add the job's upload and start)
+    again = subprocess.run([sys.executable, "jobs/train_ensemble.py", "--data", uri(store, "data/train.parquet"), *TRAIN,
+                            "--storage-path", uri(store, "runs"), "--name", "r2", "--output", str(tmp_path / "a")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "pass --resume" in again.stderr, again.stderr[-2000:]
     try:  # resumed, then the store goes down after the resumed run's first checkpoint
         logs = interrupt(cluster, "r2", tmp_path / "b", lambda job: store.stop(), "--resume")
     finally:

@@ -247,7 +247,9 @@ def test_bad_tables_are_refused_naming_the_column_before_training(ray_data, tmp_
 def test_memory_does_not_grow_with_the_table(ray_data, tmp_path):
     """Ten times the rows, the same peak: the table at 2M rows is 208 MB as float64 (the in-memory
     path's standardising copy), 104 MB of float32 on disk. Blocks of 100,000 rows in both, as a
-    folder of files of that size gives (Ray Data would merge small files into larger blocks)."""
+    folder of files of that size gives (Ray Data would merge small files into larger blocks).
+    Each size is measured in a process of its own: in one process, the first run's freed heap
+    hides the second's peak."""
     address, peaks = shared_local_ray(), {}
     for rows in (200_000, 2_000_000):
         folder, _, _ = parquet(tmp_path / f"rows-{rows}", rows, files=rows // 100_000)
