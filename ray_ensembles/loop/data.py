@@ -12,6 +12,7 @@ import torch
 from ..io.locations import filesystem_for
 from ..model.validation import as_float_tensor, as_labels, as_tensor, fail
 from .batches import MemberBatches
+from .shipping import SharedTensors
 
 
 def cubic_toy(n: int, seed: int) -> "TensorDataset":
@@ -126,7 +127,7 @@ class TensorDataset:
         return self
 
     def shipped(self) -> "SharedTensors":
-        return SharedTensors(self)
+        return SharedTensors(self.X, self.y, self.feature_names)
 
     def ray_train_options(self) -> dict:
         return {}
@@ -143,22 +144,6 @@ class TensorDataset:
         parts = order[n_val:], order[:n_val]
         return tuple(TensorDataset(self.X[i], self.y[i], feature_names=self.feature_names)
                      for i in parts)
-
-
-class SharedTensors:
-    """A TensorDataset on its way to Ray Train workers: one copy in the object store, which each
-    worker fetches once and copies into its own tensors (object-store arrays are read-only)."""
-
-    def __init__(self, data: TensorDataset):
-        import ray
-
-        self.arrays, self.feature_names = ray.put((data.X.numpy(), data.y.numpy())), data.feature_names
-
-    def on_worker(self) -> TensorDataset:
-        import ray
-
-        X, y = (torch.from_numpy(a.copy()) for a in ray.get(self.arrays))
-        return TensorDataset(X, y, feature_names=self.feature_names)
 
 
 def table_source(path_or_uri: str, name: str = "data"):
