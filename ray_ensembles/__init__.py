@@ -7,7 +7,8 @@ from ._version import __version__
 # The public names load on first use, so that a process that needs only a torch-free module of
 # this package (Ray's controller, the run's channel, a job's --help) never imports torch.
 _EXPORTS = {
-    "TensorDataset": "loop.data", "DeepEnsemble": "model.ensemble", "DeepEnsembleClassifier": "model.ensemble", "combine": "model.ensemble",
+    "TensorDataset": "loop.data", "MapDataset": "loop.map_data",
+    "DeepEnsemble": "model.ensemble", "DeepEnsembleClassifier": "model.ensemble", "combine": "model.ensemble",
     "EnsemblePool": "many", "FitResult": "many", "fit_many": "many", "iter_fit_many": "many",
     "CategoricalPrediction": "model.predictions", "GaussianMixturePrediction": "model.predictions",
     "MemberPrediction": "model.predictions", "Trainer": "trainer", "MemberDivergedError": "loop.training",

@@ -1,14 +1,18 @@
-"""The Trainer's data as a user gives it (a TensorDataset, a torch one, or a Ray Dataset with its
-column names), checked against the ensemble and turned into the loop's `TrainingData`."""
+"""The Trainer's data as a user gives it (a TensorDataset, a torch one, a map-style torch Dataset,
+or a Ray Dataset with its column names), checked against the ensemble and turned into the loop's
+`TrainingData`."""
 
 from __future__ import annotations
 
 import torch.utils.data
 
 from .loop.data import TensorDataset, TrainingData
+from .loop.map_data import MapDataset
 from .model.ensemble import Ensemble
 from .model.validation import check_type
 from .on_ray.streaming import TableStream, is_ray_dataset
+
+KINDS = "a TensorDataset, a map-style torch Dataset or a Ray Dataset"
 
 
 def check_datasets(ensemble, dataset, validation_dataset, target=None, features=None
@@ -31,9 +35,23 @@ def check_datasets(ensemble, dataset, validation_dataset, target=None, features=
     if target is not None or features is not None:
         raise ValueError("The 'target' and 'features' parameters of Trainer name the columns of a Ray Dataset. "
                          f"Got them with a {type(dataset).__name__} instead.")
+    if isinstance(dataset, MapDataset) or (isinstance(dataset, torch.utils.data.Dataset)
+                                           and not isinstance(dataset, torch.utils.data.TensorDataset)):
+        return check_map_dataset(ensemble, dataset), validation_dataset
     if dataset is None:
-        raise TypeError("The 'dataset' parameter of Trainer must be a TensorDataset or a Ray Dataset. Got NoneType instead.")
+        raise TypeError(f"The 'dataset' parameter of Trainer must be {KINDS}. Got NoneType instead.")
     return check_tensor_dataset(ensemble, "dataset", dataset), validation_dataset
+
+
+def check_map_dataset(ensemble, dataset) -> MapDataset:
+    """A map-style torch Dataset (or a MapDataset), its rows' width and targets checked on a sample."""
+    data = dataset if isinstance(dataset, MapDataset) else MapDataset(dataset)
+    X, y = data.sample()
+    if X.ndim != 2 or X.shape[1] != ensemble.dim_in:
+        raise ValueError(f"The 'dataset' parameter of Trainer must give rows of dim_in={ensemble.dim_in} inputs "
+                         f"(x of shape ({ensemble.dim_in},)). Got a batch of shape {tuple(X.shape)} instead.")
+    ensemble.check_y(y, len(X))
+    return data
 
 
 def check_tensor_dataset(ensemble, name: str, data) -> TensorDataset | None:
@@ -41,8 +59,7 @@ def check_tensor_dataset(ensemble, name: str, data) -> TensorDataset | None:
         data = TensorDataset.from_torch(data)
     if data is not None:
         if not isinstance(data, TensorDataset):
-            check_type("Trainer", name, data, TensorDataset,
-                       "a TensorDataset or a Ray Dataset" if name == "dataset" else "a TensorDataset")
+            check_type("Trainer", name, data, TensorDataset, KINDS if name == "dataset" else "a TensorDataset")
         if data.X.shape[1] != ensemble.dim_in:
             raise ValueError(f"The '{name}' parameter of Trainer must have dim_in={ensemble.dim_in} "
                              f"input columns. Got {data.X.shape[1]} instead.")

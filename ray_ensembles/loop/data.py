@@ -24,8 +24,9 @@ def cubic_toy(n: int, seed: int) -> "TensorDataset":
 
 class TrainingData(Protocol):
     """What the loop, the Trainer and the Ray shim need of training data; they never ask which
-    kind it is. `TensorDataset` (in memory) and `streaming.TableStream` (a Ray Dataset, read in
-    windows) implement it: another kind of data is one more class."""
+    kind it is. `TensorDataset` (in memory), `map_data.MapDataset` (a torch map-style Dataset) and
+    `streaming.TableStream` (a Ray Dataset, read in windows) implement it: another kind of data is
+    one more class."""
 
     feature_names: list[str] | None
     reader_cpus: int  # CPUs a Ray cluster must keep free for reading it (Ray Data's read tasks)
