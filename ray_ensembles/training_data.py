@@ -46,7 +46,7 @@ def check_datasets(ensemble, dataset, validation_dataset, target=None, features=
 def check_map_dataset(ensemble, dataset) -> MapDataset:
     """A map-style torch Dataset (or a MapDataset), its rows' width and targets checked on a sample."""
     data = dataset if isinstance(dataset, MapDataset) else MapDataset(dataset)
-    X, y = data.sample()
+    X, y = data.sample
     if X.ndim != 2 or X.shape[1] != ensemble.dim_in:
         raise ValueError(f"The 'dataset' parameter of Trainer must give rows of dim_in={ensemble.dim_in} inputs "
                          f"(x of shape ({ensemble.dim_in},)). Got a batch of shape {tuple(X.shape)} instead.")

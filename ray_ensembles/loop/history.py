@@ -38,11 +38,11 @@ class RunResult:
 class History:
     """Entries of the current run, each given once to `metrics_callback` and to each logger."""
 
-    def __init__(self, metrics_callback=None, loggers=(), owner: str = "Trainer"):
-        check_callable(owner, "metrics_callback", metrics_callback, "callable (it gets each history entry)")
+    def __init__(self, metrics_callback=None, loggers=()):
+        check_callable("Trainer", "metrics_callback", metrics_callback, "callable (it gets each history entry)")
         for logger in loggers:
             if not all(callable(getattr(logger, name, None)) for name in ("start", "log_epoch", "finish")):
-                raise TypeError(f"The 'loggers' parameter of {owner} must hold objects with start, log_epoch "
+                raise TypeError("The 'loggers' parameter of Trainer must hold objects with start, log_epoch "
                                 f"and finish methods (see ray_ensembles.io.tracking). Got {logger!r} instead.")
             if callable(getattr(logger, "check", None)):
                 logger.check()  # a tracker that cannot record fails here, not after training

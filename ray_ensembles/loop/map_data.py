@@ -9,6 +9,7 @@ decoding ahead while the members train), then standardised as the in-memory rows
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -48,8 +49,10 @@ class MapDataset:
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
                                            persistent_workers=False)
 
+    @functools.cached_property
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to 256 evenly spaced rows, fetched here: the fingerprint's and the checks' rows."""
+        """Up to 256 evenly spaced rows, fetched here once: the checks', the fingerprint's and the
+        trained ensemble's check rows."""
         rows = torch.linspace(0, self.num_rows - 1, min(self.num_rows, 256)).long().tolist()
         return next(iter(self.loader([rows], workers=0)))
 
@@ -57,7 +60,7 @@ class MapDataset:
 
     @property
     def fingerprint(self) -> str:
-        X, y = self.sample()
+        X, y = self.sample
         digest = hashlib.sha256(f"{type(self.dataset).__name__} {self.num_rows} {tuple(X.shape)}".encode())
         digest.update(X.double().numpy().tobytes())
         digest.update(y.double().numpy().tobytes())
@@ -83,7 +86,7 @@ class MapDataset:
     def evaluation_rows(self):
         from .data import TensorDataset
 
-        return TensorDataset(*self.sample())
+        return TensorDataset(*self.sample)
 
     def shipped(self) -> "MapDataset":
         return self  # pickled with the workers' config: the dataset must be picklable, as a DataLoader's is
