@@ -16,7 +16,8 @@ from pathlib import Path
 
 def add_data_arguments(parser):
     data = parser.add_argument_group("data (default: the paper's toy cubic problem)")
-    data.add_argument("--data", help="Parquet or CSV file: local path or URI (s3://, gs://, ...)")
+    data.add_argument("--data", help="Parquet or CSV file, or a NumPy .npz file of arrays X (N, ...) and y "
+                                     "(images (N, C, H, W), say): local path or URI (s3://, gs://, ...)")
     data.add_argument("--target", help="target column (required with --data)")
     data.add_argument("--features", help="comma-separated feature columns (default: every other numeric column)")
     data.add_argument("--task", choices=["regression", "classification"], default="regression")
@@ -35,24 +36,34 @@ def default_lr(args, num_rows: int) -> float:
 
 def load_data(args, allow_no_validation: bool = True):
     """(train, validation) datasets, checked before any Ray work. The toy problem's validation
-    set is a fresh sample of the same distribution; a table's is carved from its rows."""
-    from ray_ensembles.loop.data import cubic_toy, read_table, table_to_dataset
+    set is a fresh sample of the same distribution; a table's or arrays' is carved from its rows."""
+    import numpy as np
+
+    from ray_ensembles.loop.data import TensorDataset, cubic_toy, is_arrays_file, read_arrays, read_table, table_to_dataset
     from ray_ensembles.io.locations import check_store
 
     if args.data is None:
         return cubic_toy(20, args.seed), cubic_toy(1000, args.seed + 1)
-    if not args.target:
-        raise ValueError("The '--target' option is required with --data. Got nothing instead.")
-    features = args.features.split(",") if args.features else None
     check_store(args.data, "--data")
-    if getattr(args, "streaming", False):
-        if args.validation_fraction:
-            raise ValueError("The '--validation-fraction' option holds rows out of a table in memory; with "
-                             f"--streaming every row trains. Got {args.validation_fraction} instead.")
-        return table_head(args.data, args.target, features, args.task), None
+    if is_arrays_file(args.data):
+        if args.target or args.features or getattr(args, "streaming", False):
+            raise ValueError("The '--target', '--features' and '--streaming' options are for tables; an .npz "
+                             f"file holds the arrays X and y. Got --data {args.data!r} with them instead.")
+        arrays = read_arrays(args.data, "--data")
+        y = arrays["y"] if args.task == "classification" else np.asarray(arrays["y"], dtype=np.float64)
+        dataset = TensorDataset(arrays["X"], y)
+    else:
+        if not args.target:
+            raise ValueError("The '--target' option is required with --data. Got nothing instead.")
+        features = args.features.split(",") if args.features else None
+        if getattr(args, "streaming", False):
+            if args.validation_fraction:
+                raise ValueError("The '--validation-fraction' option holds rows out of a table in memory; with "
+                                 f"--streaming every row trains. Got {args.validation_fraction} instead.")
+            return table_head(args.data, args.target, features, args.task), None
+        dataset = table_to_dataset(read_table(args.data), args.target, features, args.task)
     if args.validation_fraction is None:
         args.validation_fraction = 0.1
-    dataset = table_to_dataset(read_table(args.data), args.target, features, args.task)
     if args.validation_fraction == 0 and allow_no_validation:
         return dataset, None
     return dataset.split(args.validation_fraction, seed=args.seed)
@@ -230,6 +241,15 @@ def resume_command(name: str) -> str:
         if not skip and not arg.startswith("--name="):
             argv.append(arg)
     return shlex.join(["python", sys.argv[0], *argv, "--name", name, "--resume"])
+
+
+def import_callable(spec: str, option: str):
+    """The callable an option names as module:function, importable from the working directory."""
+    from ray_ensembles.model.validation import import_callable as resolve
+
+    if os.getcwd() not in sys.path:  # as with `python -m`: the job's own folder is sys.path[0]
+        sys.path.insert(0, os.getcwd())
+    return resolve(spec, f"The {option!r} option")
 
 
 def fail(message: str, status: int = 2):

@@ -23,6 +23,7 @@ import argparse
 import functools
 import gc
 import json
+import re
 import shutil
 import time
 import uuid
@@ -35,7 +36,7 @@ import pyarrow.csv
 import pyarrow.dataset
 import pyarrow.fs
 import pyarrow.parquet as pq
-from common import add_console_arguments, fail, say, start_ray
+from common import add_console_arguments, fail, import_callable, say, start_ray
 
 from ray_ensembles.io.locations import check_store, filesystem_for, is_uri
 
@@ -45,7 +46,10 @@ MARKER = "_ray_ensembles_predictions.json"  # marks a folder this job wrote; Par
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ensemble", required=True, help="saved ensemble: a folder or URI")
-    p.add_argument("--data", required=True, help="Parquet or CSV: a file, folder or URI")
+    p.add_argument("--data", required=True, help="Parquet or CSV: a file, folder or URI; or a NumPy .npz "
+                                                  "file whose array X holds the inputs (images, say)")
+    p.add_argument("--member-factory", default=None, metavar="MODULE:FUNCTION",
+                   help="the callable that built the members of an ensemble trained with one")
     p.add_argument("--output", required=True, help="Parquet output folder (local or URI)")
     p.add_argument("--batch-size", type=int, default=65536)
     p.add_argument("--num-workers", type=int, default=0, help="Ray Data actors (0: stream in this process)")
@@ -169,11 +173,12 @@ def main(argv=None):
     import torch
 
     from ray_ensembles.io import directories
-    from ray_ensembles.loop.data import table_source
+    from ray_ensembles.loop.data import is_arrays_file, read_arrays, table_source
     from ray_ensembles.model.ensemble import load_ensemble
     from ray_ensembles.model.inference import BatchPredictor, feature_columns
 
     gc.freeze()
+    X = sample = None  # the inputs of an .npz file; the first rows of a table
     if args.threads is None:
         args.threads = torch.get_num_threads()
     try:
@@ -185,30 +190,43 @@ def main(argv=None):
             check_store(location, option)
         check_store(args.output, "--output", write=True)
         output = check_output(args)
-        ensemble = load_ensemble(args.ensemble)  # a clear error for a missing or damaged ensemble
-        filesystem, path, fmt = table_source(args.data, "--data")
+        factory = import_callable(args.member_factory, "--member-factory") if args.member_factory else None
+        ensemble = load_ensemble(args.ensemble, member_factory=factory)  # a clear error for a missing or damaged ensemble
+        if is_arrays_file(args.data):
+            X = read_arrays(args.data, "--data", keys=("X",))["X"]
+            ensemble.check_x(X, allow_members=False, move=False)
+            if args.num_workers:
+                raise ValueError("The '--num-workers' option shares a table among Ray Data actors; an .npz file is "
+                                 f"predicted in this process. Got {args.num_workers} with {args.data!r} instead.")
+        filesystem, path, fmt = table_source(args.data, "--data") if X is None else (None, None, None)
         features = args.features.split(",") if args.features else None
         # opened once: listing a folder and reading its footers is I/O, on S3 a round trip each
         dataset = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet") if fmt == "parquet" else None
-        sample = first_rows(dataset, filesystem, path)
-        if sample.num_rows == 0:
-            raise ValueError(f"The '--data' table {args.data} has no rows.")
-        features = feature_columns(ensemble, sample.column_names, features)
+        if X is None:
+            sample = first_rows(dataset, filesystem, path)
+            if sample.num_rows == 0:
+                raise ValueError(f"The '--data' table {args.data} has no rows.")
+            features = feature_columns(ensemble, sample.column_names, features)
         keep = args.keep_columns.split(",") if args.keep_columns else None
     except (pyarrow.ArrowException, UnicodeDecodeError) as err:  # e.g. a CSV that is not UTF-8
         fail(f"The '--data' table {args.data} could not be read ({err}).")
     except ValueError as err:
-        fail(str(err))
+        fail(re.sub(r"pass that callable as \w+\.load\(\.\.\., member_factory=\.\.\.\)", "pass it as --member-factory",
+                    str(err)))
 
     # write next to the target, then swap it in: a failed run leaves no half-written output
     local_output = not is_uri(output)
     final = Path(output) if local_output else None
     target = str(final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")) if local_output else output
     kwargs = dict(features=features, coverage=args.coverage, use_gpu=args.use_gpu, keep=keep)
-    use_dictionary = dictionary_columns(sample)
+    use_dictionary = dictionary_columns(sample) if X is None else ["predicted"]
     started = time.perf_counter()
     try:
-        if args.num_workers == 0:
+        if X is not None:
+            say(args, f"predicting the {len(X)} inputs of shape {X.shape[1:]} in {args.data} with the "
+                      f"{ensemble.num_members} members of {args.ensemble}, in this process")
+            rows = predict_arrays(BatchPredictor(ensemble, **kwargs), X, target, args.batch_size, use_dictionary)
+        elif args.num_workers == 0:
             say(args, f"predicting {args.data} with the {ensemble.num_members} members of {args.ensemble}, "
                       f"in this process ({args.threads} piece{'s' * (args.threads != 1)} at a time)")
             predictor = BatchPredictor(ensemble, **kwargs)  # the one loaded above: read it once
@@ -235,6 +253,23 @@ def main(argv=None):
         print(json.dumps({"rows": rows if rows >= 0 else None, "output": args.output, "seconds": seconds}))
     else:
         print(f"wrote {rows if rows >= 0 else 'all'} rows of predictions to {args.output} in {seconds:.1f} s")
+
+
+def predict_arrays(predictor, X, write_to: str, batch_size: int, use_dictionary: list[str]) -> int:
+    """Inputs X (N, *shape) predicted `batch_size` rows at a time into `<write_to>/part-00000.parquet`,
+    with each input's index in X as the column `row`. Returns the number of rows written."""
+    import torch
+
+    filesystem, root = filesystem_for(write_to, "--output")
+    filesystem.create_dir(root)
+    writer = None
+    for start in range(0, len(X), batch_size):
+        out = predictor.predict_inputs(torch.from_numpy(X[start:start + batch_size]), first_row=start)
+        writer = writer or pq.ParquetWriter(f"{root}/part-00000.parquet", out.schema, filesystem=filesystem,
+                                            use_dictionary=use_dictionary)
+        writer.write_table(out)
+    writer.close()
+    return len(X)
 
 
 def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dictionary: list[str]) -> int:

@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 
-from common import add_console_arguments, as_option, fail, say, start_ray
+from common import add_console_arguments, as_option, fail, import_callable, say, start_ray
 
 
 def parse_args(argv=None):
@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-ensembles-per-replica", type=int, default=3, help="a folder's ensembles kept loaded")
+    p.add_argument("--member-factory", default=None, metavar="MODULE:FUNCTION",
+                   help="the callable that built the members of ensembles trained with one")
     add_console_arguments(p, tracking=False, results=False)
     return p.parse_args(argv)
 
@@ -56,7 +58,8 @@ def main(argv=None):
         check_port(args.host, args.port)
         from ray_ensembles.serving import ensemble_app
 
-        app = ensemble_app(args.ensemble, num_replicas=args.replicas, use_gpu=args.use_gpu,
+        factory = import_callable(args.member_factory, "--member-factory") if args.member_factory else None
+        app = ensemble_app(args.ensemble, member_factory=factory, num_replicas=args.replicas, use_gpu=args.use_gpu,
                            cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
                            batch_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
                            max_ensembles_per_replica=args.max_ensembles_per_replica)

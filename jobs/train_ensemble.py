@@ -6,6 +6,7 @@ members, on a local Ray (or the cluster in RAY_ADDRESS), with a plot of mean +/-
 
     python jobs/train_ensemble.py
     python jobs/train_ensemble.py --data s3://bucket/table.parquet --target price --num-workers 4 --use-gpu
+    python jobs/train_ensemble.py --data images.npz --task classification --member-factory models:cnn --augment crop,flip
     ray job submit --working-dir . -- python jobs/train_ensemble.py --data ... --target ...
 
 Errors in the options or the data are reported in one line, before Ray starts any worker.
@@ -20,7 +21,7 @@ import math
 from pathlib import Path
 
 from common import (add_console_arguments, add_data_arguments, arrow_dataset, default_lr, exclusive_output, fail,
-                    load_data, loggers, num_classes, read_dataset, resume_command, say, start_ray)
+                    import_callable, load_data, loggers, num_classes, read_dataset, resume_command, say, start_ray)
 
 
 
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--num-classes", type=int, default=None,
                        help="classification: default one more than the largest label (required with --streaming)")
+    model.add_argument("--member-factory", default=None, metavar="MODULE:FUNCTION",
+                       help="build each member with this callable (an nn.Module taking (B, *input shape)), "
+                            "importable from the working directory; --hidden-dim and --depth then do not apply")
     model.add_argument("--nll-beta", type=float, default=1.0,
                        help="regression: weight each row's NLL gradient by its variance^beta; 0 is the paper's plain NLL")
     train = p.add_argument_group("training")
@@ -54,6 +58,9 @@ def parse_args(argv=None):
     train.add_argument("--momentum", type=float, default=0.9, help="with --optimizer sgd")
     train.add_argument("--nesterov", action="store_true", help="with --optimizer sgd: Nesterov's momentum")
     train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--augment", default=None, metavar="crop[=PADDING],flip",
+                       help="per-member image augmentation of the training batches: random crops (padding "
+                            "4 unless given) and horizontal flips")
     train.add_argument("--ema-decay", type=float, default=0.0)
     train.add_argument("--amp", action="store_true", help="bfloat16 autocast (on GPUs)")
     train.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
@@ -108,19 +115,40 @@ def build(args):
     if args.streaming and args.task == "classification" and args.num_classes is None:
         raise ValueError("The '--num-classes' option is required with --streaming --task classification "
                          "(the labels are not read before training). Got nothing instead.")
+    if args.member_factory is not None:
+        args.member_factory = import_callable(args.member_factory, "--member-factory")
+    args.augment = parse_augment(args.augment)
     train, validation = load_data(args)  # with --streaming, the table's first rows
     args.num_rows = arrow_dataset(args.data).count_rows() if args.streaming else len(train)
     if args.lr is None:
         args.lr = default_lr(args, args.num_rows)
     common = dict(num_members=args.num_members, hidden_dim=args.hidden_dim, depth=args.depth,
-                  use_adversarial_training=args.adversarial_eps > 0,
-                  adversarial_eps=args.adversarial_eps, seed=args.seed)
+                  use_adversarial_training=args.adversarial_eps > 0, adversarial_eps=args.adversarial_eps,
+                  seed=args.seed, member_factory=args.member_factory)
+    dim_in = train.X.shape[1] if train.X.ndim == 2 else list(train.X.shape[1:])
     if args.task == "classification":
-        ensemble = DeepEnsembleClassifier(train.X.shape[1], args.num_classes or num_classes(train, validation), **common)
+        ensemble = DeepEnsembleClassifier(dim_in, args.num_classes or num_classes(train, validation), **common)
     else:
-        ensemble = DeepEnsemble(train.X.shape[1], train.y.shape[1] if train.y.ndim == 2 else 1, **common,
-                                nll_beta=args.nll_beta)
+        ensemble = DeepEnsemble(dim_in, train.y.shape[1] if train.y.ndim == 2 else 1, **common, nll_beta=args.nll_beta)
     return ensemble, train, validation
+
+
+def parse_augment(spec: str | None):
+    """--augment's transform: "crop[=padding]" and "flip", comma-separated, in that order of application."""
+    from ray_ensembles.loop.augmentation import Compose, RandomCrop, RandomHorizontalFlip
+
+    if spec is None:
+        return None
+    transforms = []
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if name == "crop" and (not value or value.isdigit() and int(value) > 0):
+            transforms.append(RandomCrop(int(value or 4)))
+        elif name == "flip" and not value:
+            transforms.append(RandomHorizontalFlip())
+        else:
+            raise ValueError(f"The '--augment' option must be crop[=padding] and flip, comma-separated. Got {spec!r} instead.")
+    return transforms[0] if len(transforms) == 1 else Compose(*transforms)
 
 
 def scaling(args):
@@ -241,7 +269,7 @@ def main(argv=None):
             options = dict(train_batch_size=args.batch_size, train_lr=args.lr, train_num_epochs=args.epochs,
                            lr_scheduler=args.lr_schedule == "cosine", warmup_steps=args.warmup_steps,
                            optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov,
-                           weight_decay=args.weight_decay,
+                           weight_decay=args.weight_decay, augment=args.augment,
                            ema_decay=args.ema_decay, amp=args.amp, save_every=args.save_every,
                            validation_dataset=validation, progress=not (args.quiet or args.json))
             options.update(shuffle_buffer_rows=args.shuffle_buffer_rows)

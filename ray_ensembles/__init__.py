@@ -13,6 +13,7 @@ _EXPORTS = {
     "CategoricalPrediction": "model.predictions", "GaussianMixturePrediction": "model.predictions",
     "MemberPrediction": "model.predictions", "Trainer": "trainer", "MemberDivergedError": "loop.training",
     "horizon_lr": "loop.training",
+    "RandomCrop": "loop.augmentation", "RandomHorizontalFlip": "loop.augmentation", "Compose": "loop.augmentation",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

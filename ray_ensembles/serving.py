@@ -15,7 +15,8 @@ HTTP routes, under the app's route prefix:
                                    `serve_multiplexed_model_id` header naming it
 
 Rows are JSON objects keyed by the feature names saved with the ensemble (any order, extra keys
-ignored) or arrays in the saved feature order. Each prediction holds what jobs/predict.py writes
+ignored) or arrays in the saved feature order; for an ensemble of inputs of another shape (images
+(C, H, W), say), nested arrays of that shape. Each prediction holds what jobs/predict.py writes
 for a row: `mean`, `variance`, `aleatoric`, `epistemic`, `lower_<c>`, `upper_<c>` in the
 target's original units (`<name>_<d>` per output dimension when there are several), or
 `probs`, `entropy`, `mutual_information` and `predicted` for a classifier.
@@ -32,6 +33,7 @@ loading again, while the others keep answering.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -48,7 +50,7 @@ from .io.locations import check_store, filesystem_for, is_uri, join, run_ensembl
 from .io.storage import MANIFEST
 from .model.ensemble import load_ensemble
 from .model.inference import summary_columns
-from .model.validation import check_float, check_int
+from .model.validation import check_callable, check_float, check_int, import_callable
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +110,16 @@ def parse_request(body, ensemble) -> tuple[np.ndarray, float]:
     if not isinstance(body, dict):
         raise RequestError(400, "body", body, "The request body must be a JSON object with 'rows'.")
     rows, names, width = body.get("rows"), ensemble.feature_names, ensemble.dim_in
+    shaped = len(ensemble.input_shape) > 1
     if not isinstance(rows, list) or not rows:
-        raise RequestError(400, "rows", rows, "'rows' must be a non-empty list of rows: objects keyed "
-                           f"by feature name, or arrays of {width} numbers.")
+        raise RequestError(400, "rows", rows, "'rows' must be a non-empty list of rows: " + (
+            f"nested arrays of shape {list(ensemble.input_shape)}." if shaped else
+            f"objects keyed by feature name, or arrays of {width} numbers."))
     coverage = number("coverage", body.get("coverage", 0.9))
     if not 0 < coverage < 1:
         raise RequestError(400, "coverage", coverage, "'coverage' must be in (0, 1).")
+    if shaped:
+        return np.stack([shaped_row(i, row, ensemble.input_shape) for i, row in enumerate(rows)]), coverage
     X = np.empty((len(rows), width))
     for i, row in enumerate(rows):
         if isinstance(row, dict):
@@ -134,6 +140,22 @@ def parse_request(body, ensemble) -> tuple[np.ndarray, float]:
             raise RequestError(400, f"rows[{i}]", row, f"Row {i} must be an object keyed by feature "
                                "name or an array of numbers.")
     return X, coverage
+
+
+def shaped_row(i: int, row, shape: tuple[int, ...]) -> np.ndarray:
+    """Row i of a request to an ensemble of inputs of `shape`: nested arrays of finite numbers."""
+    try:
+        values = np.array(row, dtype=object if isinstance(row, list) else None)
+        values = values.astype(np.float64) if values.dtype == object and values.ndim == len(shape) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.flat) else None
+    except (ValueError, OverflowError):  # ragged nesting; an integer beyond float64
+        values = None
+    if values is None or values.shape != shape:
+        raise RequestError(400, f"rows[{i}]", row, f"Row {i} must be nested arrays of numbers of shape "
+                           f"{list(shape)}, the ensemble's input shape.")
+    if not np.isfinite(values).all():
+        raise RequestError(400, f"rows[{i}]", row, f"Row {i} must hold finite numbers.")
+    return values
 
 
 def response_rows(pred, coverage: float) -> list[dict]:
@@ -198,8 +220,9 @@ class EnsembleServer:
     """One replica: the ensemble (or a folder of them, multiplexed) and its HTTP routes."""
 
     def __init__(self, location: str, multiplexed: bool, *, max_batch_size: int, batch_wait_s: float,
-                 max_body_bytes: int, max_ensembles_per_replica: int, use_gpu: bool):
+                 max_body_bytes: int, max_ensembles_per_replica: int, use_gpu: bool, member_factory=None):
         self.location, self.multiplexed, self.max_body_bytes = location, multiplexed, max_body_bytes
+        load = functools.partial(load_ensemble, member_factory=member_factory)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.counts = {"requests": 0, "forward_passes": 0, "largest_batch": 0}
         self.loads: dict[str, int] = {}
@@ -207,15 +230,15 @@ class EnsembleServer:
         self._forward.set_max_batch_size(max_batch_size)
         self._forward.set_batch_wait_timeout_s(batch_wait_s)
         if multiplexed:
-            async def load(ensemble_id: str):
+            async def load_by_id(ensemble_id: str):
                 self.loads[ensemble_id] = self.loads.get(ensemble_id, 0) + 1
-                return await asyncio.to_thread(load_ensemble, ensemble_location(location, ensemble_id),
+                return await asyncio.to_thread(load, ensemble_location(location, ensemble_id),
                                                map_location=self.device)
 
             # built here, not as a decorated method, so that the cache size is an option
-            self._load = serve.multiplexed(max_num_models_per_replica=max_ensembles_per_replica)(load)
+            self._load = serve.multiplexed(max_num_models_per_replica=max_ensembles_per_replica)(load_by_id)
         else:
-            self.ensemble = load_ensemble(location, map_location=self.device)
+            self.ensemble = load(location, map_location=self.device)
 
     async def _ensemble(self, ensemble_id: str | None):
         if not self.multiplexed:
@@ -318,12 +341,14 @@ class EnsembleServer:
 
 def ensemble_app(ensemble, *, num_replicas: int = 1, use_gpu: bool = False, cpus_per_replica: float = 1.0,
                  max_batch_size: int = 32, batch_wait_ms: float = 2.0, max_ongoing_requests: int = 128,
-                 max_body_bytes: int = MAX_BODY_BYTES, max_ensembles_per_replica: int = 3) -> serve.Application:
+                 max_body_bytes: int = MAX_BODY_BYTES, max_ensembles_per_replica: int = 3,
+                 member_factory=None) -> serve.Application:
     """A Serve application for the saved ensemble at `ensemble` (a folder or URI), or for every
     ensemble in the folder `ensemble` (multiplexed). Checked here, before anything is deployed.
 
     `max_batch_size` requests (1: no batching) wait at most `batch_wait_ms` for each other; a
     replica takes `max_ongoing_requests` at once, so that is the most a batch can gather.
+    `member_factory` rebuilds ensembles of factory-built members (importable where replicas run).
     """
     # replicas may run in another directory (a cluster's workers do): a local path goes absolute
     location = str(ensemble) if is_uri(ensemble) else str(Path(ensemble).resolve())
@@ -342,13 +367,15 @@ def ensemble_app(ensemble, *, num_replicas: int = 1, use_gpu: bool = False, cpus
     if multiplexed and not ensemble_ids(location):
         raise ValueError(f"The 'ensemble' parameter of ensemble_app must be a saved ensemble or a folder of "
                          f"them. Got {location!r} instead: it holds no {MANIFEST}, nor do its sub-folders.")
-    if not multiplexed:
-        load_ensemble(location)  # a missing member or a damaged file is an error here, not in a replica
+    member_factory = check_callable("ensemble_app", "member_factory", member_factory)
+    if not multiplexed:  # a missing member or a damaged file is an error here, not in a replica
+        load_ensemble(location, member_factory=member_factory)
     return EnsembleServer.options(
         num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": int(bool(use_gpu))},
     ).bind(location, multiplexed, max_batch_size=max_batch_size, batch_wait_s=batch_wait_ms / 1000,
-           max_body_bytes=max_body_bytes, max_ensembles_per_replica=max_ensembles, use_gpu=bool(use_gpu))
+           max_body_bytes=max_body_bytes, max_ensembles_per_replica=max_ensembles, use_gpu=bool(use_gpu),
+           member_factory=member_factory)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -363,8 +390,10 @@ def app_builder(args: dict) -> serve.Application:
     unknown = sorted(set(args) - set(defaults) - {"ensemble"})
     if unknown:
         raise ValueError(f"Unknown args {unknown} in the Serve config; ensemble_app takes {sorted(defaults)}.")
+    if isinstance(args.get("member_factory"), str):
+        args["member_factory"] = import_callable(args["member_factory"], "The Serve config's arg 'member_factory'")
     for name, value in args.items():
-        if name != "ensemble" and isinstance(value, str):
+        if name not in ("ensemble", "member_factory") and isinstance(value, str):
             kind = type(defaults[name])
             args[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return ensemble_app(args.pop("ensemble"), **args)

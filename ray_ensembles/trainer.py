@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 
 from .io.locations import is_uri
 from .loop import checkpoint
+from .loop.augmentation import check_transform
 from .loop.data import TensorDataset
 from .loop.history import History, RunResult
 from .loop.in_process import fit_here, milestone_path
@@ -33,7 +33,9 @@ class Trainer:
     `ema_decay=0` turns EMA off; `amp` is bfloat16 autocast; `cuda_graphs` replays each GPU step
     from a CUDA graph; `lr_scheduler` anneals the rate to 0 (cosine), after `warmup_steps` of
     linear warm-up. `optimizer`: "adam" (the default), "adamw" (decoupled `weight_decay`) or "sgd"
-    (with `momentum`, and `nesterov`), each member with its own state. `progress` shows one bar
+    (with `momentum`, and `nesterov`), each member with its own state. `augment(x, generator)`
+    transforms each member's training batches, its randomness from (seed, member, step)
+    (`augmentation`: RandomCrop, RandomHorizontalFlip, Compose). `progress` shows one bar
     for the whole ensemble; each entry of `history` goes, in order, to `metrics_callback(entry)`
     and to each of `loggers` (`tracking`). Every option: docs/usage.md.
     """
@@ -54,7 +56,7 @@ class Trainer:
                  nesterov: bool = TrainSettings.nesterov, refit_normalization: bool = False,
                  scaling_config=None, run_config=None, validation_dataset: TensorDataset | None = None,
                  metrics_callback=None, loggers=(), target: str | None = None, features=None,
-                 shuffle_buffer_rows: int = TrainSettings.shuffle_buffer_rows):
+                 shuffle_buffer_rows: int = TrainSettings.shuffle_buffer_rows, augment=TrainSettings.augment):
         dataset, validation_dataset = check_datasets(ensemble, dataset, validation_dataset, target, features)
         batch_size = check_int("Trainer", "train_batch_size", train_batch_size, minimum=1)  # the length needs it
         self.settings = TrainSettings(  # checks every option of the loop
@@ -64,7 +66,9 @@ class Trainer:
             ema_update_every=ema_update_every, amp=amp, cuda_graphs=cuda_graphs, save_every=save_every,
             on_divergence=on_divergence, max_restarts=max_restarts, lr_scheduler=lr_scheduler,
             warmup_steps=warmup_steps, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
-            shuffle_buffer_rows=shuffle_buffer_rows)
+            shuffle_buffer_rows=shuffle_buffer_rows, augment=augment)
+        if augment is not None:
+            check_transform(augment, ensemble.input_shape)
         for name, value in [("cpu", cpu), ("progress", progress), ("refit_normalization", refit_normalization)]:
             check_bool("Trainer", name, value)
         if Path(results_folder).exists() and not Path(results_folder).is_dir():
@@ -153,7 +157,7 @@ class Trainer:
         """What the loggers record as the run's configuration."""
         workers = self.scaling_config.num_workers if self.scaling_config is not None else 0
         return {"task": self.ensemble.task, "num_members": self.ensemble.num_members,
-                "ensemble": self.ensemble.config, "train": dataclasses.asdict(self.settings),
+                "ensemble": self.ensemble.config, "train": self.settings.record(),
                 "num_rows": len(self.dataset), "num_workers": workers}
 
     def latest(self, key: str):

@@ -27,6 +27,9 @@ def check_datasets(ensemble, dataset, validation_dataset, target=None, features=
                          "combined from several (combine) instead: train each of its parts as an ensemble of its own.")
     validation_dataset = check_tensor_dataset(ensemble, "validation_dataset", validation_dataset)
     if is_ray_dataset(dataset):
+        if len(ensemble.input_shape) != 1:
+            raise ValueError(f"A Ray Dataset trains ensembles of table rows (dim_in features); this ensemble takes "
+                             f"inputs of shape {ensemble.input_shape}: give them as a TensorDataset or a torch Dataset.")
         stream = TableStream.of(dataset, target, features, ensemble.task)
         if len(stream.features) != ensemble.dim_in:
             raise ValueError(f"The 'features' parameter of Trainer must name dim_in={ensemble.dim_in} columns. "
@@ -47,9 +50,9 @@ def check_map_dataset(ensemble, dataset) -> MapDataset:
     """A map-style torch Dataset (or a MapDataset), its rows' width and targets checked on a sample."""
     data = dataset if isinstance(dataset, MapDataset) else MapDataset(dataset)
     X, y = data.sample
-    if X.ndim != 2 or X.shape[1] != ensemble.dim_in:
-        raise ValueError(f"The 'dataset' parameter of Trainer must give rows of dim_in={ensemble.dim_in} inputs "
-                         f"(x of shape ({ensemble.dim_in},)). Got a batch of shape {tuple(X.shape)} instead.")
+    if tuple(X.shape[1:]) != ensemble.input_shape:
+        raise ValueError(f"The 'dataset' parameter of Trainer must give inputs x of shape {ensemble.input_shape} "
+                         f"(the ensemble's dim_in). Got a batch of shape {tuple(X.shape)} instead.")
     ensemble.check_y(y, len(X))
     return data
 
@@ -60,8 +63,9 @@ def check_tensor_dataset(ensemble, name: str, data) -> TensorDataset | None:
     if data is not None:
         if not isinstance(data, TensorDataset):
             check_type("Trainer", name, data, TensorDataset, KINDS if name == "dataset" else "a TensorDataset")
-        if data.X.shape[1] != ensemble.dim_in:
-            raise ValueError(f"The '{name}' parameter of Trainer must have dim_in={ensemble.dim_in} "
-                             f"input columns. Got {data.X.shape[1]} instead.")
+        if tuple(data.X.shape[1:]) != ensemble.input_shape:
+            expected, got = ((f"dim_in={ensemble.dim_in} input columns", data.X.shape[1]) if data.X.ndim == 2 == 1 + len(ensemble.input_shape)
+                             else (f"inputs of shape {ensemble.input_shape} (dim_in)", f"shape {tuple(data.X.shape[1:])}"))
+            raise ValueError(f"The '{name}' parameter of Trainer must have {expected}. Got {got} instead.")
         ensemble.check_y(data.y, len(data))
     return data

@@ -55,12 +55,13 @@ def test_smoke_run_on_a_small_mnist_subset(tmp_path):
     require_data("mnist", "mnist.npz")
     require_data("notmnist", "notmnist_test10k.npz")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark_mnist", "--smoke-test",
-                           "--variants", "adversarial", "--num-members", "1,2", "--output", str(tmp_path)],
+                           "--variants", "adversarial", "--num-members", "1,2", "--cnn-rows", "cnn_crop",
+                           "--output", str(tmp_path)],
                           capture_output=True, text=True, timeout=400, env=dict(os.environ, RAY_ADDRESS=shared_local_ray()), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "mnist.csv").open()))
     assert list(rows[0]) == ["variant", "num_members", "error", "nll", "brier", "ece", "auroc_entropy", "auroc_mi"]
-    assert [(r["variant"], r["num_members"]) for r in rows] == [("adversarial", "1"), ("adversarial", "2"), ("cnn", "2")]
+    assert [(r["variant"], r["num_members"]) for r in rows] == [("adversarial", "1"), ("adversarial", "2"), ("cnn_crop", "2")]
     pair = rows[1]
     assert float(pair["error"]) < 0.3                     # 5000 images, 3 epochs: far better than chance (0.9)
     assert float(pair["auroc_entropy"]) > 0.5 and float(pair["auroc_mi"]) > 0.5  # NotMNIST is told apart

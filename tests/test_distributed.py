@@ -1,4 +1,5 @@
-"""Members on Ray Train workers: placement invariance, fault resume, resource checks."""
+"""Members on Ray Train workers: placement invariance (image members with augmentation and SGD),
+fault resume, resource checks."""
 
 import json
 
@@ -9,23 +10,24 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 import fault_injection  # tests/, on the path under pytest
+import launched_train
 from conftest import own_local_ray
+# the placement tests' workload (image members, augmentation, SGD) is the torchrun test's
+from launched_train import OPTIONS, X, Y, ensemble
 
 pytestmark = pytest.mark.ray
 
 G = torch.Generator().manual_seed(0)
-X = torch.randn(150, 3, generator=G)
-Y = X[:, :1] * X[:, 1:2] + 0.1 * torch.randn(150, 1, generator=G)
-VALIDATION = TensorDataset(torch.randn(40, 3, generator=G), torch.randn(40, 1, generator=G))
-OPTIONS = dict(train_batch_size=32, train_num_epochs=6, train_lr=3e-3, ema_decay=0.9,
-               ema_update_every=1, max_grad_norm=1.0, save_every=10, validation_dataset=VALIDATION)
+TABLE_X = torch.randn(150, 3, generator=G)
+TABLE_Y = TABLE_X[:, :1] * TABLE_X[:, 1:2] + 0.1 * torch.randn(150, 1, generator=G)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray(tmp_path_factory, monkeypatch_module):
     fault_file = tmp_path_factory.mktemp("fault") / "fault.json"  # armed by the killed-worker test
     monkeypatch_module.setenv(fault_injection.FAULT_FILE_ENV, str(fault_file))
-    ray.cloudpickle.register_pickle_by_value(fault_injection)  # workers cannot import tests/
+    for module in (fault_injection, launched_train):  # workers cannot import tests/
+        ray.cloudpickle.register_pickle_by_value(module)
     own_local_ray(runtime_env={"worker_process_setup_hook": fault_injection.install})
     yield fault_file
     ray.shutdown()
@@ -35,11 +37,6 @@ def local_ray(tmp_path_factory, monkeypatch_module):
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
-
-
-def ensemble():
-    return DeepEnsemble(dim_in=3, num_members=3, hidden_dim=16, seed=4,
-                        use_adversarial_training=True, adversarial_eps=0.02)
 
 
 def train(tmp_path, workers=None, name=None):
@@ -90,7 +87,7 @@ def test_same_ensemble_in_process_on_one_worker_and_one_worker_per_member(worker
     # the same history, with validation at the checkpoints, reaches the driver
     assert [h["step"] for h in trainer.history] == [h["step"] for h in base_trainer.history]
     assert trainer.history[-1]["val_nll"] == pytest.approx(base_trainer.history[-1]["val_nll"], rel=1e-5)
-    loaded = DeepEnsemble.load(trainer.checkpoint_path)
+    loaded = DeepEnsemble.load(trainer.checkpoint_path, member_factory=launched_train.small_cnn)
     torch.testing.assert_close(loaded(X).mean, e(X).mean)
 
 
@@ -154,7 +151,7 @@ def test_a_request_larger_than_the_cluster_fails_at_once_naming_both_numbers(tmp
 
 
 def test_classifier_members_train_on_workers(tmp_path):
-    centers = torch.randn(3, 3, generator=G) * 3
+    centers = torch.randn(3, 3, generator=G) * 3  # a table, beside the image workload
     labels = torch.randint(0, 3, (150,), generator=G)
     points = centers[labels] + torch.randn(150, 3, generator=G)
     clf = DeepEnsembleClassifier(dim_in=3, num_classes=3, num_members=2, hidden_dim=16, depth=2,
@@ -187,9 +184,9 @@ def test_the_driver_gets_live_progress_and_every_entry_in_order(tmp_path, monkey
     seen, entries, recorder = [], [], Recorder()
     monkeypatch.setattr(EnsembleProgress, "update", lambda self, done, *rest: seen.append(done))
     steps = 8000  # 2 members, one per worker: several seconds, so several of the workers' messages
-    trainer = Trainer(DeepEnsemble(dim_in=3, num_members=2, hidden_dim=8, seed=1), TensorDataset(X, Y),
+    trainer = Trainer(DeepEnsemble(dim_in=3, num_members=2, hidden_dim=8, seed=1), TensorDataset(TABLE_X, TABLE_Y),
                       train_batch_size=10, train_num_steps=steps, save_every=steps // 2, progress=True,
-                      validation_dataset=VALIDATION, metrics_callback=entries.append, loggers=[recorder],
+                      validation_dataset=TensorDataset(TABLE_X[:40], TABLE_Y[:40]), metrics_callback=entries.append, loggers=[recorder],
                       results_folder=tmp_path,
                       scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
     trainer.train()

@@ -72,7 +72,7 @@ def test_a_classifier_trains_on_a_map_dataset_of_labels(tmp_path):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("data, error, message", [
-    (Rows(torch.randn(10, 3), torch.randn(10)), ValueError, r"'dataset'.*dim_in=2 inputs.*\(10, 3\)"),
+    (Rows(torch.randn(10, 3), torch.randn(10)), ValueError, r"'dataset'.*shape \(2,\).*\(10, 3\)"),
     (Rows(torch.randn(0, 2), torch.randn(0)), ValueError, r"'dataset' parameter of MapDataset must have rows"),
     (Rows(torch.randn(10, 2), torch.full((10,), float("nan"))), ValueError, r"'y'.*NaN"),
 ])

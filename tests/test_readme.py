@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (except blocks marked as not run)."""
+"""The README's Python examples run as written (except blocks marked as not run), and so do the
+examples of docs/usage.md marked as tests."""
 
 import re
 
@@ -23,6 +24,17 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
         pytest.skip(skip.strip())
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md block {index}", "exec"), {})
+    assert (tmp_path / "my_ensemble" / "manifest.json").exists()
+
+
+USAGE_BLOCKS = re.findall(r"<!-- runs as a test[^>]*-->\n```python\n(.*?)```", (REPO / "docs" / "usage.md").read_text(),
+                          flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(USAGE_BLOCKS)))
+def test_usage_examples_marked_as_tests_run(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(USAGE_BLOCKS[index], f"docs/usage.md marked block {index}", "exec"), {})
     assert (tmp_path / "my_ensemble" / "manifest.json").exists()
 
 

@@ -135,9 +135,9 @@ def test_the_one_pass_moments_are_the_whole_tables_statistics():
     moments = Moments(3)
     for part in x.split(333):
         moments.update(part)
-    whole = Standardizer(3)
+    whole = Standardizer((3,))
     whole.fit(x)
-    streamed = Standardizer(3)
+    streamed = Standardizer((3,))
     streamed.fit_moments(moments)
     torch.testing.assert_close(streamed.x_mean, x.mean(0), rtol=1e-15, atol=0)
     torch.testing.assert_close(streamed.x_std, x.std(0, correction=0), rtol=1e-9, atol=0)

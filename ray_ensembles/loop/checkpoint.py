@@ -9,7 +9,6 @@ checkpoint therefore loads as an ensemble; `restore` resumes one exactly.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from .training import EnsembleFit
 
 
 def training_state(fit: EnsembleFit) -> dict:
-    return {"step": fit.step, "settings": asdict(fit.settings), "data": fit.data}
+    return {"step": fit.step, "settings": fit.settings.record(), "data": fit.data}
 
 
 def member_files(fit: EnsembleFit) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
@@ -89,7 +88,7 @@ def check_resumable(path, ensemble, settings):
         raise ValueError(f"{path} holds an ensemble without training state; load it with "
                          f"{type(ensemble).__name__}.load, or train it afresh.")
     saved = manifest.training["settings"]
-    changed = {k: (saved[k], v) for k, v in asdict(settings).items() if k in saved and saved[k] != v}
+    changed = {k: (saved[k], v) for k, v in settings.record().items() if k in saved and saved[k] != v}
     if changed:
         warnings.warn(f"Resuming {path} with other training settings (saved -> now): "
                       + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -67,10 +68,11 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 
 class TensorDataset:
-    """Inputs X (N, D) and targets y: (N,) or (N, T) reals for regression, (N,) integer or bool
-    labels for classification. Tensors, numpy arrays, pandas objects (a DataFrame's column
-    names become the feature names) and lists; float64 and integer data stay exact (float64)
-    until the ensemble has standardised them.
+    """Inputs X, (N, D) features or (N, *S) inputs of any shape (images (N, C, H, W)), and
+    targets y: (N,) or (N, T) reals for regression, (N,) integer or bool labels for
+    classification. Tensors, numpy arrays, pandas objects (a DataFrame's column names become the
+    feature names) and lists; float64 and integer data stay exact (float64) until the ensemble
+    has standardised them.
 
     Every member trains on all N rows; nothing is sharded.
     """
@@ -78,7 +80,10 @@ class TensorDataset:
     def __init__(self, X, y, *, feature_names: Sequence[str] | None = None):
         if feature_names is None and hasattr(X, "columns") and hasattr(X, "to_numpy"):
             feature_names = [str(c) for c in X.columns]
-        self.X = as_float_tensor("TensorDataset", "X", X, ndim=(2,))
+        X = as_tensor("TensorDataset", "X", X)
+        if X.ndim < 2:
+            fail("TensorDataset", "X", "(N, D) features or (N, *shape) inputs, at least 2-D", f"shape {tuple(X.shape)}")
+        self.X = as_float_tensor("TensorDataset", "X", X, ndim=(X.ndim,))
         y = as_tensor("TensorDataset", "y", y)
         is_labels = not (y.is_floating_point() or y.is_complex())
         self.y = as_labels("TensorDataset", "y", y) if is_labels else \
@@ -88,7 +93,7 @@ class TensorDataset:
                              f"({len(self.X)}). Got {len(self.y)} rows instead.")
         if feature_names is not None:
             feature_names = list(feature_names)
-            if len(feature_names) != self.X.shape[1] or len(set(feature_names)) != len(feature_names):
+            if self.X.ndim != 2 or len(feature_names) != self.X.shape[1] or len(set(feature_names)) != len(feature_names):
                 fail("TensorDataset", "feature_names", f"{self.X.shape[1]} distinct names, one per column of X",
                      feature_names)
         self.feature_names = feature_names
@@ -120,7 +125,7 @@ class TensorDataset:
         ensemble.feature_names = self.feature_names
 
     def member_batches(self, ensemble, settings, device):
-        xs = ensemble.standardizer.standardize_x(self.X.to(device))                     # (N, D)
+        xs = ensemble.standardizer.standardize_x(self.X.to(device))                     # (N, *S)
         ys = ensemble.standardizer.standardize_y(ensemble.check_y(self.y, len(self.X)))  # (N, T) or (N,)
         return MemberBatches(xs, ys, settings.batch_size, ensemble.member_seeds)
 
@@ -145,6 +150,38 @@ class TensorDataset:
         parts = order[n_val:], order[:n_val]
         return tuple(TensorDataset(self.X[i], self.y[i], feature_names=self.feature_names)
                      for i in parts)
+
+
+def is_arrays_file(path_or_uri) -> bool:
+    """Whether `path_or_uri` names a NumPy .npz file of arrays `X` and `y` (`read_arrays`)."""
+    return str(path_or_uri).split("?")[0].lower().endswith(".npz")
+
+
+def read_arrays(path_or_uri: str, name: str = "data", keys: tuple[str, ...] = ("X", "y")) -> dict[str, np.ndarray]:
+    """The arrays `keys` of a NumPy .npz file (np.savez), from a local path or a URI: inputs of
+    any shape, images (N, C, H, W) say. Never unpickles."""
+    import zipfile
+
+    import pyarrow.fs
+
+    filesystem, path = filesystem_for(path_or_uri, name)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        raise ValueError(f"The '{name}' parameter names a file that does not exist. Got {path_or_uri!r} instead.")
+    with filesystem.open_input_file(path) as f:
+        raw = f.read()
+    try:
+        arrays = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not isinstance(arrays, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array, not named ones (np.save, not np.savez)")
+        files = arrays.files
+        loaded = {k: arrays[k] for k in keys if k in files}  # an object array is refused here, never unpickled
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"The '{name}' file {path_or_uri!r} could not be read as .npz of numeric arrays "
+                         f"({str(err).splitlines()[0]}).") from None
+    if len(loaded) < len(keys):
+        raise ValueError(f"The '{name}' file {path_or_uri!r} must hold the arrays {list(keys)} "
+                         f"(np.savez(path, X=..., y=...)). Got the arrays {files} instead.")
+    return loaded
 
 
 def table_source(path_or_uri: str, name: str = "data"):

@@ -69,10 +69,10 @@ class MapDataset:
     def fit_standardization(self, ensemble):
         """One pass over the rows, SCAN_ROWS at a time: the moments of the inputs and (regression)
         of the targets, merged as a streamed table's are; every row's target checked."""
-        x_moments, y_moments, y_dtype = Moments(ensemble.dim_in), None, torch.float32
+        x_moments, y_moments, y_dtype = Moments(ensemble.standardizer.channels), None, torch.float32
         chunks = [list(range(s, min(s + SCAN_ROWS, self.num_rows))) for s in range(0, self.num_rows, SCAN_ROWS)]
         for X, y in self.loader(chunks):
-            x_moments.update(ensemble.check_x(X, allow_members=False, move=False))
+            x_moments.update_channels(ensemble.check_x(X, allow_members=False, move=False))
             y = ensemble.check_y(y, len(X)).cpu()
             if ensemble.task == "regression":
                 y_dtype, y_moments = y.dtype, y_moments or Moments(y.shape[1])

@@ -10,6 +10,7 @@ whichever other members share its process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -18,7 +19,8 @@ import torch
 from ema_pytorch import EMA
 
 from ..model.members import member_seed
-from ..model.validation import check_bool, check_choice, check_float, check_int, fail
+from ..model.validation import check_bool, check_callable, check_choice, check_float, check_int, fail
+from .augmentation import augment_members, describe
 from .cuda_graphs import GraphedStep
 from .data import TrainingData
 from .optim import stacked_optimizer
@@ -65,6 +67,7 @@ class TrainSettings:
     momentum: float = 0.9          # SGD's
     nesterov: bool = False         # SGD's
     shuffle_buffer_rows: int = 1 << 20  # a streamed table's rows mix within windows of this many (`streaming`)
+    augment: Callable | None = None  # each member's training batches transformed (`augmentation`)
 
     def __post_init__(self):
         def check(field, checker, **constraint):
@@ -89,6 +92,11 @@ class TrainSettings:
         check_choice("Trainer", "on_divergence", self.on_divergence, {"raise", "restart"})
         for field in ("amp", "cuda_graphs", "lr_scheduler", "nesterov"):
             check_bool("Trainer", field, getattr(self, field))
+        check_callable("Trainer", "augment", self.augment, "a transform(x, generator) -> x (`augmentation`)")
+
+    def record(self) -> dict:
+        """The settings as a run's record and a checkpoint keep them: plain values, the transform by name."""
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "augment": describe(self.augment)}
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the step after `step` steps: a function of the step alone. The
@@ -180,7 +188,9 @@ class EnsembleFit:
 
     def train_step(self) -> torch.Tensor:
         """One step for all members; returns their losses (M,)."""
-        xs, ys = self.batches(self.step)                         # (M, b, D), (M, b, ...)
+        xs, ys = self.batches(self.step)                         # (M, b, *S), (M, b, ...)
+        if self.settings.augment is not None:
+            xs = augment_members(self.settings.augment, xs, self.ensemble.member_seeds, self.step)
         losses = (self.graphed_step or self._forward_backward)(xs, ys)
         diverged = self._check_finite(losses)
         self.optimizer.lr = self.settings.lr_at(self.step)

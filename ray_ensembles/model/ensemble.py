@@ -1,15 +1,18 @@
 """DeepEnsemble (Gaussian regression) and DeepEnsembleClassifier (softmax): members, a head, a
 standardiser.
 
-Shapes: B rows, D = dim_in, T = dim_out, C = num_classes, M = members held by this object.
-Members see inputs standardised with statistics fitted on the training data (`fit_normalization`,
-called by the Trainer); predictions come back in the target's original units.
+Shapes: B rows, S = input_shape (D,) for a table or channel-first (C, H, W) for images,
+T = dim_out, C = num_classes, M = members held by this object. Members see inputs standardised
+with statistics fitted on the training data (`fit_normalization`, called by the Trainer);
+predictions come back in the target's original units.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +35,7 @@ PREDICT_CHUNK_BYTES_GPU = 512 << 20
 SHARED = ("dim_in", "dim_out", "num_classes", "member_factory")
 # the options every ensemble takes besides its head's, in the order of the config
 ARCHITECTURE = ("dim_in", "hidden_dim", "depth", "activation", "batch_norm", "use_adversarial_training",
-                "adversarial_eps", "perturbation", "seed")
+                "adversarial_eps", "perturbation", "seed", "standardize_inputs")
 
 
 def check_finite_prediction(t: torch.Tensor, what: str, ensemble=None):
@@ -51,12 +54,14 @@ class Ensemble(nn.Module):
     """What DeepEnsemble and DeepEnsembleClassifier share; they differ only in their head."""
 
     def __init__(self, head, *, dim_in, num_members, hidden_dim, depth, activation, batch_norm,
-                 use_adversarial_training, adversarial_eps, perturbation, seed, member_ids, member_factory):
+                 use_adversarial_training, adversarial_eps, perturbation, seed, member_ids, member_factory,
+                 standardize_inputs):
         super().__init__()
         owner = type(self).__name__
         self.head = head
         # numbers are stored as Python's own: a numpy int would pass here and then fail to save
-        self.dim_in = check_int(owner, "dim_in", dim_in, minimum=1)
+        self.input_shape = check_input_shape(owner, dim_in)
+        self.standardize_inputs = check_bool(owner, "standardize_inputs", standardize_inputs)
         num_members = check_int(owner, "num_members", num_members, minimum=1)
         self.hidden_dim = check_int(owner, "hidden_dim", hidden_dim, minimum=1)
         self.depth = check_int(owner, "depth", depth, minimum=1)
@@ -74,11 +79,16 @@ class Ensemble(nn.Module):
         self.member_factory = check_callable(owner, "member_factory", member_factory, "a callable returning an nn.Module")
         self.member_ids = member_ids
         self.member_seeds = [member_seed(seed, m) for m in member_ids]
-        self.members = build_members(owner, self.member_seeds, self.dim_in, head.num_outputs, self.hidden_dim,
+        self.members = build_members(owner, self.member_seeds, self.input_shape, head.num_outputs, self.hidden_dim,
                                      self.depth, activation, batch_norm, member_factory)
-        self.standardizer = Standardizer(self.dim_in, head.dim_out)
+        self.standardizer = Standardizer(self.input_shape, head.dim_out, self.standardize_inputs)
         self._calibration = None
         self._member_configs = None  # per member, for an ensemble `combine`d from several
+
+    @property
+    def dim_in(self) -> int | list[int]:
+        """The number of input features of a table, or the shape of one input (`input_shape`)."""
+        return self.input_shape[0] if len(self.input_shape) == 1 else list(self.input_shape)
 
     @property
     def calibration(self) -> dict | None:
@@ -142,11 +152,11 @@ class Ensemble(nn.Module):
 
     @property
     def adversarial_step(self) -> torch.Tensor:
-        """The FGSM step per input dimension, in standardised units, (D,)."""
+        """The FGSM step per channel, in standardised units, broadcast over an input (S)."""
         return self.standardizer.adversarial_step(self.adversarial_eps)
 
     def fit_normalization(self, x, y=None):
-        """Fit input (and, for regression, target) standardisation on the training data."""
+        """Fit input (and, for regression, target) standardisation on the training data (N, *S)."""
         x = self.check_x(x, allow_members=False).double()
         self.standardizer.fit(x, None if y is None else self.check_y(y, len(x)))
 
@@ -155,7 +165,7 @@ class Ensemble(nn.Module):
     def forward(self, x, y=None):
         """`ensemble(X, y)`: the summed training loss of all members. `ensemble(X)`: a prediction.
 
-        X is (B, D), given to every member, or (M, B, D), one batch per member.
+        X is (B, *S), given to every member, or (M, B, *S), one batch per member.
         """
         if y is None:
             return self.predict(x)
@@ -164,22 +174,26 @@ class Ensemble(nn.Module):
         return self.member_losses(self.standardizer.standardize_x(x), self.standardizer.standardize_y(y)).sum()
 
     def member_losses(self, xs, ys, step: int | None = None):
-        """Per-member training loss (M,) on standardised inputs xs, (B, D) or (M, B, D), with
+        """Per-member training loss (M,) on standardised inputs xs, (B, *S) or (M, B, *S), with
         each member's own adversarial term when adversarial training is on (`adversarial`)."""
-        return adversarial.member_losses(self, xs.expand(self.num_members, *xs.shape[-2:]), ys, step)
+        return adversarial.member_losses(self, self.for_members(xs), ys, step)
+
+    def for_members(self, xs: torch.Tensor) -> torch.Tensor:
+        """Inputs (B, *S) as every member's batch (M, B, *S) (a view); (M, B, *S) as they are."""
+        return xs.expand(self.num_members, *xs.shape[-len(self.input_shape) - 1:])
 
     # inference ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def predict(self, x, batch_size: int | None = None) -> GaussianMixturePrediction | CategoricalPrediction:
-        """The ensemble's prediction at original-unit inputs x (B, D): the mixture of member
+        """The ensemble's prediction at original-unit inputs x (B, *S): the mixture of member
         Gaussians in original units, or the averaged softmax. All members run in eval mode,
         `batch_size` rows at a time on the ensemble's device; the result is on x's device."""
         x = self.check_x(x, allow_members=False, move=False)
         if batch_size is not None:
             batch_size = check_int("predict", "batch_size", batch_size, minimum=1)
         elif self.device.type != "cpu":
-            widest = max(self.dim_in, self.hidden_dim)
+            widest = max(math.prod(self.input_shape), self.hidden_dim)
             batch_size = max(PREDICT_CHUNK_ROWS, PREDICT_CHUNK_BYTES_GPU // (4 * self.num_members * widest))
         else:
             batch_size = PREDICT_CHUNK_ROWS
@@ -190,13 +204,13 @@ class Ensemble(nn.Module):
         parts = []
         for k, chunk in enumerate(x.split(batch_size)):
             xs = self.standardizer.standardize_x(chunk.to(self.device))
-            beyond = ~torch.isfinite(xs).all(-1)  # finite inputs (check_x) too far out for float32
+            beyond = ~torch.isfinite(xs).flatten(1).all(-1)  # finite inputs (check_x) too far out for float32
             if beyond.any():
                 raise ValueError(f"The 'X' parameter of predict must hold rows the members can take: row "
                                  f"{k * batch_size + int(beyond.nonzero()[0])} is beyond float32 once standardised "
                                  f"(input means {self.standardizer.x_mean.tolist()}, stds "
                                  f"{self.standardizer.x_std.tolist()}). Got {int(beyond.sum())} such rows.")
-            xs = xs.expand(self.num_members, -1, -1)
+            xs = self.for_members(xs)
             parts.append([t.to(x.device) for t in self.head.summarize(members(xs), self.standardizer)])
         outputs = [torch.cat(ts, dim=1) for ts in zip(*parts)]   # member-first, (M, B, ...)
         for t in outputs:
@@ -265,16 +279,16 @@ class Ensemble(nn.Module):
     # input checks, for every module that takes inputs for this ensemble -----------------------
 
     def check_x(self, x, *, allow_members=True, move=True) -> torch.Tensor:
-        """Inputs (B, D), or (M, B, D) with `allow_members`, as a float tensor on the ensemble's
+        """Inputs (B, *S), or (M, B, *S) with `allow_members`, as a float tensor on the ensemble's
         device (unless not `move`)."""
-        owner = type(self).__name__
-        x = as_float_tensor(owner, "X", x, ndim=(2, 3) if allow_members else (2,))
-        if x.shape[-1] != self.dim_in:
-            raise ValueError(f"The 'X' parameter of {owner} must have dim_in={self.dim_in} columns. "
-                             f"Got shape {tuple(x.shape)} instead.")
-        if x.ndim == 3 and x.shape[0] != self.num_members:
-            raise ValueError(f"The 'X' parameter of {owner} must be (B, D) or (num_members={self.num_members}, "
-                             f"B, D). Got shape {tuple(x.shape)} instead.")
+        owner, shape = type(self).__name__, self.input_shape
+        x = as_float_tensor(owner, "X", x, ndim=(len(shape) + 1, len(shape) + 2) if allow_members else (len(shape) + 1,))
+        if tuple(x.shape[-len(shape):]) != shape:
+            expected = f"dim_in={self.dim_in} columns" if len(shape) == 1 else f"rows of input_shape {shape}"
+            raise ValueError(f"The 'X' parameter of {owner} must have {expected}. Got shape {tuple(x.shape)} instead.")
+        if x.ndim == len(shape) + 2 and x.shape[0] != self.num_members:
+            raise ValueError(f"The 'X' parameter of {owner} must be (B, *{shape}) or (num_members={self.num_members}, "
+                             f"B, *{shape}). Got shape {tuple(x.shape)} instead.")
         return x.to(self.device) if move else x
 
     def check_y(self, y, rows: int) -> torch.Tensor:
@@ -285,6 +299,15 @@ class Ensemble(nn.Module):
 def _options(arguments: dict) -> dict:
     """A subclass's __init__ arguments that Ensemble takes (its head's are its own)."""
     return {k: arguments[k] for k in (*ARCHITECTURE, "num_members", "member_ids", "member_factory")}
+
+
+def check_input_shape(owner: str, dim_in) -> tuple[int, ...]:
+    """`dim_in`: a number of features, or the shape of one input (a list or tuple of sizes)."""
+    sizes = list(dim_in) if isinstance(dim_in, (list, tuple)) else [dim_in]
+    if not sizes or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in sizes):
+        fail(owner, "dim_in", "a positive integer (features) or a non-empty list of them (the shape of one input)",
+             dim_in)
+    return tuple(int(d) for d in sizes)
 
 
 class DeepEnsemble(Ensemble):
@@ -301,15 +324,20 @@ class DeepEnsemble(Ensemble):
     early stop being fitted, and at a large step size their variance then runs away
     (docs/benchmarks.md, "Learning rate"). Each input's optimum is the same for any beta, as are
     the reported loss (the NLL) and the predictions.
+    
+    Inputs: `dim_in` features, or, given a shape such as (C, H, W), inputs of that shape,
+    channel-first as torch's convolutions take them: the built-in MLP flattens them, a
+    `member_factory` network takes (B, *shape). Inputs are standardised per feature or channel
+    (`standardize_inputs=False`: as they are).
     """
 
     head_class = GaussianHead
 
-    def __init__(self, dim_in: int, dim_out: int = 1, num_members: int = 5, hidden_dim: int = 50,
+    def __init__(self, dim_in: int | Sequence[int], dim_out: int = 1, num_members: int = 5, hidden_dim: int = 50,
                  depth: int = 1, *, activation: str = "relu", batch_norm: bool = False,
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
                  perturbation: str = "fgsm", seed: int = 0, member_ids: Sequence[int] | None = None,
-                 member_factory=None, nll_beta: float = 1.0):
+                 member_factory=None, nll_beta: float = 1.0, standardize_inputs: bool = True):
         super().__init__(GaussianHead(type(self).__name__, dim_out, nll_beta), **_options(locals()))
 
     @property
@@ -325,16 +353,16 @@ class DeepEnsembleClassifier(Ensemble):
     """An ensemble of softmax MLP classifiers trained with cross-entropy.
 
     `depth` hidden layers of `hidden_dim` units; the paper's MNIST network is depth=3,
-    hidden_dim=200, batch_norm=True. Adversarial training works as for DeepEnsemble.
+    hidden_dim=200, batch_norm=True. Inputs and adversarial training work as for DeepEnsemble.
     """
 
     head_class = CategoricalHead
 
-    def __init__(self, dim_in: int, num_classes: int, num_members: int = 5, hidden_dim: int = 200,
+    def __init__(self, dim_in: int | Sequence[int], num_classes: int, num_members: int = 5, hidden_dim: int = 200,
                  depth: int = 3, *, activation: str = "relu", batch_norm: bool = False,
                  use_adversarial_training: bool = False, adversarial_eps: float = 0.01,
                  perturbation: str = "fgsm", seed: int = 0, member_ids: Sequence[int] | None = None,
-                 member_factory=None):
+                 member_factory=None, standardize_inputs: bool = True):
         super().__init__(CategoricalHead(type(self).__name__, num_classes), **_options(locals()))
 
     @property
@@ -363,7 +391,7 @@ def build_ensemble(task: str, config: dict, member_ids: list[int], member_factor
                 raise ValueError(f"member {m}'s configuration must share the ensemble's {SHARED}. Got {clash} instead.")
             ENSEMBLE_CLASSES[task](**{k: v for k, v in c.items() if k != "hyperparameters"}, num_members=1)
         ensemble.member_seeds = [member_seed(c["seed"], m) for m, c in zip(member_ids, member_configs)]
-        ensemble.members = MemberGroups(ensemble.dim_in, ensemble.head.num_outputs,
+        ensemble.members = MemberGroups(math.prod(ensemble.input_shape), ensemble.head.num_outputs,
                                         [tuple(c[k] for k in SHAPE) for c in member_configs], ensemble.member_seeds)
         ensemble._member_configs = [dict(c) for c in member_configs]
     return ensemble

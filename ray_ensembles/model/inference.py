@@ -53,7 +53,7 @@ def feature_columns(ensemble, column_names: list[str], features: list[str] | Non
 
 def prediction_columns(ensemble, X: torch.Tensor, coverage: float = 0.9,
                        batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """Output columns for inputs X (B, D), in the target's original units."""
+    """Output columns for inputs X (B, *input shape), in the target's original units."""
     return summary_columns(ensemble.predict(X, batch_size=batch_size), coverage)
 
 
@@ -105,3 +105,9 @@ class BatchPredictor:
         out = {c: table.column(c) for c in keep}
         out.update(prediction_columns(self.ensemble, torch.from_numpy(X), self.coverage))
         return pa.table(out)
+
+    def predict_inputs(self, X: torch.Tensor, first_row: int = 0) -> pa.Table:
+        """The output table of inputs X (B, *input shape) (images, say), whose rows are numbered
+        from `first_row` in the column `row`."""
+        return pa.table({"row": np.arange(first_row, first_row + len(X)),
+                         **prediction_columns(self.ensemble, X, self.coverage)})

@@ -7,12 +7,15 @@ gradient of the summed member losses, and any elementwise optimiser, treat membe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from .stacked_layers import Stacked, check_state, stack_sequential
 
 # In place where autograd allows it (the result, not the input, gives the gradient): it saves a
 # pass over memory, the largest cost of relu at inference.
@@ -68,7 +71,7 @@ class StackedBatchNorm(nn.Module):
         return (h - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
-class StackedMLP(nn.Module):
+class StackedMLP(Stacked):
     """M independent MLPs: dim_in -> `depth` hidden layers of `hidden_dim` -> dim_out.
 
     Input (M, B, dim_in), output (M, B, dim_out). Weights are (M, in, out) so each layer is one
@@ -100,6 +103,7 @@ class StackedMLP(nn.Module):
                 norm.reset_member(index)
 
     def forward(self, x):
+        x = x.flatten(2)  # inputs of any shape (M, B, *S): the MLP sees their values in a row
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if w.shape[2] < w.shape[1] and w.device.type == "cpu" and not torch.is_grad_enabled():
@@ -114,84 +118,24 @@ class StackedMLP(nn.Module):
                 x = self.activation(x)
         return x
 
-    # The per-member interface the training loop uses (FactoryMembers has the same) -----------
-
-    def member_state(self, index: int) -> dict[str, torch.Tensor]:
-        """Member `index`'s parameters and buffers, without the member dimension."""
-        return self.member_view(index, self.state_dict())
-
-    def member_view(self, index: int, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Member `index`'s part of tensors named like this module's (e.g. Adam moments)."""
-        return {k: v[index].detach().clone() for k, v in named.items()}
-
-    def assemble(self, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The inverse of member_view: per-member tensors back into module-shaped ones."""
-        return {k: torch.stack([s[k] for s in states]) for k in states[0]}
-
-    def zero_member_(self, index: int, named: dict[str, torch.Tensor]):
-        """Zero member `index`'s part of tensors named like this module's, in place."""
-        for v in named.values():
-            v[index].zero_()
-
-    def grad_norms(self) -> torch.Tensor:
-        """Each member's gradient norm, (M,)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        return torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
-
-    def scale_grads(self, scale: torch.Tensor):
-        """Multiply member m's gradient by scale[m]."""
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale.view(-1, *[1] * (p.grad.ndim - 1)))
-
-    def check_member_state(self, state: dict[str, torch.Tensor], index: int = 0):
-        """Raise ValueError unless `state` is one member's tensors for this architecture (every
-        member's: `index` matters only to MemberGroups)."""
-        _check_state(self.state_dict(), state, lambda v: v.shape[1:])
-
-    def load_member_state(self, index: int, state: dict[str, torch.Tensor]):
-        self.check_member_state(state)
-        with torch.no_grad():
-            for k, v in self.state_dict().items():
-                v[index].copy_(state[k])
-
-
-def _check_state(own: dict, state: dict, expected_shape):
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"member state does not match the architecture: missing {missing}, "
-                         f"unexpected {unexpected}")
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(expected_shape(v)):
-            raise ValueError(f"member state '{k}' has shape {tuple(state[k].shape)}, "
-                             f"expected {tuple(expected_shape(v))}")
-
 
 class FactoryMembers(nn.Module):
-    """Members built by a user's `nn.Module` factory, one module each, run in a loop.
+    """Members built by a user's `nn.Module` factory, one module each, run in a loop: the
+    fallback for networks `stacked_layers` cannot stack.
 
-    Member m is built under torch.manual_seed(its seed), so its initialisation depends on
-    (seed, m) only. Each module maps (B, dim_in) to (B, outputs), or to a (mean, raw variance)
-    pair for regression. Input (M, B, dim_in), output (M, B, outputs).
+    Member m is built under torch.manual_seed(its seed) (`build_member`), so its initialisation
+    depends on (seed, m) only. Each module maps (B, *S) to (B, outputs), or to a (mean, raw
+    variance) pair for regression. Input (M, B, *S), output (M, B, outputs).
     """
 
     def __init__(self, factory, seeds: list[int]):
         super().__init__()
         self.factory = factory
-        self.nets = nn.ModuleList(self._build(s) for s in seeds)
-
-    def _build(self, seed: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = self.factory()
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"The 'member_factory' must return an nn.Module. Got {type(net).__name__} instead.")
-        return net
+        self.nets = nn.ModuleList(build_member(factory, s) for s in seeds)
 
     def reset_member(self, index: int, seed: int):
         # in place: an optimiser may hold the parameters
-        self.nets[index].load_state_dict(self._build(seed).state_dict())
+        self.nets[index].load_state_dict(build_member(self.factory, seed).state_dict())
 
     def zero_member_(self, index: int, named: dict[str, torch.Tensor]):
         prefix = f"nets.{index}."
@@ -228,11 +172,21 @@ class FactoryMembers(nn.Module):
                     p.grad.mul_(factor)
 
     def check_member_state(self, state: dict[str, torch.Tensor], index: int = 0):
-        _check_state(self.nets[index].state_dict(), state, lambda v: v.shape)
+        check_state(self.nets[index].state_dict(), state, lambda v: v.shape)
 
     def load_member_state(self, index: int, state: dict[str, torch.Tensor]):
-        _check_state(self.nets[index].state_dict(), state, lambda v: v.shape)
+        check_state(self.nets[index].state_dict(), state, lambda v: v.shape)
         self.nets[index].load_state_dict(state)
+
+
+def build_member(factory, seed: int) -> nn.Module:
+    """One member of `factory`, built under torch.manual_seed(seed), the global RNG left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = factory()
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"The 'member_factory' must return an nn.Module. Got {type(net).__name__} instead.")
+    return net
 
 
 SHAPE = ("hidden_dim", "depth", "activation", "batch_norm")  # what decides which members stack
@@ -277,12 +231,13 @@ class MemberGroups(nn.Module):
         self.groups[g].load_member_state(j, state)
 
 
-def build_members(owner: str, seeds: list[int], dim_in: int, dim_out: int, hidden_dim: int, depth: int,
-                  activation: str, batch_norm: bool, member_factory=None) -> StackedMLP | FactoryMembers:
-    """One member per seed, each initialised from its own seed: stacked MLPs, or the modules
-    `member_factory` builds, checked to map (B, dim_in) to (B, dim_out)."""
+def build_members(owner: str, seeds: list[int], input_shape: tuple[int, ...], dim_out: int, hidden_dim: int,
+                  depth: int, activation: str, batch_norm: bool, member_factory=None) -> nn.Module:
+    """One member per seed, each initialised from its own seed: stacked MLPs (on flattened
+    inputs), or the modules `member_factory` builds, checked to map (B, *input_shape) to
+    (B, dim_out): stacked layer by layer where `stacked_layers` can, else run in a loop."""
     if member_factory is None:
-        members = StackedMLP(len(seeds), dim_in, dim_out, hidden_dim, depth, activation, batch_norm)
+        members = StackedMLP(len(seeds), math.prod(input_shape), dim_out, hidden_dim, depth, activation, batch_norm)
         for i, s in enumerate(seeds):
             members.reset_member(i, s)
         return members
@@ -290,10 +245,16 @@ def build_members(owner: str, seeds: list[int], dim_in: int, dim_out: int, hidde
     net = members.nets[0]
     was_training = net.training
     net.eval()
-    with torch.no_grad():
-        out = members(torch.zeros(1, 2, dim_in))[0]
-    net.train(was_training)
+    shape = ", ".join(map(str, input_shape))
+    try:
+        with torch.no_grad():
+            out = members(torch.zeros(1, 2, *input_shape))[0]
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:  # e.g. a layer of another width
+        raise ValueError(f"The 'member_factory' of {owner} must build modules taking inputs (B, {shape}). "
+                         f"Got a module that fails on a batch of 2 zeros: {str(err).splitlines()[0]}") from None
+    finally:
+        net.train(was_training)
     if out.shape != (2, dim_out):
-        raise ValueError(f"The 'member_factory' of {owner} must build modules mapping (B, {dim_in}) to "
+        raise ValueError(f"The 'member_factory' of {owner} must build modules mapping (B, {shape}) to "
                          f"(B, {dim_out}). Got output shape {tuple(out.shape)} for B=2 instead.")
-    return members
+    return stack_sequential(list(members.nets), functools.partial(build_member, member_factory)) or members

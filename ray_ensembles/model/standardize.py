@@ -1,5 +1,8 @@
 """Input and target standardisation, fitted on the training data.
 
+Inputs are standardised per channel: per column of a table (N, D), per channel of channel-first
+inputs (N, C, H, W) or (N, C, L), the statistics taken over all positions of the channel.
+
 Statistics are float64 and inputs are standardised in float64: a feature such as a Unix
 timestamp keeps its variation, which float32 (7 digits) would round away before the subtraction.
 Members see float32 standardised values; regression predictions come back in original units and
@@ -30,6 +33,11 @@ class Moments:
         moments.update(x)
         return moments
 
+    def update_channels(self, x: torch.Tensor, rows: int = 4096):
+        """Add inputs (n, C, *positions) per channel, `rows` rows at a time (bounded float64 copies)."""
+        for part in x.split(rows):
+            self.update(part.movedim(1, -1).reshape(-1, part.shape[1]) if part.ndim > 2 else part)
+
     def update(self, x: torch.Tensor):
         """Add rows x (n, dim), any real dtype."""
         x = x.double()
@@ -54,15 +62,20 @@ class Moments:
 
 
 class Standardizer(nn.Module):
-    """Per-column mean and std of the inputs (D,) and, with `dim_out`, of the target (T,).
-    Identity until `fit`; a constant column gets std 1, so it standardises to 0, not NaN.
-    `x_range` sets the FGSM step (eps * range per input)."""
+    """Per-channel mean and std of inputs of `input_shape` (C,) and, with `dim_out`, of the
+    target (T,). Identity until `fit`, or always with `standardize_inputs=False` (the targets
+    are still standardised); a constant channel gets std 1, so it standardises to 0, not NaN.
+    `x_range` sets the FGSM step (eps * range per channel)."""
 
-    def __init__(self, dim_in: int, dim_out: int | None = None):
+    def __init__(self, input_shape: tuple[int, ...], dim_out: int | None = None, standardize_inputs: bool = True):
         super().__init__()
-        self.register_buffer("x_mean", torch.zeros(dim_in, dtype=torch.float64))
-        self.register_buffer("x_std", torch.ones(dim_in, dtype=torch.float64))
-        self.register_buffer("x_range", torch.ones(dim_in, dtype=torch.float64))
+        channels = input_shape[0]
+        # statistics broadcast over a channel's positions: (C,) for a table, (C, 1, 1) for images
+        self.broadcast = (channels, *[1] * (len(input_shape) - 1))
+        self.standardize_inputs = standardize_inputs
+        self.register_buffer("x_mean", torch.zeros(channels, dtype=torch.float64))
+        self.register_buffer("x_std", torch.ones(channels, dtype=torch.float64))
+        self.register_buffer("x_range", torch.ones(channels, dtype=torch.float64))
         if dim_out is not None:
             self.register_buffer("y_mean", torch.zeros(dim_out, dtype=torch.float64))
             self.register_buffer("y_std", torch.ones(dim_out, dtype=torch.float64))
@@ -72,19 +85,26 @@ class Standardizer(nn.Module):
         self.target_dtype = torch.float32  # of the fitted target: regression predictions come in it
 
     @property
+    def channels(self) -> int:
+        return self.broadcast[0]
+
+    @property
     def _names(self) -> tuple[str, ...]:
         return ("x_mean", "x_std", "x_range") + (("y_mean", "y_std") if self.has_target else ())
 
     def fit(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        """Fit to checked inputs (N, D) and, for a target-standardising one, targets (N, T)."""
+        """Fit to checked inputs (N, *input_shape) and, for a target-standardising one, targets (N, T)."""
         target = None if y is None or not self.has_target else Moments.of(y.reshape(len(y), -1))
-        self.fit_moments(Moments.of(x), target, None if y is None else y.dtype)
+        inputs = Moments(self.channels)
+        inputs.update_channels(x)
+        self.fit_moments(inputs, target, None if y is None else y.dtype)
 
     def fit_moments(self, x: Moments, y: Moments | None = None, target_dtype: torch.dtype | None = None):
         """Fit to the moments of the inputs and, for a target-standardising one, of the targets
         (a streaming pass over a table, or `Moments.of` tensors in memory)."""
-        self.x_mean.copy_(x.mean)
-        self.x_std.copy_(x.std)
+        if self.standardize_inputs:
+            self.x_mean.copy_(x.mean)
+            self.x_std.copy_(x.std)
         self.x_range.copy_(x.max - x.min)
         if y is not None and self.has_target:
             self.target_dtype = target_dtype  # predictions come back in it: a float64 target stays exact
@@ -94,7 +114,9 @@ class Standardizer(nn.Module):
 
     def standardize_x(self, x: torch.Tensor) -> torch.Tensor:
         """Original-unit inputs to the members' float32 standardised ones, computed in float64."""
-        return ((x.double() - self.x_mean) / self.x_std).float()
+        if not self.standardize_inputs:
+            return x.float()
+        return ((x.double() - self.x_mean.view(self.broadcast)) / self.x_std.view(self.broadcast)).float()
 
     def standardize_y(self, y: torch.Tensor) -> torch.Tensor:
         """Targets in the members' units: standardised for regression, labels unchanged."""
@@ -106,8 +128,9 @@ class Standardizer(nn.Module):
         return mean.to(self.target_dtype) * y_std + y_mean, var.to(self.target_dtype) * y_std.square()
 
     def adversarial_step(self, eps: float) -> torch.Tensor:
-        """FGSM step per input dimension in standardised units: eps * range / std, (D,)."""
-        return (eps * self.x_range / self.x_std).float()
+        """FGSM step per channel in standardised units, eps * range / std, broadcast over a
+        channel's positions: (D,) for a table, (C, 1, 1) for images."""
+        return (eps * self.x_range / self.x_std).float().view(self.broadcast)
 
     def state(self) -> dict:
         """The statistics as plain lists, as the manifest stores them."""

@@ -139,3 +139,27 @@ def as_label_tensor(owner: str, name: str, value, *, num_classes: int) -> torch.
         fail(owner, name, f"labels in [0, {num_classes})",
               f"labels in [{int(value.min())}, {int(value.max())}]")
     return value
+
+
+def import_callable(spec: str, subject: str):
+    """The callable named `module:function` (a dotted name after the colon reaches into classes),
+    or a ValueError in one line that begins with `subject` ("The '--member-factory' option")."""
+    import importlib
+
+    module_name, sep, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not module_name or not name:
+        raise ValueError(f"{subject} must be module:function, an importable callable. Got {spec!r} instead.")
+    try:
+        value = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - whatever the module raises, the answer is one line
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"{subject} names a module that does not import ({type(err).__name__}: {first_line}). "
+                         f"Got {spec!r} instead.") from None
+    try:
+        for part in name.split("."):
+            value = getattr(value, part)
+    except AttributeError:
+        raise ValueError(f"{subject} names a function its module lacks. Got {spec!r} instead.") from None
+    if not callable(value):
+        raise ValueError(f"{subject} must name a callable. Got {spec!r}, a {type(value).__name__}, instead.")
+    return value
