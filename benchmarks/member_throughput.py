@@ -80,10 +80,10 @@ class ResNet18(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
-NETWORKS = {  # name: (factory, input shape, classes, batch)
-    "uci_mlp": (uci_mlp, (8,), 2, 64),
-    "mnist_cnn": (mnist_cnn, (1, 28, 28), 10, 64),
-    "resnet18": (ResNet18, (3, 32, 32), 10, 16),
+NETWORKS = {  # name: (factory, input shape, classes, batch, steps per --steps)
+    "uci_mlp": (uci_mlp, (8,), 2, 64, 50),
+    "mnist_cnn": (mnist_cnn, (1, 28, 28), 10, 64, 1),
+    "resnet18": (ResNet18, (3, 32, 32), 10, 16, 1 / 8),
 }
 
 
@@ -156,8 +156,8 @@ def main(argv=None):
           "interleaved rounds)")
     print(f"{'network':<10} {'batch':>5} {'ours':>9} {'torch.func':>11} {'loop':>9} {'plain':>9}  ours/loop  ours is")
     for name in args.networks.split(","):
-        factory, shape, classes, batch = NETWORKS[name]
-        steps = max(2, args.steps // (8 if name == "resnet18" else 1))
+        factory, shape, classes, batch, scale = NETWORKS[name]
+        steps = max(2, int(args.steps * scale))
         step_of = paths(factory, shape, classes, args.device)
         kind = step_of.pop("ours is")
         xs = torch.randn(M, batch, *shape, generator=g).to(args.device)

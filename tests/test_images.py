@@ -109,7 +109,7 @@ def test_stacked_sequential_members_train_as_the_per_member_loop():
         return e
 
     loop = fit("loop")
-    for path in ("split", "grouped"):
+    for path in ("per_member", "grouped"):
         stacked = fit(path)
         for i in range(3):
             for k, v in loop.members.member_state(i).items():

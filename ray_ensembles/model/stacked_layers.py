@@ -13,7 +13,9 @@ parameter and buffer gets a leading member dimension, and each layer runs once f
 
 Activations travel in one of two layouts: "members" (M, B, ...), which Linear and LayerNorm
 take, and "channels" (B, M x C, ...), which convolutions, batch norms and pools take; a layer
-converts only when the layout it needs differs. A member's output depends on its own parameters
+converts only when the layout it needs differs. On a CPU a network with channel layers runs
+member by member instead (`StackedSequential.channels_path`): measured there, one thread is
+bound by arithmetic and cache at that size, and the grouped calls were slower than the loop. A member's output depends on its own parameters
 and rows only, so the summed loss's gradient is each member's own, as in the loop.
 
 Member state keeps the user's names and shapes ("0.weight", (out, in)), so checkpoints and saved
@@ -22,8 +24,6 @@ not a plain Sequential (a ResNet's blocks), runs as the per-member loop (`Factor
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
@@ -127,9 +127,13 @@ class StackedLayer(nn.Module):
 
 class StackedLinear(StackedLayer):
     def forward(self, x):                                       # (M, B, ..., in)
-        flat = x.flatten(1, -2)
+        flat = x if x.ndim == 3 else x.flatten(1, -2)
         bias = self.bias.unsqueeze(1) if getattr(self, "bias", None) is not None else flat.new_zeros(())
-        return torch.baddbmm(bias, flat, self.weight.mT).view(*x.shape[:-1], -1)
+        out = torch.baddbmm(bias, flat, self.weight.mT)
+        return out if x.ndim == 3 else out.view(*x.shape[:-1], -1)
+
+    def member_forward(self, x, m: int):                        # member m's (B, ..., in)
+        return F.linear(x, self.weight[m], self.bias[m] if getattr(self, "bias", None) is not None else None)
 
 
 class StackedConv(StackedLayer):
@@ -189,12 +193,19 @@ class StackedLayerNorm(StackedLayer):
             out = out + self.bias.view(self.num_members, *between, *self.shape)
         return out
 
+    def member_forward(self, x, m: int):
+        weight, bias = (getattr(self, name, None) for name in ("weight", "bias"))
+        return F.layer_norm(x, self.shape, None if weight is None else weight[m], None if bias is None else bias[m], self.eps)
+
 
 class StackedFlatten(nn.Module):
     layout = "members"
 
     def forward(self, x):                                       # (M, B, ...) -> (M, B, features)
         return x.flatten(2)
+
+    def member_forward(self, x, m: int):
+        return x.flatten(1)
 
 
 class AnyLayout(nn.Module):
@@ -207,10 +218,10 @@ class AnyLayout(nn.Module):
         self.layer, self.layout = layer, layout
 
     def forward(self, x):
-        return self.layer(x)
+        return self.layer.forward(x)
 
     def member_forward(self, x, m: int):
-        return self.layer(x)
+        return self.layer.forward(x)
 
 
 def stacked_layer(layers: list[nn.Module]) -> nn.Module | None:
@@ -243,36 +254,28 @@ class StackedSequential(Stacked):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.build = build
-        # channel layers' path: one grouped call ("grouped"), or one call per member ("split");
-        # None: split on a CPU, where one thread works through the members' smaller activations
-        # faster than the stack's (cache), grouped elsewhere
+        self.convolutional = any(layer.layout == "channels" for layer in layers)
+        # how a network with channel layers runs: each layer once for all members ("grouped"), or
+        # each member through the whole network in turn ("per_member", the loop's work on stacked
+        # parameters). None: per member on a CPU, where one thread works through one member's
+        # activations while they are in cache faster than through the stack's; grouped elsewhere
         self.channels_path: str | None = None
 
     def forward(self, x):
+        if self.convolutional and (self.channels_path or ("per_member" if x.device.type == "cpu" else "grouped")) == "per_member":
+            return torch.stack([self._member_forward(xm, m) for m, xm in enumerate(x.unbind(0))])
         num_members, layout = len(x), "members"
-        split = (self.channels_path or ("split" if x.device.type == "cpu" else "grouped")) == "split"
-        for wanted, layers in self.segments:
-            if wanted is not None and wanted != layout:
-                if not split:  # split, each member's batch stays (B, C, ...) in either layout
-                    x = to_channels(x) if wanted == "channels" else to_members(x, num_members)
-                layout = wanted
-            if layout == "channels" and split:  # each member through the whole segment while it is in cache
-                x = torch.stack([functools.reduce(lambda h, layer: layer.member_forward(h, m), layers, xm)
-                                 for m, xm in enumerate(x.unbind(0))])
-            else:
-                x = functools.reduce(lambda h, layer: layer(h), layers, x)
-        return to_members(x, num_members) if layout == "channels" and not split else x
-
-    @functools.cached_property
-    def segments(self) -> list[tuple[str | None, list[nn.Module]]]:
-        """The layers in runs of one layout (a layer of any layout joins the run before it)."""
-        runs = []
         for layer in self.layers:
-            if runs and layer.layout in (None, runs[-1][0]):
-                runs[-1][1].append(layer)
-            else:
-                runs.append((layer.layout, [layer]))
-        return runs
+            if layer.layout is not None and layer.layout != layout:
+                x = to_channels(x) if layer.layout == "channels" else to_members(x, num_members)
+                layout = layer.layout
+            x = layer.forward(x)  # not __call__: these modules are ours, with no hooks to run
+        return to_members(x, num_members) if layout == "channels" else x
+
+    def _member_forward(self, x, m: int):
+        for layer in self.layers:
+            x = layer.member_forward(x, m)
+        return x
 
     @staticmethod
     def user_name(name: str) -> str:
