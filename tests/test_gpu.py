@@ -147,3 +147,24 @@ def test_one_worker_per_gpu_gives_the_in_process_members(local_ray, on_gpu, tmp_
 @pytest.mark.ray
 def test_the_prediction_job_puts_each_ray_data_actor_on_a_gpu(local_ray, on_gpu, tmp_path):
     assert_the_prediction_job_matches(on_gpu[0], tmp_path, "--num-workers", "1", "--batch-size", "100")
+
+
+@pytest.mark.unit
+def test_stacked_image_members_on_a_gpu_train_as_the_per_member_path_with_augmentation(tmp_path):
+    """On a GPU a Sequential CNN runs as grouped calls for all members, and augmentation draws
+    from CUDA generators: the grouped path takes the per-member path's steps on the same device."""
+    from launched_train import X as images, Y as targets, ensemble as image_ensemble
+    from ray_ensembles.loop.augmentation import Compose, RandomCrop, RandomHorizontalFlip
+
+    settings = TrainSettings(batch_size=32, num_steps=20, lr=0.01, optimizer="sgd", nesterov=True,
+                             augment=Compose(RandomCrop(1), RandomHorizontalFlip()))
+    fits = {}
+    for path in ("grouped", "per_member"):
+        e = image_ensemble()
+        e.members.channels_path = path
+        e.fit_normalization(images, targets)
+        EnsembleFit(e, TensorDataset(images, targets), settings, local_device()).run()
+        fits[path] = e
+    for i in range(3):
+        for k, v in fits["per_member"].members.member_state(i).items():
+            torch.testing.assert_close(fits["grouped"].members.member_state(i)[k], v, atol=1e-4, rtol=1e-3, msg=k)

@@ -1,6 +1,8 @@
 """Inputs of any shape: images with per-channel standardisation and FGSM, per-member augmentation,
 factory networks stacked layer by layer, and the refusals that come before any work."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,7 @@ def test_an_image_ensemble_learns_and_saves_loads_subsets_and_calibrates(tmp_pat
     member_2 = e.sample_predictions(X)[2].probs
     assert e.calibrate(X[300:], y[300:])["val_nll_after"] <= e.calibrate(X[300:], y[300:])["val_nll_before"]
     path = e.save(tmp_path / "images")
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 5  # older readers refuse it
     loaded = DeepEnsembleClassifier.load(path, member_factory=cnn)
     assert loaded.input_shape == (1, 8, 8) and loaded.calibration == e.calibration
     assert torch.equal(loaded.predict(X).probs, e.predict(X).probs)
@@ -88,6 +91,7 @@ def test_inputs_are_standardised_per_channel_and_fgsm_steps_per_channel():
     off = DeepEnsemble((3, 4, 4), num_members=1, standardize_inputs=False)
     off.fit_normalization(X, torch.randn(50, 1))
     assert torch.equal(off.standardizer.standardize_x(X), X) and off.config["standardize_inputs"] is False
+    assert "standardize_inputs" not in e.config  # the default is left out, as readers before format 5 expect
 
 
 def test_stacked_sequential_members_train_as_the_per_member_loop():

@@ -32,6 +32,9 @@ def table(tmp_path):
     (tmp_path / "mixed").mkdir()  # two files that disagree on the type of column 'a'
     pq.write_table(pa.table({"a": np.arange(50), "y": data["y"]}), tmp_path / "mixed" / "part-0.parquet")
     pq.write_table(pa.table({"a": data["a"], "y": data["y"]}), tmp_path / "mixed" / "part-1.parquet")
+    images = rng.random((20, 1, 4, 4))
+    np.savez(tmp_path / "images.npz", X=images, y=rng.integers(0, 2, 20))
+    np.savez(tmp_path / "no_y.npz", X=images)
     return path
 
 
@@ -75,6 +78,18 @@ CASES = [
     ("streamed files disagree on a type", ["--data", "{tmp}/mixed", "--target", "y", "--streaming"],
      "column 'a' is int64 in part-0.parquet but double in part-1.parquet"),
     ("zero shuffle buffer", ["--shuffle-buffer-rows", "0"], "'shuffle_buffer_rows'.*Got 0"),
+    ("factory module missing", ["--member-factory", "no_such_module:cnn"],
+     "'--member-factory' option names a module that does not import .*No module named 'no_such_module'"),
+    ("factory not module:function", ["--member-factory", "cnn"], "'--member-factory' option must be module:function"),
+    ("factory function missing", ["--member-factory", "json:no_such_function"], "'--member-factory' option names a function"),
+    ("factory builds the wrong network", ["--data", "{tmp}/images.npz", "--task", "classification",
+                                          "--member-factory", "launched_train:small_cnn"],
+     r"'member_factory' .* taking inputs \(B, 1, 4, 4\)"),
+    ("augmentation unknown", ["--augment", "rotate"], "'--augment' option must be crop"),
+    ("augmentation of a table", ["--data", "{table}", "--target", "y", "--augment", "crop"],
+     r"'augment' parameter of Trainer must be a transform.*\(B, 4\)"),
+    ("arrays with a target", ["--data", "{tmp}/images.npz", "--target", "y"], "'--target'.* are for tables"),
+    ("arrays without y", ["--data", "{tmp}/no_y.npz"], r"must hold the arrays \['X', 'y'\]"),
 ]
 
 
@@ -272,3 +287,29 @@ def test_a_ray_that_does_not_start_is_tried_once_more_then_one_line(monkeypatch,
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and len(calls) == 2 and "\n" not in err
     assert err.startswith("error: Ray did not start on this machine: The current node timed out"), err
+
+
+@pytest.mark.ray
+def test_images_in_an_npz_file_train_with_a_member_factory_and_augmentation_then_predict(tmp_path):
+    """The placement tests' image workload through the jobs: the train job (factory importable
+    from its working directory), then the prediction job on the same .npz file."""
+    import launched_train
+    import predict as predict_job
+
+    np.savez(tmp_path / "images.npz", X=launched_train.X.numpy(), y=launched_train.Y[:, 0].numpy())
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--data", str(tmp_path / "images.npz"),
+                           "--member-factory", "launched_train:small_cnn", "--augment", "crop=1,flip",
+                           "--optimizer", "sgd", "--nesterov", "--lr", "0.01", "--num-members", "2", "--epochs", "3",
+                           "--output", str(out), "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO / "tests",
+                          env=dict(os.environ, RAY_ADDRESS=shared_local_ray()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(json.loads(proc.stdout)["metrics"]["members"]) == ["0", "1"]
+    ensemble = DeepEnsemble.load(out / "ensemble", member_factory=launched_train.small_cnn)
+    assert ensemble.input_shape == (2, 4, 4) and ensemble.config["member_factory"] == "launched_train:small_cnn"
+    predict_job.main(["--ensemble", str(out / "ensemble"), "--data", str(tmp_path / "images.npz"),
+                      "--output", str(tmp_path / "predictions"), "--member-factory", "launched_train:small_cnn"])
+    predictions = pq.read_table(tmp_path / "predictions").to_pandas()
+    assert (predictions["row"].to_numpy() == np.arange(150)).all()
+    np.testing.assert_allclose(predictions["mean"], ensemble.predict(launched_train.X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-6)

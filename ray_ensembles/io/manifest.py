@@ -21,8 +21,10 @@ FORMAT = "ray_ensembles.ensemble"
 # normalisation statistics and the target's dtype. 3: a regression config's nll_beta (members
 # before it trained on the plain NLL). 4: an optional post-hoc calibration, and each member's own
 # configuration in an ensemble combined from several; written only by such ensembles, so that a
-# reader that would ignore them refuses them instead. Versions 1 to 3 still load.
-FORMAT_VERSION = 4
+# reader that would ignore them refuses them instead. 5: inputs of any shape (a config's dim_in a
+# list) and unstandardised inputs (its standardize_inputs false), written only by such ensembles.
+# Versions 1 to 4 still load.
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 
 
@@ -61,8 +63,10 @@ class Manifest:
         return [entries[m]["config"] for m in ids] if "config" in entries[ids[0]] else None
 
     def write(self, directory: Path):
-        # version 4 only where a reader of version 3 would silently ignore something
-        version = FORMAT_VERSION if self.calibration or any("config" in e for e in self.members) else 3
+        # the lowest version whose readers take everything in it
+        shaped = any(isinstance(c.get("dim_in"), list) or "standardize_inputs" in c
+                     for c in [self.config, *(e.get("config", {}) for e in self.members)])
+        version = 5 if shaped else 4 if self.calibration or any("config" in e for e in self.members) else 3
         data = {"format": FORMAT, "format_version": version, "library_version": self.library_version,
                 "task": self.task, "config": self.config, "normalization": self.normalization,
                 "members": self.members}

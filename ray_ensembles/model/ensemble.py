@@ -110,7 +110,10 @@ class Ensemble(nn.Module):
         # the factory's name is recorded for people; loading needs the callable itself again
         name = None if factory is None else \
             f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', repr(factory))}"
-        return {**{k: getattr(self, k) for k in ARCHITECTURE}, **self.head.config, "member_factory": name}
+        config = {**{k: getattr(self, k) for k in ARCHITECTURE}, **self.head.config, "member_factory": name}
+        if self.standardize_inputs:  # the default, and all that readers before format version 5 know
+            del config["standardize_inputs"]
+        return config
 
     @property
     def num_members(self) -> int:
