@@ -14,9 +14,10 @@ parameter and buffer gets a leading member dimension, and each layer runs once f
 Activations travel in one of two layouts: "members" (M, B, ...), which Linear and LayerNorm
 take, and "channels" (B, M x C, ...), which convolutions, batch norms and pools take; a layer
 converts only when the layout it needs differs. On a CPU a network with channel layers runs
-member by member instead (`StackedSequential.channels_path`): measured there, one thread is
-bound by arithmetic and cache at that size, and the grouped calls were slower than the loop. A member's output depends on its own parameters
-and rows only, so the summed loss's gradient is each member's own, as in the loop.
+member by member instead (`StackedSequential.channels_path`): there one thread is bound by
+arithmetic and cache, and the grouped calls were slower than the loop (docs/benchmarks.md). A
+member's output depends on its own parameters and rows only, so the summed loss's gradient is
+each member's own, as in the loop.
 
 Member state keeps the user's names and shapes ("0.weight", (out, in)), so checkpoints and saved
 ensembles are the same files whichever path trained them. Any other layer, or a network that is

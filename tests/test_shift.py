@@ -1,0 +1,30 @@
+"""benchmarks/shift.py's shifted splits: reproducible, disjoint, and really out of the training rows."""
+
+import numpy as np
+import pytest
+
+from benchmarks.shift import shifted_splits
+
+pytestmark = pytest.mark.unit
+
+
+def test_shifted_splits_are_reproducible_disjoint_and_outside_or_between_the_training_rows():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(203, 4)) @ rng.normal(size=(4, 4)) + np.array([0, 5, -3, 100])
+    splits = shifted_splits(X)
+    again = shifted_splits(X.copy())
+    assert sorted(splits) == ["pc1_gap", "pc1_high", "pc1_low", "pc2_high", "pc2_low"]
+    Z = (X - X.mean(0)) / X.std(0)
+    first = np.linalg.svd(Z, full_matrices=False)[2][0]
+    for name, (train, test) in splits.items():
+        assert np.array_equal(train, again[name][0]) and np.array_equal(test, again[name][1])
+        assert len(test) == 20 and np.intersect1d(train, test).size == 0
+        assert np.array_equal(np.union1d(train, test), np.arange(203))
+    p = Z @ first
+    high, low = (p[splits["pc1_high"][1]], p[splits["pc1_high"][0]]), (p[splits["pc1_low"][1]], p[splits["pc1_low"][0]])
+    # the sign of a component is arbitrary: one tail is above every training row, the other below
+    assert {high[0].min() > high[1].max(), low[0].max() < low[1].min()} == {True} or \
+        {high[0].max() < high[1].min(), low[0].min() > low[1].max()} == {True}
+    gap_test, gap_train = p[splits["pc1_gap"][1]], p[splits["pc1_gap"][0]]
+    inside = (gap_train > gap_test.min()) & (gap_train < gap_test.max())
+    assert not inside.any() and (gap_train < gap_test.min()).sum() > 80 and (gap_train > gap_test.max()).sum() > 80
