@@ -290,7 +290,7 @@ def test_a_ray_that_does_not_start_is_tried_once_more_then_one_line(monkeypatch,
 
 
 @pytest.mark.ray
-def test_images_in_an_npz_file_train_with_a_member_factory_and_augmentation_then_predict(tmp_path):
+def test_images_in_an_npz_file_train_with_a_member_factory_and_augmentation_then_predict(tmp_path, monkeypatch, capsys):
     """The placement tests' image workload through the jobs: the train job (factory importable
     from its working directory), then the prediction job on the same .npz file."""
     import launched_train
@@ -298,14 +298,12 @@ def test_images_in_an_npz_file_train_with_a_member_factory_and_augmentation_then
 
     np.savez(tmp_path / "images.npz", X=launched_train.X.numpy(), y=launched_train.Y[:, 0].numpy())
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--data", str(tmp_path / "images.npz"),
-                           "--member-factory", "launched_train:small_cnn", "--augment", "crop=1,flip",
-                           "--optimizer", "sgd", "--nesterov", "--lr", "0.01", "--num-members", "2", "--epochs", "3",
-                           "--output", str(out), "--json"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO / "tests",
-                          env=dict(os.environ, RAY_ADDRESS=shared_local_ray()))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(json.loads(proc.stdout)["metrics"]["members"]) == ["0", "1"]
+    monkeypatch.chdir(REPO / "tests")  # the factory's module is importable from the working directory
+    monkeypatch.setenv("RAY_ADDRESS", shared_local_ray())
+    train_job.main(["--data", str(tmp_path / "images.npz"), "--member-factory", "launched_train:small_cnn",
+                    "--augment", "crop=1,flip", "--optimizer", "sgd", "--nesterov", "--lr", "0.01", "--num-members", "2",
+                    "--epochs", "2", "--output", str(out), "--json"])
+    assert sorted(json.loads(capsys.readouterr().out)["metrics"]["members"]) == ["0", "1"]
     ensemble = DeepEnsemble.load(out / "ensemble", member_factory=launched_train.small_cnn)
     assert ensemble.input_shape == (2, 4, 4) and ensemble.config["member_factory"] == "launched_train:small_cnn"
     predict_job.main(["--ensemble", str(out / "ensemble"), "--data", str(tmp_path / "images.npz"),
