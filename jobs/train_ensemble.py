@@ -26,9 +26,9 @@ from common import (add_console_arguments, add_data_arguments, arrow_dataset, de
 
 
 # The toy's recipe is the paper's (plain NLL, a constant rate of 0.1, 40 epochs): over 5 seeds it
-# keeps the curve inside mean +/- 3 sd on 93-100% of [-6, 6], where the tables' recipe (beta-NLL,
-# cosine, 0.01, 200 epochs, the toy's default before) kept it on 58-73%, at z-scores up to 67
-# (docs/benchmarks.md, "Under shift"). Tables keep theirs: chosen on the UCI benchmark.
+# keeps the curve inside mean +/- 3 sd on 93-100% of [-6, 6], where beta-NLL with a cosine rate of
+# 0.01 for 200 epochs kept it on 58-73%, at z-scores up to 67 (docs/benchmarks.md, "Under shift").
+# Tables keep theirs, chosen on the UCI benchmark.
 TOY = dict(epochs=40, lr=0.1, nll_beta=0.0, lr_schedule="constant")
 TABLE = dict(epochs=40, lr=None, nll_beta=1.0, lr_schedule="cosine")
 
@@ -143,7 +143,7 @@ def build(args):
 
 
 def parse_augment(spec: str | None):
-    """--augment's transform: "crop[=padding]" and "flip", comma-separated, in that order of application."""
+    """--augment's transform: "crop[=padding]" and "flip", comma-separated, applied in the order given."""
     from ray_ensembles.loop.augmentation import Compose, RandomCrop, RandomHorizontalFlip
 
     if spec is None:

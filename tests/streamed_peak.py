@@ -1,6 +1,7 @@
 """The peak memory of one streamed fit, measured in a process of its own so that no earlier test's
 freed heap hides or inflates it: `python tests/streamed_peak.py RAY_ADDRESS PARQUET_FOLDER BLOCKS RUNS`
-prints the peak unique set size above the one before training, in bytes."""
+prints the peak unique set size above the one before training, in bytes, as `peak_bytes=N` (Ray
+may print its own lines to stdout as the process ends)."""
 
 import sys
 import threading
@@ -44,4 +45,4 @@ if __name__ == "__main__":
     before = psutil.Process().memory_full_info().uss
     with PeakUSS() as memory:
         trainer.train()
-    print(memory.peak - before)
+    print(f"peak_bytes={memory.peak - before}", flush=True)

@@ -2,6 +2,7 @@
 row in its own order, stacked members share the reading, the standardisation comes from one
 pass, memory does not grow with the table, and bad tables are refused naming the column."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,5 +257,5 @@ def test_memory_does_not_grow_with_the_table(ray_data, tmp_path):
         measured = subprocess.run([sys.executable, str(Path(__file__).with_name("streamed_peak.py")), address,
                                    str(folder), str(rows // 100_000), str(tmp_path / f"runs-{rows}")],
                                   capture_output=True, text=True, check=True)
-        peaks[rows] = int(measured.stdout.split()[-1])
+        peaks[rows] = int(re.search(r"^peak_bytes=(\d+)$", measured.stdout, flags=re.M)[1])
     assert peaks[2_000_000] < peaks[200_000] + 50e6, peaks
