@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,7 +80,6 @@ def toy_row(beta: float, schedule: str, lr: float, epochs: int, seed: int = 0) -
 
     train, test = cubic_toy(20, seed), cubic_toy(1000, seed + 1)
     ensemble = DeepEnsemble(1, num_members=5, hidden_dim=100, seed=seed, nll_beta=beta)
-    import tempfile
     with tempfile.TemporaryDirectory() as folder:
         Trainer(ensemble, train, train_batch_size=20, train_lr=lr, train_num_epochs=epochs,
                 lr_scheduler=schedule == "cosine", results_folder=folder, save_every=10 ** 9).train()

@@ -50,9 +50,7 @@ def check_map_dataset(ensemble, dataset) -> MapDataset:
     """A map-style torch Dataset (or a MapDataset), its rows' width and targets checked on a sample."""
     data = dataset if isinstance(dataset, MapDataset) else MapDataset(dataset)
     X, y = data.sample
-    if tuple(X.shape[1:]) != ensemble.input_shape:
-        raise ValueError(f"The 'dataset' parameter of Trainer must give inputs x of shape {ensemble.input_shape} "
-                         f"(the ensemble's dim_in). Got a batch of shape {tuple(X.shape)} instead.")
+    check_input_rows(ensemble, "dataset", X)
     ensemble.check_y(y, len(X))
     return data
 
@@ -63,9 +61,18 @@ def check_tensor_dataset(ensemble, name: str, data) -> TensorDataset | None:
     if data is not None:
         if not isinstance(data, TensorDataset):
             check_type("Trainer", name, data, TensorDataset, KINDS if name == "dataset" else "a TensorDataset")
-        if tuple(data.X.shape[1:]) != ensemble.input_shape:
-            expected, got = ((f"dim_in={ensemble.dim_in} input columns", data.X.shape[1]) if data.X.ndim == 2 == 1 + len(ensemble.input_shape)
-                             else (f"inputs of shape {ensemble.input_shape} (dim_in)", f"shape {tuple(data.X.shape[1:])}"))
-            raise ValueError(f"The '{name}' parameter of Trainer must have {expected}. Got {got} instead.")
+        check_input_rows(ensemble, name, data.X)
         ensemble.check_y(data.y, len(data))
     return data
+
+
+def check_input_rows(ensemble, name: str, X):
+    """Rows X (N, *shape) of the ensemble's input shape, or a ValueError naming the Trainer's `name`."""
+    shape = ensemble.input_shape
+    if tuple(X.shape[1:]) != shape:
+        table = len(shape) == 1
+        expected = f"dim_in={ensemble.dim_in} input columns (inputs of shape {shape})" if table else \
+            f"inputs of shape {shape} (dim_in)"
+        got = X.shape[1] if table and X.ndim == 2 else f"shape {tuple(X.shape[1:])}"
+        raise ValueError(f"The '{name}' parameter of Trainer must have {expected}. Got {got} (a batch of shape "
+                         f"{tuple(X.shape)}) instead.")

@@ -100,7 +100,7 @@ class MapDataset:
 
 class MapBatches:
     """The loop's batches (as `MemberBatches`) of a MapDataset: `batches(step)` is every member's
-    mini-batch at `step`, (M, b, D) and (M, b, ...), fetched in order by one DataLoader from the
+    mini-batch at `step`, (M, b, *S) and (M, b, ...), fetched in order by one DataLoader from the
     step asked for onwards; asking for another step (a resume) starts a new one."""
 
     def __init__(self, data: MapDataset, ensemble, batch_size: int, device):
