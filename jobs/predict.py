@@ -129,8 +129,11 @@ def dictionary_columns(sample: pa.Table) -> list[str]:
     """The columns worth dictionary-encoding in the output: those whose values repeat in the
     sample (keys, categories), plus the predicted class. A dictionary attempt on columns of
     distinct values (the predictions, row ids) made writes up to 5x slower and files larger."""
-    return [name for name, column in zip(sample.column_names, sample.columns)
-            if pyarrow.compute.count_distinct(column).as_py() <= sample.num_rows // 2] + ["predicted"]
+    def scalar(kind):  # tensors and lists (images, say) have no distinct count, nor repeat
+        return not (pa.types.is_nested(kind) or isinstance(kind, pa.BaseExtensionType))
+
+    return [name for name, column in zip(sample.column_names, sample.columns) if scalar(column.type)
+            and pyarrow.compute.count_distinct(column).as_py() <= sample.num_rows // 2] + ["predicted"]
 
 
 def predict_pieces(predictor, pieces, read, write_to: str, use_dictionary: list[str], threads: int) -> int:

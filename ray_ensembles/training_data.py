@@ -27,13 +27,13 @@ def check_datasets(ensemble, dataset, validation_dataset, target=None, features=
                          "combined from several (combine) instead: train each of its parts as an ensemble of its own.")
     validation_dataset = check_tensor_dataset(ensemble, "validation_dataset", validation_dataset)
     if is_ray_dataset(dataset):
-        if len(ensemble.input_shape) != 1:
-            raise ValueError(f"A Ray Dataset trains ensembles of table rows (dim_in features); this ensemble takes "
-                             f"inputs of shape {ensemble.input_shape}: give them as a TensorDataset or a torch Dataset.")
         stream = TableStream.of(dataset, target, features, ensemble.task)
-        if len(stream.features) != ensemble.dim_in:
-            raise ValueError(f"The 'features' parameter of Trainer must name dim_in={ensemble.dim_in} columns. "
-                             f"Got {len(stream.features)} ({stream.features}) instead.")
+        if stream.input_shape != ensemble.input_shape:
+            table = len(ensemble.input_shape) == 1
+            raise ValueError(f"The 'features' parameter of Trainer must name " + (
+                f"dim_in={ensemble.dim_in} numeric columns" if table else
+                f"a tensor column of the ensemble's input shape {ensemble.input_shape} (dim_in)") +
+                f". Got {stream.features}, inputs of shape {stream.input_shape}, instead.")
         return stream, validation_dataset
     if target is not None or features is not None:
         raise ValueError("The 'target' and 'features' parameters of Trainer name the columns of a Ray Dataset. "

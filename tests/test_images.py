@@ -252,3 +252,60 @@ def test_a_torch_dataset_of_images_trains_the_in_memory_members(tmp_path):
     for i in range(3):
         for k, v in in_memory.members.member_state(i).items():
             torch.testing.assert_close(mapped.members.member_state(i)[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def tensor_tables(X: np.ndarray, y: np.ndarray):
+    """Images as each kind of fixed-shape tensor column: Arrow's canonical one, and Ray Data's as
+    pyarrow reads it from Parquet without Ray (a list column that names Ray's type)."""
+    import pyarrow as pa
+
+    canonical = pa.table({"image": pa.FixedShapeTensorArray.from_numpy_ndarray(X), "label": y})
+    ray_field = pa.field("image", pa.large_list(pa.float32()), metadata={
+        b"ARROW:extension:name": b"ray.data.arrow_tensor_v2",
+        b"ARROW:extension:metadata": json.dumps(list(X.shape[1:])).encode()})
+    as_ray = pa.Table.from_arrays([pa.array(list(X.reshape(len(X), -1)), ray_field.type), pa.array(y)],
+                                  schema=pa.schema([ray_field, pa.field("label", pa.from_numpy_dtype(y.dtype))]))
+    return {"canonical": canonical, "ray": as_ray}
+
+
+@pytest.mark.parametrize("kind", ["canonical", "ray"])
+def test_a_tensor_column_of_a_table_is_the_input_for_training_and_prediction(kind, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_ensembles.loop.data import read_table, table_to_dataset
+    from ray_ensembles.model.inference import BatchPredictor
+
+    X, y = X8.numpy(), Y8.numpy()
+    pq.write_table(tensor_tables(X, y)[kind].slice(3), tmp_path / "images.parquet")  # a column not at offset 0
+    table = read_table(str(tmp_path / "images.parquet"))
+    data = table_to_dataset(table, "label", task="classification")
+    assert data.feature_names == ["image"] and torch.equal(data.X, X8[3:].double()) and torch.equal(data.y, Y8[3:])
+    e = classifier()
+    Trainer(e, data, train_num_steps=6, results_folder=tmp_path / "run", **OPTIONS).train()
+    assert e.feature_names == ["image"]
+    out = BatchPredictor(e)(table.append_column("id", pa.array(np.arange(17))))
+    assert out.column_names[:2] == ["label", "id"]  # the other columns kept, then the predictions
+    expected = e.predict(X8[3:]).probs
+    np.testing.assert_allclose(np.stack([out.column(f"prob_{c}").to_numpy() for c in (0, 1)], 1), expected.numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_columns_are_refused_where_they_cannot_be_the_input():
+    import pyarrow as pa
+
+    from ray_ensembles.loop.data import table_to_dataset
+
+    X, y = X8.numpy(), Y8.numpy()
+    canonical = tensor_tables(X, y)["canonical"]
+    two = canonical.append_column("mask", canonical.column("image"))
+    with pytest.raises(ValueError, match=r"several tensor columns \['image', 'mask'\].*'features'"):
+        table_to_dataset(two, "label")
+    assert table_to_dataset(two, "label", ["mask"]).X.shape == (20, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"one tensor column alone .*Got \['image', 'x'\]"):
+        table_to_dataset(canonical.append_column("x", pa.array(np.ones(20))), "label", ["image", "x"])
+    with pytest.raises(ValueError, match="target column 'image' must hold one number per row"):
+        table_to_dataset(canonical, "image", ["label"])
+    X[2, 0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="Column 'image' must be free of missing, NaN and inf"):
+        table_to_dataset(tensor_tables(X, y)["ray"], "label")

@@ -161,7 +161,7 @@ def test_csv_input_gives_the_same_predictions(saved, tmp_path):
     (lambda d: pq.write_table(pa.table({"a": pa.array([], pa.float64()), "b": pa.array([], pa.float64()),
                                         "c": pa.array([], pa.float64())}), d / "t.parquet"), [], "has no rows"),
     (lambda d: pq.write_table(pa.table({"a": [1.0, None], "b": [2.0, 2.0], "c": [3.0, 3.0]}), d / "t.parquet"),
-     [], "NaN, inf or missing"),
+     [], "Column .a. must be free of missing, NaN and inf"),
     (lambda d: (d / "t.csv").write_bytes("a,b,c,caf\xe9\n1,2,3,4\n".encode("latin-1")),
      ["--data", "{d}/t.csv"], r"t\.csv could not be read.*utf-8"),
     (lambda d: (d / "t.txt").write_text("a,b,c\n1,2,3\n"), ["--data", "{d}/t.txt"], r"\.csv"),

@@ -44,7 +44,7 @@ def table(rows=ROWS, start=0):
 def stream(data=None, rows=ROWS):
     data = data or table(rows)
     blocks = Blocks([data.slice(i, BLOCK) for i in range(0, data.num_rows, BLOCK)])
-    return TableStream("y", ["id", "noise"], "regression", data.num_rows, "fp", blocks), blocks
+    return TableStream("y", ["id", "noise"], (2,), "regression", data.num_rows, "fp", blocks), blocks
 
 
 def batches(member_ids, window_rows, rows=ROWS, num_steps=None):
@@ -219,13 +219,42 @@ def test_a_streamed_table_in_one_window_trains_the_in_memory_members(ray_data, t
 
 
 @pytest.mark.ray
+def test_a_ray_dataset_of_image_tensors_trains_the_in_memory_members(ray_data, tmp_path):
+    """Images in Ray Data's tensor type (Parquet as Ray writes it, read back by Ray Data) through
+    the streaming path: in one window, the in-memory order, so the in-memory members."""
+    from test_images import OPTIONS, classifier, images, tensor_tables
+
+    X, y = images(64)
+    pq.write_table(tensor_tables(X.numpy(), y.numpy())["ray"], tmp_path / "images.parquet")
+    ds = ray_data.read_parquet(str(tmp_path / "images.parquet"))
+    assert type(ds.schema().base_schema.field("image").type).__name__.startswith("ArrowTensorType")
+
+    def train(data, folder, **columns):
+        e = classifier()
+        Trainer(e, data, train_num_steps=8, results_folder=tmp_path / folder, **OPTIONS, **columns).train()
+        return e
+
+    streamed, in_memory = train(ds, "streamed", target="label"), train(TensorDataset(X, y), "memory")
+    assert streamed.feature_names == ["image"]
+    torch.testing.assert_close(streamed.standardizer.x_std, in_memory.standardizer.x_std)
+    for i in range(3):
+        for k, v in in_memory.members.member_state(i).items():
+            torch.testing.assert_close(streamed.members.member_state(i)[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    with pytest.raises(ValueError, match=r"tensor column of the ensemble's input shape \(1, 4, 4\).*"
+                                         r"Got \['image'\], inputs of shape \(1, 8, 8\)"):
+        Trainer(DeepEnsembleClassifier((1, 4, 4), 2), ds, target="label")
+    with pytest.raises(ValueError, match=r"must name dim_in=64 numeric columns. Got \['image'\]"):
+        Trainer(DeepEnsembleClassifier(64, 2), ds, target="label")
+
+
+@pytest.mark.ray
 def test_bad_tables_are_refused_naming_the_column_before_training(ray_data, tmp_path):
     folder, x, y = parquet(tmp_path / "table", 400)
     ds = ray_data.read_parquet(str(folder))
     e = DeepEnsemble(13, num_members=1)
     with pytest.raises(ValueError, match="'target' parameter must be a column of the data.*Got 'price'"):
         Trainer(e, ds, target="price")
-    with pytest.raises(ValueError, match="must name dim_in=13 columns. Got 2"):
+    with pytest.raises(ValueError, match=r"must name dim_in=13 numeric columns. Got \['x0', 'x1'\], inputs of shape \(2,\)"):
         Trainer(e, ds, target="y", features=["x0", "x1"])
     with pytest.raises(ValueError, match="name the columns of a Ray Dataset"):
         Trainer(e, TensorDataset(x, y), target="y")

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from test_images import tensor_tables
 from conftest import REPO, shared_local_ray
 from ray_ensembles import DeepEnsemble
 
@@ -310,4 +311,25 @@ def test_images_in_an_npz_file_train_with_a_member_factory_and_augmentation_then
                       "--output", str(tmp_path / "predictions"), "--member-factory", "launched_train:small_cnn"])
     predictions = pq.read_table(tmp_path / "predictions").to_pandas()
     assert (predictions["row"].to_numpy() == np.arange(150)).all()
-    np.testing.assert_allclose(predictions["mean"], ensemble.predict(launched_train.X).mean[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+    expected = ensemble.predict(launched_train.X).mean[:, 0].numpy()
+    np.testing.assert_allclose(predictions["mean"], expected, rtol=1e-5, atol=1e-6)
+    # the same images as a Parquet tensor column, as Ray Data writes one
+    pq.write_table(tensor_tables(launched_train.X.numpy(), np.arange(150))["ray"], tmp_path / "images.parquet")
+    predict_job.main(["--ensemble", str(out / "ensemble"), "--data", str(tmp_path / "images.parquet"),
+                      "--output", str(tmp_path / "from_table"), "--member-factory", "launched_train:small_cnn",
+                      "--features", "image"])  # trained on arrays, the ensemble knows no column names
+    predictions = pq.read_table(tmp_path / "from_table").to_pandas()
+    assert (predictions["label"].to_numpy() == np.arange(150)).all()  # the table's other columns kept
+    np.testing.assert_allclose(predictions["mean"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_parquet_tensor_column_builds_an_image_ensemble(streaming, tmp_path):
+    X = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
+    pq.write_table(tensor_tables(X, np.arange(40) % 2)["canonical"], tmp_path / "images.parquet")
+    argv = ["--data", str(tmp_path / "images.parquet"), "--target", "label", "--task", "classification",
+            "--output", str(tmp_path / "out")] + (["--streaming", "--num-classes", "2"] if streaming else [])
+    ensemble, train, _ = train_job.build(train_job.parse_args(argv))
+    assert ensemble.input_shape == (1, 8, 8) and train.feature_names == ["image"]
+    assert np.array_equal(train.X[:3].numpy(), X[:3]) if streaming else train.X.shape[1:] == (1, 8, 8)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
+import math
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -93,9 +95,10 @@ class TensorDataset:
                              f"({len(self.X)}). Got {len(self.y)} rows instead.")
         if feature_names is not None:
             feature_names = list(feature_names)
-            if self.X.ndim != 2 or len(feature_names) != self.X.shape[1] or len(set(feature_names)) != len(feature_names):
-                fail("TensorDataset", "feature_names", f"{self.X.shape[1]} distinct names, one per column of X",
-                     feature_names)
+            table = self.X.ndim == 2  # inputs of any other shape come from one (tensor) column
+            if len(feature_names) != (self.X.shape[1] if table else 1) or len(set(feature_names)) != len(feature_names):
+                fail("TensorDataset", "feature_names", f"{self.X.shape[1]} distinct names, one per column of X"
+                     if table else "one name, of the tensor column X comes from", feature_names)
         self.feature_names = feature_names
 
     @classmethod
@@ -246,22 +249,49 @@ def read_table(path_or_uri: str):
     return table
 
 
+# Ray Data's fixed-shape tensor columns, by the names it stores in Parquet: read the same whether
+# Ray Data (which registers the type) is imported in the process or not
+RAY_TENSOR_TYPES = ("ray.data.arrow_tensor", "ray.data.arrow_tensor_v2")
+
+
+def tensor_shape(field) -> tuple[int, ...] | None:
+    """The shape of one value of a fixed-shape tensor column (Arrow's canonical
+    fixed_shape_tensor, or Ray Data's tensors as `ray.data.read_images` and `from_numpy` make
+    them); None for any other column of a pyarrow schema."""
+    import pyarrow as pa
+
+    if isinstance(field.type, pa.BaseExtensionType) and getattr(field.type, "shape", None) is not None:
+        return tuple(int(d) for d in field.type.shape)
+    metadata = field.metadata or {}
+    if metadata.get(b"ARROW:extension:name", b"").decode() in RAY_TENSOR_TYPES:
+        return tuple(json.loads(metadata[b"ARROW:extension:metadata"]))
+    return None
+
+
 def table_features(schema, target: str, features: Sequence[str] | None = None) -> list[str]:
     """The feature columns of a table with this pyarrow `schema`: `features`, or every other
     numeric column; they may not repeat or include the target, and every column used must be
-    numeric. The one rule for in-memory and streamed tables."""
+    numeric. A fixed-shape tensor column (images, say) is the input alone: the only tensor
+    column besides the target is the default. The one rule for in-memory and streamed tables."""
     import pyarrow.types as pat
 
     def numeric(name):
-        kind = schema.field(name).type
+        field = schema.field(name)
+        kind = field.type
+        if tensor_shape(field) is not None:
+            kind = getattr(kind, "storage_type", kind).value_type
         return pat.is_integer(kind) or pat.is_floating(kind)
 
     columns = schema.names
     if target not in columns:
         raise ValueError(f"The 'target' parameter must be a column of the data {columns}. "
                          f"Got {target!r} instead.")
+    tensors = [c for c in columns if c != target and tensor_shape(schema.field(c)) is not None]
     if features is None:
-        features = [c for c in columns if c != target and numeric(c)]
+        if len(tensors) > 1:
+            raise ValueError(f"The data has several tensor columns {tensors}: the 'features' parameter must "
+                             "name the one to train on. Got nothing instead.")
+        features = tensors or [c for c in columns if c != target and numeric(c)]
         if not features:
             raise ValueError(f"The data has no numeric feature columns besides the target {target!r}.")
     features = list(features)
@@ -274,21 +304,53 @@ def table_features(schema, target: str, features: Sequence[str] | None = None) -
                              f"(columns: {columns}). Got {name!r} instead.")
         if not numeric(name):
             raise ValueError(f"Column {name!r} must be numeric. Got type {schema.field(name).type} instead.")
+    if len(features) > 1 and any(c in tensors for c in features):
+        raise ValueError("The 'features' parameter must name one tensor column alone (it is the whole input) "
+                         f"or numeric columns. Got {features!r} instead.")
+    if tensor_shape(schema.field(target)) is not None:
+        raise ValueError(f"The target column {target!r} must hold one number per row. Got a tensor column instead.")
     return features
 
 
-def table_arrays(table, target: str, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(X (n, D), y (n,)) of a pyarrow Table (or one block of a streamed one) whose columns passed
-    `table_features`, keeping their precision; a null, NaN or inf value is an error naming its
-    column."""
-    arrays = {}
-    for name in [*features, target]:
-        column = table.column(name)
+def table_input_shape(schema, features: Sequence[str]) -> tuple[int, ...]:
+    """The shape of one input of a table's `features` (checked by `table_features`): (D,) for D
+    numeric columns, a tensor column's own shape."""
+    shape = tensor_shape(schema.field(features[0]))
+    return shape if shape is not None else (len(features),)
+
+
+def column_values(table, name: str) -> np.ndarray:
+    """The values of one column of a pyarrow Table or record batch, keeping their precision:
+    (n,) for numbers, (n, *shape) for a fixed-shape tensor column. A null, NaN or inf value is
+    an error naming the column."""
+    column = table.column(name)
+    shape = tensor_shape(table.schema.field(name))
+    if shape is None:
         values = column.to_numpy(zero_copy_only=False)
-        if column.null_count or not np.isfinite(values).all():
-            raise ValueError(f"Column {name!r} must be free of missing, NaN and inf values.")
-        arrays[name] = values
-    return np.stack([arrays[c] for c in features], 1), arrays[target]
+    else:  # the flat values of the tensors, whichever tensor type holds them
+        chunks = [getattr(chunk, "storage", chunk) for chunk in getattr(column, "chunks", [column])]
+        flat = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunks if len(chunk)]
+        values = np.concatenate(flat) if flat else np.empty(0)
+        if values.size != len(column) * math.prod(shape):
+            raise ValueError(f"Column {name!r} must hold one tensor of shape {shape} per row.")
+        values = values.reshape(len(column), *shape)
+    if column.null_count or not np.isfinite(values).all():
+        raise ValueError(f"Column {name!r} must be free of missing, NaN and inf values.")
+    return values
+
+
+def input_values(table, features: Sequence[str]) -> np.ndarray:
+    """The inputs (n, *input shape) of a table's `features` (`table_features`): a tensor column's
+    values, or the numeric columns side by side."""
+    if len(features) == 1 and tensor_shape(table.schema.field(features[0])) is not None:
+        return column_values(table, features[0])
+    return np.stack([column_values(table, c) for c in features], 1)
+
+
+def table_arrays(table, target: str, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(X (n, *input shape), y (n,)) of a pyarrow Table (or one block of a streamed one) whose
+    columns passed `table_features`, keeping their precision."""
+    return input_values(table, features), column_values(table, target)
 
 
 def table_to_dataset(table, target: str, features: Sequence[str] | None = None,

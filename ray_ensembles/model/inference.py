@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from .ensemble import load_ensemble
+from ..loop.data import input_values
 from .predictions import CategoricalPrediction
 
 
@@ -46,8 +47,9 @@ def feature_columns(ensemble, column_names: list[str], features: list[str] | Non
     if missing:
         raise ValueError(f"The data lacks the feature column(s) {missing} that the ensemble was "
                          f"trained on (it has {column_names}).")
-    if len(names) != ensemble.dim_in:
-        raise ValueError(f"The ensemble takes {ensemble.dim_in} features. Got {len(names)} names instead.")
+    width = ensemble.dim_in if len(ensemble.input_shape) == 1 else 1  # inputs of any other shape: a tensor column
+    if len(names) != width:
+        raise ValueError(f"The ensemble takes {width} feature column(s). Got {len(names)} names instead.")
     return list(names)
 
 
@@ -94,13 +96,7 @@ class BatchPredictor:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         names = feature_columns(self.ensemble, table.column_names, self.features)
-        # one copy: feature-major rows are contiguous copies of the columns. float32 columns
-        # stay float32; float64 and integer ones are
-        # standardised in float64 by the ensemble, so nothing is rounded before that.
-        X = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in names])
-        X = X.astype(np.float64 if X.dtype != np.float32 else np.float32, copy=False).T
-        if not np.isfinite(X).all():
-            raise ValueError(f"The feature columns {names} hold NaN, inf or missing values.")
+        X = input_values(table, names)  # float32 stays float32; the rest is standardised in float64
         keep = self.keep if self.keep is not None else [c for c in table.column_names if c not in names]
         out = {c: table.column(c) for c in keep}
         out.update(prediction_columns(self.ensemble, torch.from_numpy(X), self.coverage))

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ..loop.batches import MemberBatches
-from ..loop.data import table_arrays, table_features
+from ..loop.data import table_arrays, table_features, table_input_shape
 from ..model.standardize import Moments
 
 
@@ -56,10 +56,12 @@ def is_ray_dataset(value) -> bool:
 class TableStream:
     """A Ray Dataset (or, on a Ray Train worker, the iterator over all of it) read as training
     data: its `features` and `target` columns, checked against the schema and counted before
-    anything trains. `fingerprint` identifies it for resuming: schema, columns and rows."""
+    anything trains; inputs of `input_shape`, (D,) for D numeric columns or one tensor column's
+    shape. `fingerprint` identifies it for resuming: schema, columns and rows."""
 
     target: str
     features: list[str]
+    input_shape: tuple[int, ...]
     task: str
     num_rows: int
     fingerprint: str
@@ -84,7 +86,8 @@ class TableStream:
         if num_rows == 0:
             raise ValueError("The 'dataset' parameter of Trainer must be a Ray Dataset with rows. Got an empty one instead.")
         digest = hashlib.sha256(f"{schema} {features} {target} {num_rows}".encode()).hexdigest()[:16]
-        return cls(target, features, task, num_rows, digest, ordered_dataset(dataset, execution_options()))
+        return cls(target, features, table_input_shape(schema, features), task, num_rows, digest,
+                   ordered_dataset(dataset, execution_options()))
 
     def __len__(self):
         return self.num_rows
@@ -124,7 +127,7 @@ class TableStream:
                 "dataset_config": DataConfig(datasets_to_split=[], execution_options=execution_options())}
 
     def blocks(self):
-        """The table's rows in the dataset's own order, CHUNK_ROWS at a time: (X (n, D), y (n,))
+        """The table's rows in the dataset's own order, CHUNK_ROWS at a time: (X (n, *input_shape), y (n,))
         numpy arrays, every column checked (`table_arrays`): a bad value fails at its chunk.
         Converting a chunk, not a block, keeps the copies small whatever size Ray Data's blocks
         are (up to its target_max_block_size, 128 MiB by default)."""
@@ -135,9 +138,9 @@ class TableStream:
     def scan(self, ensemble) -> tuple[Moments, Moments | None, torch.dtype]:
         """One pass: the moments of the inputs and (regression) of the targets, every block's
         targets checked by the ensemble as in memory. Fails before training on the first bad block."""
-        x_moments, y_moments, rows, y_dtype = Moments(len(self.features)), None, 0, torch.float32
+        x_moments, y_moments, rows, y_dtype = Moments(ensemble.standardizer.channels), None, 0, torch.float32
         for X, y in self.blocks():
-            x_moments.update(torch.from_numpy(X))
+            x_moments.update_channels(torch.from_numpy(X))
             y = ensemble.check_y(y, len(y)).cpu()  # Arrow's read-only arrays are copied there
             if ensemble.task == "regression":
                 y_dtype = y.dtype  # predictions come back in it, as in memory
