@@ -294,6 +294,8 @@ def main(argv=None):
                               loggers=trackers)
             say(args, where, placement(trainer, args.streaming))
             trainer.train()
+            if validation is not None:  # rows it never trained on: the saved ensemble's conformal intervals or sets
+                ensemble.conformalize(validation.X, validation.y)
         except KeyboardInterrupt:
             if config is None:
                 fail("interrupted before training started", status=130)

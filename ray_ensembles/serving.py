@@ -160,12 +160,15 @@ def shaped_row(i: int, row, shape: tuple[int, ...]) -> np.ndarray:
 
 def response_rows(pred, coverage: float) -> list[dict]:
     """One JSON object per row: the columns jobs/predict.py writes (a classifier's `prob_<k>`
-    columns as one `probs` list)."""
+    columns as one `probs` list, its `in_set_<k>` ones as the `prediction_set`'s classes)."""
     columns = {name: values.tolist() for name, values in summary_columns(pred, coverage).items()}
     probs = [columns.pop(name) for name in list(columns) if name.startswith("prob_")]
+    in_set = [columns.pop(name) for name in list(columns) if name.startswith("in_set_")]
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     if probs:
         rows = [{"probs": list(p), **row} for p, row in zip(zip(*probs), rows)]
+    if in_set:
+        rows = [{**row, "prediction_set": [k for k, held in enumerate(s) if held]} for s, row in zip(zip(*in_set), rows)]
     return rows
 
 
@@ -185,9 +188,17 @@ def predict_parts(ensemble, parts: list[np.ndarray]) -> list:
 
 def describe(ensemble) -> dict:
     return {"task": ensemble.task, "num_members": ensemble.num_members, "member_ids": ensemble.member_ids,
-            "dim_in": ensemble.dim_in, "feature_names": ensemble.feature_names, "calibration": ensemble.calibration,
+            "dim_in": ensemble.dim_in, "feature_names": ensemble.feature_names, **described_calibration(ensemble),
             "config": json.loads(json.dumps(ensemble.config, default=str)),
             **({"member_configs": ensemble.member_configs} if ensemble.is_combined else {})}
+
+
+def described_calibration(ensemble) -> dict:
+    """The calibration as the app describes it: the conformal scores counted, not listed."""
+    calibration = dict(ensemble.calibration or {})
+    scores = calibration.pop("conformal_scores", None)
+    rows = None if scores is None else len(scores[0] if ensemble.task == "regression" else scores)
+    return {"calibration": calibration or None, "conformal_rows": rows}
 
 
 def has_ensemble(location: str) -> bool:

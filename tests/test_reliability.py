@@ -415,7 +415,7 @@ def test_an_uncalibrated_ensemble_is_format_3_and_versions_1_and_2_still_load(tm
     e = small()
     e.save(tmp_path / "ens")
     manifest = json.loads((tmp_path / "ens" / "manifest.json").read_text())
-    assert manifest["format_version"] == 3 and FORMAT_VERSION == 5  # 4 and 5: calibrated, combined or shaped ones only
+    assert manifest["format_version"] == 3 and FORMAT_VERSION == 6  # 4 to 6: calibrated, combined, shaped or conformal ones only
     manifest["format_version"] = 1
     del manifest["normalization"]["target_dtype"], manifest["config"]["nll_beta"]
     for entry in manifest["members"]:  # member files of then: their config had no nll_beta either

@@ -23,8 +23,9 @@ FORMAT = "ray_ensembles.ensemble"
 # configuration in an ensemble combined from several; written only by such ensembles, so that a
 # reader that would ignore them refuses them instead. 5: inputs of any shape (a config's dim_in a
 # list) and unstandardised inputs (its standardize_inputs false), written only by such ensembles.
-# Versions 1 to 4 still load.
-FORMAT_VERSION = 5
+# 6: conformal scores in the calibration, written only by ensembles that have them.
+# Versions 1 to 5 still load.
+FORMAT_VERSION = 6
 MANIFEST = "manifest.json"
 
 
@@ -66,7 +67,8 @@ class Manifest:
         # the lowest version whose readers take everything in it
         shaped = any(isinstance(c.get("dim_in"), list) or "standardize_inputs" in c
                      for c in [self.config, *(e.get("config", {}) for e in self.members)])
-        version = 5 if shaped else 4 if self.calibration or any("config" in e for e in self.members) else 3
+        version = 6 if "conformal_scores" in (self.calibration or {}) else 5 if shaped else \
+            4 if self.calibration or any("config" in e for e in self.members) else 3
         data = {"format": FORMAT, "format_version": version, "library_version": self.library_version,
                 "task": self.task, "config": self.config, "normalization": self.normalization,
                 "members": self.members}

@@ -82,7 +82,7 @@ class Ensemble(nn.Module):
         self.members = build_members(owner, self.member_seeds, self.input_shape, head.num_outputs, self.hidden_dim,
                                      self.depth, activation, batch_norm, member_factory)
         self.standardizer = Standardizer(self.input_shape, head.dim_out, self.standardize_inputs)
-        self._calibration = None
+        self.calibration = None
         self._member_configs = None  # per member, for an ensemble `combine`d from several
 
     @property
@@ -98,6 +98,8 @@ class Ensemble(nn.Module):
     @calibration.setter
     def calibration(self, calibration: dict | None):
         self._calibration = None if calibration is None else self.head.check_calibration(calibration)
+        scores = (self._calibration or {}).get("conformal_scores")
+        self._conformal_scores = None if scores is None else torch.tensor(scores, dtype=torch.float64)
 
     @property
     def task(self) -> str:
@@ -222,13 +224,15 @@ class Ensemble(nn.Module):
             outputs = self.head.calibrated(outputs, self.calibration)
             for t in outputs:
                 check_finite_prediction(t, "calibrated outputs", self)
-        return self.head.prediction(*outputs)
+        return self.head.prediction(*outputs, conformal_scores=self._conformal_scores)
 
     def calibrate(self, x, y) -> dict:
         """Fit the post-hoc calibration on validation rows (original units) by maximum
         likelihood: one scale of the predictive variance per output for a regressor (aleatoric
         and epistemic parts alike), a softmax temperature for a classifier. It is saved with the
         ensemble and applied to every prediction; a subset of the members starts without one.
+        It replaces the whole calibration, conformal scores included (they were fitted on the
+        predictions before it): `conformalize` after it.
         Returns it with the validation NLL (nats per row) before and after; it is never worse."""
         y = self.check_y(y, len(x)).cpu()
         previous, self.calibration = self.calibration, None  # fitted on the uncalibrated predictions
@@ -239,6 +243,24 @@ class Ensemble(nn.Module):
             raise
         self.calibration = calibration
         return {**calibration, "val_nll_before": before, "val_nll_after": after}
+
+    def conformalize(self, x, y) -> dict:
+        """Fit split-conformal scores on held-out rows (original units) that the members never
+        trained on, taken after `calibrate` if any: `predict(X).conformal_interval(coverage)` (a
+        regressor: the ensemble's own stddev scaled by them) and `.prediction_set(coverage)` (a
+        classifier: adaptive prediction sets) then cover rows exchangeable with these with
+        probability at least `coverage` (`conformal`). Saved with the ensemble, in its
+        calibration; a subset of the members starts without them. Returns {"conformal_rows": n}."""
+        y = self.check_y(y, len(x)).cpu()
+        previous = self.calibration
+        kept = {k: v for k, v in (previous or {}).items() if k != "conformal_scores"}
+        try:
+            self.calibration = kept or None  # the scores of the predictions without the old ones
+            self.calibration = {**kept, "conformal_scores": self.head.conformal_scores(self.predict(x), y)}
+        except BaseException:
+            self.calibration = previous  # a refused call changes nothing
+            raise
+        return {"conformal_rows": len(y)}
 
     def sample_predictions(self, x) -> list[MemberPrediction] | list[CategoricalPrediction]:
         """One prediction per member: a Gaussian (`.mean`, `.log_var`, (B, T), original units)

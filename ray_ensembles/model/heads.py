@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import conformal
 from .metrics import mixture_gaussian_nll
 from .predictions import CategoricalPrediction, GaussianMixturePrediction
 from .validation import as_float_tensor, as_label_tensor, check_float, check_int
@@ -48,6 +49,18 @@ def positive_numbers(owner: str, name: str, value, size: int) -> list[float]:
         raise ValueError(f"The '{name}' of {owner}'s calibration must be {size} positive finite "
                          f"number{'s' * (size != 1)}. Got {value!r} instead.")
     return [float(v) for v in value]
+
+
+def checked_calibration(owner: str, calibration, scale: str, check_scale, outputs: int | None) -> dict:
+    """A calibration: its `scale` (`calibrate`'s, checked by `check_scale`), its conformal scores
+    (`conformalize`'s), or both."""
+    if not isinstance(calibration, dict) or not calibration or not set(calibration) <= {scale, "conformal_scores"}:
+        raise ValueError(f"{owner}'s calibration must be a dict of {scale!r} (calibrate), 'conformal_scores' "
+                         f"(conformalize) or both. Got {str(calibration)[:200]} instead.")
+    checked = {scale: check_scale(calibration[scale])} if scale in calibration else {}
+    if "conformal_scores" in calibration:
+        checked["conformal_scores"] = conformal.check_scores(owner, calibration["conformal_scores"], outputs)
+    return checked
 
 
 def mean_and_variance(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +111,8 @@ class GaussianHead:
         return pred.members()
 
     def check_calibration(self, calibration: dict) -> dict:
-        if not isinstance(calibration, dict) or set(calibration) != {"variance_scale"}:
-            raise ValueError(f"{self.owner}'s calibration must be {{'variance_scale': [...]}}. Got {calibration!r} instead.")
-        return {"variance_scale": positive_numbers(self.owner, "variance_scale", calibration["variance_scale"], self.dim_out)}
+        return checked_calibration(self.owner, calibration, "variance_scale", lambda scale: positive_numbers(
+            self.owner, "variance_scale", scale, self.dim_out), self.dim_out)
 
     @staticmethod
     def _scaled(member_mean, member_variance, scale):
@@ -110,6 +122,8 @@ class GaussianHead:
         return center + scale.sqrt() * (member_mean - center), member_variance * scale
 
     def calibrated(self, outputs, calibration: dict) -> tuple[torch.Tensor, ...]:
+        if "variance_scale" not in calibration:
+            return outputs
         member_mean, member_variance = outputs
         scale = torch.tensor(calibration["variance_scale"], dtype=member_variance.dtype, device=member_variance.device)
         return self._scaled(member_mean, member_variance, scale)
@@ -120,6 +134,10 @@ class GaussianHead:
         log_scale, before, after = fit_log_scale(
             self.dim_out, lambda log_scale: mixture_gaussian_nll(*self._scaled(mean, variance, log_scale.exp()), y, "none").mean())
         return {"variance_scale": log_scale.exp().tolist()}, before, after
+
+    def conformal_scores(self, pred, y) -> list:
+        """Each output's sorted scores |y - mean| / stddev, as the manifest holds them."""
+        return conformal.regression_scores(pred.mean.double(), pred.stddev.double(), y.double()).tolist()
 
     def check_y(self, y, rows: int) -> torch.Tensor:
         y = as_float_tensor(self.owner, "y", y, ndim=(1, 2, 3))
@@ -165,9 +183,8 @@ class CategoricalHead:
         return [CategoricalPrediction(p.unsqueeze(0)) for p in pred.member_probs]
 
     def check_calibration(self, calibration: dict) -> dict:
-        if not isinstance(calibration, dict) or set(calibration) != {"temperature"}:
-            raise ValueError(f"{self.owner}'s calibration must be {{'temperature': t}}. Got {calibration!r} instead.")
-        return {"temperature": positive_numbers(self.owner, "temperature", [calibration["temperature"]], 1)[0]}
+        return checked_calibration(self.owner, calibration, "temperature", lambda t: positive_numbers(
+            self.owner, "temperature", [t], 1)[0], None)
 
     @staticmethod
     def _logits(member_probs):
@@ -176,7 +193,13 @@ class CategoricalHead:
         return member_probs.clamp_min(torch.finfo(member_probs.dtype).tiny).log()
 
     def calibrated(self, outputs, calibration: dict) -> tuple[torch.Tensor, ...]:
+        if "temperature" not in calibration:
+            return outputs
         return ((self._logits(outputs[0]) / calibration["temperature"]).softmax(-1),)
+
+    def conformal_scores(self, pred, y) -> list:
+        """The sorted APS scores of the labels y."""
+        return conformal.classification_scores(pred.probs.double(), y).tolist()
 
     def fit_calibration(self, pred, y) -> tuple[dict, float, float]:
         """The temperature of every member's softmax that maximises the averaged softmax's

@@ -3,7 +3,8 @@
 `BatchPredictor` loads an ensemble once and turns a pyarrow table of inputs into one of outputs:
 the input's other (id or key) columns, then `mean`, `variance`, `aleatoric`, `epistemic` and the
 bounds of the central interval (regression), or one probability per class, `entropy` and
-`mutual_information` (classification). Features are matched by the names stored with the
+`mutual_information` (classification), and the conformal interval or prediction set where the
+ensemble has conformal scores. Features are matched by the names stored with the
 ensemble, so column order and extra columns do not matter.
 """
 
@@ -61,15 +62,21 @@ def prediction_columns(ensemble, X: torch.Tensor, coverage: float = 0.9,
 
 def summary_columns(pred, coverage: float = 0.9) -> dict[str, np.ndarray]:
     """The output columns of a prediction (`Ensemble.predict`'s), one value per row."""
+    conformal = pred.conformal_scores is not None  # and its conformal interval or set, if fitted
     if isinstance(pred, CategoricalPrediction):
         columns = {f"prob_{c}": p.numpy() for c, p in enumerate(pred.probs.T)}
         columns.update(entropy=pred.entropy[:, 0].numpy(),
                        mutual_information=pred.mutual_information[:, 0].numpy(),
                        predicted=pred.probs.argmax(-1).numpy())
+        if conformal:
+            columns.update({f"in_set_{c}": s.numpy() for c, s in enumerate(pred.prediction_set(coverage).T)})
         return columns
     lower, upper = pred.interval(coverage)
     summaries = {"mean": pred.mean, "variance": pred.variance, "aleatoric": pred.aleatoric,
                  "epistemic": pred.epistemic, f"lower_{coverage:g}": lower, f"upper_{coverage:g}": upper}
+    if conformal:
+        lower, upper = pred.conformal_interval(coverage)
+        summaries.update({f"conformal_lower_{coverage:g}": lower, f"conformal_upper_{coverage:g}": upper})
     columns = {}
     for name, values in summaries.items():
         if values.shape[1] == 1:

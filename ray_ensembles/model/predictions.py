@@ -8,7 +8,7 @@ from functools import cached_property
 
 import torch
 
-from . import metrics
+from . import conformal, metrics
 from .validation import as_float_tensor, check_float
 
 
@@ -36,6 +36,7 @@ class GaussianMixturePrediction:
 
     member_mean: torch.Tensor
     member_variance: torch.Tensor
+    conformal_scores: torch.Tensor | None = None  # (T, n) sorted, of an ensemble's `conformalize`
     probs = None  # a classifier's; None here, as in deep-ensembles-pytorch
 
     @cached_property
@@ -71,7 +72,7 @@ class GaussianMixturePrediction:
 
     def rows(self, index: slice) -> GaussianMixturePrediction:
         """The prediction for some of the rows: one request's share of a batched pass."""
-        return GaussianMixturePrediction(self.member_mean[:, index], self.member_variance[:, index])
+        return GaussianMixturePrediction(self.member_mean[:, index], self.member_variance[:, index], self.conformal_scores)
 
     def members(self) -> list[MemberPrediction]:
         return [MemberPrediction(m, v.log()) for m, v in zip(self.member_mean, self.member_variance)]
@@ -99,17 +100,29 @@ class GaussianMixturePrediction:
         half = z * self.stddev
         return self.mean - half, self.mean + half
 
+    def conformal_interval(self, coverage: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split-conformal interval at `coverage`, (B, T) each: mean -+ q * stddev, q fitted on
+        held-out rows (`Ensemble.conformalize`, `conformal`); infinite where they are too few."""
+        return conformal.interval(self.mean, self.stddev, fitted_scores(self.conformal_scores, "conformal_interval"),
+                                  coverage)
+
 
 @dataclass(frozen=True)
 class CategoricalPrediction:
     """Average of M members' softmax. `member_probs` is (M, B, C)."""
 
     member_probs: torch.Tensor
+    conformal_scores: torch.Tensor | None = None  # (n,) sorted, of an ensemble's `conformalize`
     mean = None  # a regressor's; None here, as in deep-ensembles-pytorch
 
     def rows(self, index: slice) -> CategoricalPrediction:
         """The prediction for some of the rows: one request's share of a batched pass."""
-        return CategoricalPrediction(self.member_probs[:, index])
+        return CategoricalPrediction(self.member_probs[:, index], self.conformal_scores)
+
+    def prediction_set(self, coverage: float) -> torch.Tensor:
+        """The adaptive prediction set at `coverage` (B, C) bool: the classes from the most probable
+        on until their total reaches a level fitted on held-out rows (`Ensemble.conformalize`)."""
+        return conformal.prediction_set(self.probs, fitted_scores(self.conformal_scores, "prediction_set"), coverage)
 
     @cached_property
     def probs(self):
@@ -134,3 +147,10 @@ class CategoricalPrediction:
     def mutual_information(self):
         """Entropy minus expected member entropy, (B, 1): the epistemic part."""
         return metrics.mutual_information(self.member_probs).unsqueeze(-1)
+
+
+def fitted_scores(scores: torch.Tensor | None, method: str) -> torch.Tensor:
+    if scores is None:
+        raise ValueError(f"{method} needs conformal scores: fit them with ensemble.conformalize(X, y) on "
+                         "held-out rows the members never trained on.")
+    return scores
