@@ -199,7 +199,7 @@ def chosen(searches) -> dict:
 def run_splits(splits: dict, cfg, fit, extra_scores=None) -> list[dict]:
     """Every split, end to end: `splits` {(dataset, k): load_uci arrays}; `fit(jobs)` trains
     {key: Trainer arguments} and returns {key: FitResult} (fit_many on a pool, in the benchmark).
-    `extra_scores(ensemble, X_test, y_test)` adds columns of its own to each split's row."""
+    `extra_scores(key, ensemble, X_test, y_test)` adds columns of its own to each split's row."""
     data = {key: split_arrays(arrays) for key, arrays in splits.items()}
     jobs = {key: job(X, y, cfg) for key, (X, y, _, _) in data.items()}
     if cfg["tuned"]:
@@ -213,7 +213,7 @@ def run_splits(splits: dict, cfg, fit, extra_scores=None) -> list[dict]:
     for key, (X, y, X_test, y_test) in data.items():
         rows[key] = {"dataset": key[0], "split": key[1], "lr": jobs[key]["train_lr"],
                      **score(results[key].ensemble, X_test, y_test), "worker_s": results[key].worker_s,
-                     **(extra_scores(results[key].ensemble, X_test, y_test) if extra_scores else {})}
+                     **(extra_scores(key, results[key].ensemble, X_test, y_test) if extra_scores else {})}
     if cfg["hyper"]:
         for key, (X, y, X_test, y_test) in data.items():
             seed = cfg["seed"] + key[1]

@@ -11,7 +11,9 @@ a slab the training rows surround). No randomness: the same data give the same s
 them, the first --standard-splits standard splits. Every split is scored in original units: the
 moment-matched Gaussian's NLL, RMSE, and the coverage and mean width of its central 90% and 95%
 intervals. Settings (SETTINGS): the library's default (beta-NLL 1, cosine schedule,
-training.horizon_lr) and the paper's plain NLL (beta 0) with the same schedule and rate.
+training.horizon_lr), the paper's plain NLL (beta 0) with the same schedule and rate, and the
+default trained on 80% of the training rows with split-conformal intervals fitted on the other
+20% (`conformal_carve`), scored alike.
 
 The toy (the train job's default problem, 20 points of y = x^3 + N(0, 3^2) on [-4, 4], 5
 members of 1 x 100): for each of TOY_SETTINGS, the z-score (truth - mean) / sd at x = -6, -5, 5,
@@ -34,7 +36,8 @@ import torch
 from benchmarks.common import REPO, RESULTS, fail, load_uci, write_csv
 
 SHIFT_FRACTION = 0.1
-SETTINGS = {"default (beta-NLL 1)": {"nll_beta": 1.0}, "plain NLL": {"nll_beta": 0.0}}
+SETTINGS = {"default (beta-NLL 1)": {"nll_beta": 1.0}, "plain NLL": {"nll_beta": 0.0},
+            "default, conformal": {"nll_beta": 1.0, "conformal": True}}  # members on 80%, scores on 20%
 # the toy: (loss weighting beta, schedule, rate, epochs); the first is the train job's default
 TOY_SETTINGS = [(1.0, "cosine", 0.01, 200), (1.0, "cosine", 0.1, 200), (1.0, "cosine", 0.1, 40),
                 (0.0, "cosine", 0.1, 40), (0.0, "constant", 0.1, 40), (0.0, "cosine", 0.01, 200),
@@ -62,14 +65,32 @@ def shifted_splits(X: np.ndarray, fraction: float = SHIFT_FRACTION) -> dict[str,
     return splits
 
 
-def interval_scores(ensemble, X, y) -> dict:
-    """Coverage and mean width of the central 90% and 95% intervals of the moment-matched Gaussian."""
+def conformal_carve(splits: dict, seed: int = 0) -> tuple[dict, dict]:
+    """Each split with its training rows cut 80/20 by a permutation seeded by (seed, split): the
+    splits whose members train on the 80%, and per split the 20% (X, y) the conformal scores are
+    fitted on."""
+    from benchmarks.benchmark_uci import split_arrays
+
+    fitted, held = {}, {}
+    for key, (data, features, target, (train, test)) in splits.items():
+        order = np.random.default_rng(seed + key[1]).permutation(train)
+        n_held = max(1, len(train) // 5)
+        fitted[key] = (data, features, target, (np.sort(order[n_held:]), test))
+        held[key] = split_arrays((data, features, target, (np.sort(order[:n_held]), test)))[:2]
+    return fitted, held
+
+
+def interval_scores(ensemble, X, y, held_out=None) -> dict:
+    """Coverage and mean width of the central 90% and 95% intervals of the moment-matched
+    Gaussian, and with `held_out` rows (X, y) those of the conformal intervals fitted on them."""
+    if held_out is not None:
+        ensemble.conformalize(*held_out)
     pred, out = ensemble(X), {}
     for level in (0.9, 0.95):
-        lower, upper = pred.interval(level)
-        inside = ((y >= lower) & (y <= upper)).double().mean().item()
-        out[f"coverage_{round(level * 100)}"] = inside
-        out[f"width_{round(level * 100)}"] = (upper - lower).double().mean().item()
+        kinds = [("", pred.interval(level))] + ([("conformal_", pred.conformal_interval(level))] if held_out else [])
+        for prefix, (lower, upper) in kinds:
+            out[f"{prefix}coverage_{round(level * 100)}"] = ((y >= lower) & (y <= upper)).double().mean().item()
+            out[f"{prefix}width_{round(level * 100)}"] = (upper - lower).double().mean().item()
     return out
 
 
@@ -149,7 +170,9 @@ def main(argv=None):
     workers = args.num_workers or int(ray.cluster_resources().get("CPU", 1))
     with EnsemblePool(workers) as pool:
         for setting, options in SETTINGS.items():
-            scored = run_splits(splits, dict(base, **options), pool.fit_many, extra_scores=interval_scores)
+            runs, held = conformal_carve(splits) if options.get("conformal") else (splits, {})
+            scored = run_splits(runs, dict(base, **options), pool.fit_many,
+                                extra_scores=lambda key, e, X, y: interval_scores(e, X, y, held.get(key)))
             for row in scored:
                 key = (row["dataset"], row["split"])
                 rows.append({"setting": setting, "kind": kinds[key], **row})
@@ -165,18 +188,22 @@ def main(argv=None):
 def shift_table(rows, names) -> str:
     """Per data set and setting: the standard splits' and the shifted splits' means."""
     head = ["Dataset", "setting", "NLL std", "NLL shifted", "RMSE std", "RMSE shifted",
-            "cover 90 std", "cover 90 shifted", "cover 95 shifted", "width 90 std", "width 90 shifted"]
+            "cover 90 std", "cover 90 shifted", "cover 95 shifted", "width 90 std", "width 90 shifted",
+            "conformal cover 90 std", "conformal cover 90 shifted", "conformal width 90 std", "conformal width 90 shifted"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         for setting in SETTINGS:
             def mean(metric, shifted):
                 values = [r[metric] for r in rows if r["dataset"] == dataset and r["setting"] == setting
-                          and (r["kind"] != "standard") == shifted]
+                          and (r["kind"] != "standard") == shifted and metric in r]
                 return statistics.fmean(values) if values else math.nan
             lines.append("| " + " | ".join([names.get(dataset, dataset), setting] + [
                 f"{mean(m, s):.2f}" for m, s in [("nll", False), ("nll", True), ("rmse", False), ("rmse", True),
                                                  ("coverage_90", False), ("coverage_90", True), ("coverage_95", True),
-                                                 ("width_90", False), ("width_90", True)]]) + " |")
+                                                 ("width_90", False), ("width_90", True),
+                                                 ("conformal_coverage_90", False), ("conformal_coverage_90", True),
+                                                 ("conformal_width_90", False), ("conformal_width_90", True)]]
+            ).replace("nan", "-") + " |")
     return "\n".join(lines)
 
 
