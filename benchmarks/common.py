@@ -42,8 +42,9 @@ def score(ensemble, X, y) -> dict:
 
 
 def write_csv(rows, path: Path):
+    """Rows of dicts as CSV; a column some rows lack is empty there."""
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
 
