@@ -155,7 +155,8 @@ def trainer_options(cfg, num_rows: int) -> dict:
     """The Trainer's options for a run of cfg["epochs"] on `num_rows` rows."""
     steps = cfg["epochs"] * math.ceil(num_rows / cfg["batch_size"])
     return {"train_batch_size": cfg["batch_size"], "train_num_epochs": cfg["epochs"],
-            "train_lr": cfg["lr"] or horizon_lr(steps), "lr_scheduler": cfg["lr_schedule"] == "cosine"}
+            "train_lr": cfg["lr"] or horizon_lr(steps), "lr_scheduler": cfg["lr_schedule"] == "cosine",
+            **({"weight_decay": cfg["weight_decay"]} if cfg.get("weight_decay") else {})}
 
 
 def job(X, y, cfg, validation=None) -> dict:

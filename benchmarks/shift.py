@@ -37,7 +37,13 @@ from benchmarks.common import REPO, RESULTS, fail, load_uci, write_csv
 
 SHIFT_FRACTION = 0.1
 SETTINGS = {"default (beta-NLL 1)": {"nll_beta": 1.0}, "plain NLL": {"nll_beta": 0.0},
-            "default, conformal": {"nll_beta": 1.0, "conformal": True}}  # members on 80%, scores on 20%
+            "default + conformal": {"nll_beta": 1.0, "conformal": True},  # members on 80%, scores on 20%
+            # candidates for the defaults (--settings)
+            "beta-NLL 0.5": {"nll_beta": 0.5}, "beta-NLL 0.25": {"nll_beta": 0.25},
+            "default + FGSM 0.01": {"nll_beta": 1.0, "adversarial_eps": 0.01},
+            "default for 20 epochs": {"nll_beta": 1.0, "epochs": 20},
+            "default + weight decay 1e-3": {"nll_beta": 1.0, "weight_decay": 1e-3}}
+RUN_BY_DEFAULT = list(SETTINGS)[:3]
 # the toy: (loss weighting beta, schedule, rate, epochs); the first is the train job's default
 TOY_SETTINGS = [(1.0, "cosine", 0.01, 200), (1.0, "cosine", 0.1, 200), (1.0, "cosine", 0.1, 40),
                 (0.0, "cosine", 0.1, 40), (0.0, "constant", 0.1, 40), (0.0, "cosine", 0.01, 200),
@@ -110,10 +116,15 @@ def toy_row(beta: float, schedule: str, lr: float, epochs: int, seed: int = 0) -
     grid = torch.linspace(-6, 6, 241).unsqueeze(1)
     g = ensemble(grid)
     held = ((grid ** 3 - g.mean).abs() <= 3 * g.stddev).double().mean().item()
-    p = ensemble(test.X)
+    p, fit = ensemble(test.X), ensemble(train.X)
     return {"nll_beta": beta, "schedule": schedule, "lr": lr, "epochs": epochs,
             **{f"sd_at_{x:g}": s for x, s in zip([-6, -5, 5, 6], pred.stddev[:, 0].tolist())},
             **{f"z_at_{x:g}": v for x, v in zip([-6, -5, 5, 6], z)},
+            # the mechanism: which part of the sd is left beyond the data, against the fit inside it
+            **{f"aleatoric_sd_at_{x:g}": s for x, s in zip([-6, -5, 5, 6], pred.aleatoric.sqrt()[:, 0].tolist())},
+            **{f"epistemic_sd_at_{x:g}": s for x, s in zip([-6, -5, 5, 6], pred.epistemic.sqrt()[:, 0].tolist())},
+            "train_rmse": (fit.mean - train.y).square().mean().sqrt().item(),
+            "train_aleatoric_sd": fit.aleatoric.sqrt().mean().item(),
             "share_of_[-6,6]_within_3sd": held, "test_nll_in_distribution": gaussian_nll(p.mean, p.variance, test.y)}
 
 
@@ -124,6 +135,7 @@ def parse_args(argv=None):
     p.add_argument("--standard-splits", type=int, default=5, help="the first N standard splits beside the shifted ones")
     p.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: the cluster's CPUs)")
     p.add_argument("--no-toy", action="store_true")
+    p.add_argument("--settings", default=",".join(RUN_BY_DEFAULT), help=f"a comma list of {list(SETTINGS)}")
     p.add_argument("--output", default=str(RESULTS))
     return p.parse_args(argv)
 
@@ -141,6 +153,9 @@ def main(argv=None):
         unknown = [n for n in names if n not in found]
         if unknown:
             raise ValueError(f"The '--datasets' option names data sets not in {root} ({found}). Got {unknown} instead.")
+        settings = args.settings.split(",")
+        if not set(settings) <= set(SETTINGS):
+            raise ValueError(f"The '--settings' option must name settings of {list(SETTINGS)}. Got {settings} instead.")
         if args.standard_splits < 0:
             raise ValueError(f"The '--standard-splits' option must be >= 0. Got {args.standard_splits} instead.")
     except ValueError as err:
@@ -169,7 +184,8 @@ def main(argv=None):
     rows = []
     workers = args.num_workers or int(ray.cluster_resources().get("CPU", 1))
     with EnsemblePool(workers) as pool:
-        for setting, options in SETTINGS.items():
+        for setting in settings:
+            options = SETTINGS[setting]
             runs, held = conformal_carve(splits) if options.get("conformal") else (splits, {})
             scored = run_splits(runs, dict(base, **options), pool.fit_many,
                                 extra_scores=lambda key, e, X, y: interval_scores(e, X, y, held.get(key)))
@@ -177,7 +193,7 @@ def main(argv=None):
                 key = (row["dataset"], row["split"])
                 rows.append({"setting": setting, "kind": kinds[key], **row})
     write_csv(rows, output / "shift.csv")
-    print(shift_table(rows, NAMES))
+    print(shift_table(rows, NAMES, settings))
     if not args.no_toy:
         toy = [toy_row(*s) for s in TOY_SETTINGS]
         write_csv(toy, output / "shift_toy.csv")
@@ -185,14 +201,14 @@ def main(argv=None):
     print(f"\n{time.perf_counter() - started:.0f} s in all")
 
 
-def shift_table(rows, names) -> str:
+def shift_table(rows, names, settings) -> str:
     """Per data set and setting: the standard splits' and the shifted splits' means."""
     head = ["Dataset", "setting", "NLL std", "NLL shifted", "RMSE std", "RMSE shifted",
             "cover 90 std", "cover 90 shifted", "cover 95 shifted", "width 90 std", "width 90 shifted",
             "conformal cover 90 std", "conformal cover 90 shifted", "conformal width 90 std", "conformal width 90 shifted"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        for setting in SETTINGS:
+        for setting in settings:
             def mean(metric, shifted):
                 values = [r[metric] for r in rows if r["dataset"] == dataset and r["setting"] == setting
                           and (r["kind"] != "standard") == shifted and metric in r]
@@ -208,13 +224,17 @@ def shift_table(rows, names) -> str:
 
 
 def toy_table(toy) -> str:
-    head = ["beta, schedule, rate, epochs", "sd at -6, -5, 5, 6", "z at -6, -5, 5, 6", "[-6, 6] within 3 sd", "NLL in"]
+    head = ["beta, schedule, rate, epochs", "sd at -6, -5, 5, 6", "z at -6, -5, 5, 6", "[-6, 6] within 3 sd", "NLL in",
+            "aleatoric sd at -6, 6", "epistemic sd at -6, 6", "train RMSE", "train aleatoric sd (truth 3)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in toy:
         lines.append(f"| {r['nll_beta']:g}, {r['schedule']}, {r['lr']:g}, {r['epochs']} | "
                      + ", ".join(f"{r[f'sd_at_{x}']:.1f}" for x in (-6, -5, 5, 6)) + " | "
                      + ", ".join(f"{r[f'z_at_{x}']:.1f}" for x in (-6, -5, 5, 6))
-                     + f" | {100 * r['share_of_[-6,6]_within_3sd']:.0f}% | {r['test_nll_in_distribution']:.2f} |")
+                     + f" | {100 * r['share_of_[-6,6]_within_3sd']:.0f}% | {r['test_nll_in_distribution']:.2f} | "
+                     + ", ".join(f"{r[f'aleatoric_sd_at_{x}']:.1f}" for x in (-6, 6)) + " | "
+                     + ", ".join(f"{r[f'epistemic_sd_at_{x}']:.1f}" for x in (-6, 6))
+                     + f" | {r['train_rmse']:.2f} | {r['train_aleatoric_sd']:.2f} |")
     return "\n".join(lines)
 
 

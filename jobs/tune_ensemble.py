@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import add_console_arguments, add_data_arguments, default_lr, fail, load_data, num_classes, say, start_ray
+from common import TOY, add_console_arguments, add_data_arguments, default_lr, fail, load_data, num_classes, say, start_ray
 
 from ray_ensembles.io.locations import check_store
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--num-members", type=number_list(int), default=[1, 3, 5, 10])
     p.add_argument("--adversarial-eps", type=number_list(float), default=[0.0, 0.01, 0.02])
     p.add_argument("--lr", type=number_list(float), default=None, help="learning rates to sweep too")
-    p.add_argument("--epochs", type=int, default=None, help="default 200 on the toy, else 40")
+    p.add_argument("--epochs", type=int, default=None, help="default 40")
     p.add_argument("--batch-size", type=int, default=None, help="default 20 on the toy, else 100")
     p.add_argument("--hidden-dim", type=int, default=None, help="default 100 on the toy, else 50")
     p.add_argument("--depth", type=int, default=1)
@@ -71,16 +71,24 @@ def resolve(args):
     if args.smoke_test:
         args.num_members, args.adversarial_eps = [1, 2], args.adversarial_eps[:1]
         args.epochs, args.num_reports = 3, 2
-    for key, toy_value, table_value in [("epochs", 200, 40), ("batch_size", 20, 100), ("hidden_dim", 100, 50)]:
+    for key, toy_value, table_value in [("epochs", TOY["epochs"], 40), ("batch_size", 20, 100), ("hidden_dim", 100, 50)]:
         if getattr(args, key) is None:
             setattr(args, key, toy_value if toy else table_value)
     if args.lr is None and toy:
-        args.lr = [0.01]
+        args.lr = [TOY["lr"]]
     space = {"num_members": args.num_members, "adversarial_eps": args.adversarial_eps}
     if args.lr is not None and len(args.lr) > 1:
         space["train_lr"] = args.lr
     normalize_param_space(space)  # empty grids, M < 1, eps < 0: before Ray starts
     return space
+
+
+def toy_recipe(args) -> tuple[dict, dict]:
+    """The toy's loss (ensemble options) and schedule (Trainer options), the train job's; a table
+    keeps the library's."""
+    if args.data is not None:
+        return {}, {}
+    return {"nll_beta": TOY["nll_beta"]}, {"lr_scheduler": TOY["lr_schedule"] == "cosine"}
 
 
 def write_csv(rows, path: Path, first):
@@ -121,9 +129,9 @@ def run_sweep(args, space, train, validation, output: Path):
 
     result = tune_ensemble(
         train, space, task=args.task, validation_dataset=validation,
-        ensemble_options={"hidden_dim": args.hidden_dim, "depth": args.depth, "seed": args.seed},
+        ensemble_options={"hidden_dim": args.hidden_dim, "depth": args.depth, "seed": args.seed, **toy_recipe(args)[0]},
         trainer_options={"train_lr": args.lr[0], "train_num_epochs": args.epochs,
-                         "train_batch_size": args.batch_size},
+                         "train_batch_size": args.batch_size, **toy_recipe(args)[1]},
         scheduler=None if args.scheduler == "none" else args.scheduler, num_reports=args.num_reports,
         max_concurrent=args.max_concurrent, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
         trial_training=args.trial_training, max_workers_per_trial=args.max_workers_per_trial,
@@ -173,13 +181,13 @@ def run_m_curve(args, train, validation, output: Path):
     rows, series, errors, best = [], {}, {}, None
     for eps in args.adversarial_eps:
         common = dict(num_members=m_max, hidden_dim=args.hidden_dim, depth=args.depth, seed=args.seed,
-                      use_adversarial_training=eps > 0, adversarial_eps=eps)
+                      use_adversarial_training=eps > 0, adversarial_eps=eps, **toy_recipe(args)[0])
         ensemble = DeepEnsembleClassifier(train.X.shape[1], num_classes(train, validation), **common) \
             if args.task == "classification" else DeepEnsemble(train.X.shape[1], **common)
         workers = max(1, min(m_max, int(ray.cluster_resources().get("GPU" if args.use_gpu else "CPU", 1)
                                         / (1 if args.use_gpu else args.cpus_per_worker))))
         Trainer(ensemble, train, train_batch_size=args.batch_size, train_lr=args.lr[0],
-                train_num_epochs=args.epochs, progress=not (args.quiet or args.json),
+                train_num_epochs=args.epochs, progress=not (args.quiet or args.json), **toy_recipe(args)[1],
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=args.use_gpu,
                                              resources_per_worker={"CPU": args.cpus_per_worker,
                                                                    **({"GPU": 1} if args.use_gpu else {})}),

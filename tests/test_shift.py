@@ -34,7 +34,7 @@ def test_the_toys_default_recipe_keeps_the_curve_inside_three_sd_beyond_the_data
     """The train job's toy figure tells the truth at x = +/-5, +/-6 (the recipe before, beta-NLL
     with a cosine rate of 0.01 for 200 epochs, put the truth 17 sd away at x = 6)."""
     from benchmarks.shift import toy_row
-    from train_ensemble import TOY
+    from common import TOY
 
     row = toy_row(TOY["nll_beta"], TOY["lr_schedule"], TOY["lr"], TOY["epochs"])
     assert all(abs(row[f"z_at_{x}"]) <= 3 for x in (-6, -5, 5, 6)), row
