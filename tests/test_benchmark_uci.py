@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import benchmark_uci as bench
 from conftest import REPO, require_data
@@ -57,12 +58,27 @@ def test_the_hyper_column_selects_on_validation_rows_carved_from_the_training_ro
     seen = []
     original = bench.greedy_selection
     monkeypatch.setattr(bench, "greedy_selection", lambda log_lik, size: (seen.append(tuple(log_lik.shape)), original(log_lik, size))[1])
-    cfg = dict(CFG, hyper=True, hyper_samples=3, hyper_seeds=2, hyper_size=4)
+    cfg = dict(CFG, hyper=True, hyper_samples=3, hyper_seeds=2, hyper_size=4, hyper_refit=True)
     monkeypatch.setattr(bench, "HYPER_SPACE", dict(bench.HYPER_SPACE, epochs=(3, 5), hidden_dim=(8, 16)))
-    row = run_split(synthetic(), tmp_path, cfg)
+    fitted = {}
+
+    def fit(jobs):  # records each job's rows and its members' initial weights
+        fitted.update({key: (len(job["dataset"]), [job["ensemble"].members.member_state(m)["weights.0"].clone()
+                                                   for m in range(job["ensemble"].num_members)])
+                       for key, job in jobs.items()})
+        return fit_here(jobs, tmp_path)
+
+    row = bench.run_splits({("s", 0): synthetic()}, cfg, fit)[0]
     assert seen == [(6, 20)]  # 3 configurations x 2 members, scored on 20 of the 100 training rows
     assert len(row["hyper_widths"].split("/")) == 4 and set(row["hyper_widths"].split("/")) <= {"8", "16"}
     assert all(math.isfinite(row[k]) for k in ("hyper_nll", "hyper_rmse", "hyper_cal_nll")) and row["hyper_variance_scale"] > 0
+    refits = [key for key in fitted if "refit" in key]
+    assert 1 <= len(refits) <= 4 and all(fitted[key][0] == 100 for key in refits)  # all the training rows
+    for key in refits:  # each from the initialisation of the member it retrains
+        t, i = key[-2:]
+        assert torch.equal(fitted[key][1][0], fitted[("s", 0, "hyper", t)][1][i])
+    assert all(math.isfinite(row[k]) for k in ("hyper_refit_nll", "hyper_refit_cal_nll"))
+    assert 0 <= row["hyper_refit_conformal_coverage_90"] <= 1 and row["hyper_refit_conformal_width_90"] > 0
 
 
 @pytest.mark.unit
