@@ -30,7 +30,7 @@ def check_datasets(ensemble, dataset, validation_dataset, target=None, features=
         stream = TableStream.of(dataset, target, features, ensemble.task)
         if stream.input_shape != ensemble.input_shape:
             table = len(ensemble.input_shape) == 1
-            raise ValueError(f"The 'features' parameter of Trainer must name " + (
+            raise ValueError("The 'features' parameter of Trainer must name " + (
                 f"dim_in={ensemble.dim_in} numeric columns" if table else
                 f"a tensor column of the ensemble's input shape {ensemble.input_shape} (dim_in)") +
                 f". Got {stream.features}, inputs of shape {stream.input_shape}, instead.")
