@@ -39,3 +39,19 @@ def test_the_toys_default_recipe_keeps_the_curve_inside_three_sd_beyond_the_data
     row = toy_row(TOY["nll_beta"], TOY["lr_schedule"], TOY["lr"], TOY["epochs"])
     assert all(abs(row[f"z_at_{x}"]) <= 3 for x in (-6, -5, 5, 6)), row
     assert row["share_of_[-6,6]_within_3sd"] >= 0.95
+
+
+def test_the_band_narrows_beyond_the_data_as_far_as_the_members_fit_it():
+    """The mechanism (docs/benchmarks.md, "Why the band narrows beyond the data"): members that fit
+    the data (an aleatoric sd near the noise's 3 on the training points) agree beyond it, leaving
+    the truth many sd away; the default's band holds the curve by fitting less (an aleatoric sd
+    several times the noise) with members not yet pulled together."""
+    from benchmarks.shift import toy_row
+    from common import TOY
+
+    fitted = toy_row(1.0, "cosine", 0.01, 200)  # the toy's recipe before
+    default = toy_row(TOY["nll_beta"], TOY["lr_schedule"], TOY["lr"], TOY["epochs"])
+    assert 1.5 < fitted["train_aleatoric_sd"] < 4.5 and max(abs(fitted[f"z_at_{x}"]) for x in (-6, 6)) > 5
+    assert default["train_aleatoric_sd"] > 3 * 3
+    for x in (-6, 6):
+        assert fitted[f"epistemic_sd_at_{x}"] < default[f"epistemic_sd_at_{x}"] / 2
