@@ -110,11 +110,17 @@ def hyper_scores(candidates, draws, X, y, X_test, y_test, cfg, seed) -> tuple[di
     return out, picks, hyper.calibration
 
 
+def interval_columns(lower, upper, y, prefix: str, level: float) -> dict:
+    """`<prefix>coverage_<level %>` and `<prefix>width_<level %>`: the share of the rows y inside
+    the interval, and its mean width."""
+    percent = round(level * 100)
+    return {f"{prefix}coverage_{percent}": ((y >= lower) & (y <= upper)).double().mean().item(),
+            f"{prefix}width_{percent}": (upper - lower).double().mean().item()}
+
+
 def conformal_scores(ensemble, X_test, y_test, prefix: str) -> dict:
     """Coverage and mean width of the ensemble's 90% conformal interval on the test rows."""
-    lower, upper = ensemble.predict(X_test).conformal_interval(0.9)
-    return {f"{prefix}conformal_coverage_90": ((y_test >= lower) & (y_test <= upper)).double().mean().item(),
-            f"{prefix}conformal_width_90": (upper - lower).double().mean().item()}
+    return interval_columns(*ensemble.predict(X_test).conformal_interval(0.9), y_test, f"{prefix}conformal_", 0.9)
 
 
 def refit_jobs(key, picks, draws, X, y, cfg, seed) -> dict:

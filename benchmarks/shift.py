@@ -91,12 +91,13 @@ def interval_scores(ensemble, X, y, held_out=None) -> dict:
     Gaussian, and with `held_out` rows (X, y) those of the conformal intervals fitted on them."""
     if held_out is not None:
         ensemble.conformalize(*held_out)
+    from benchmarks.benchmark_uci import interval_columns
+
     pred, out = ensemble(X), {}
     for level in (0.9, 0.95):
-        kinds = [("", pred.interval(level))] + ([("conformal_", pred.conformal_interval(level))] if held_out else [])
-        for prefix, (lower, upper) in kinds:
-            out[f"{prefix}coverage_{round(level * 100)}"] = ((y >= lower) & (y <= upper)).double().mean().item()
-            out[f"{prefix}width_{round(level * 100)}"] = (upper - lower).double().mean().item()
+        out.update(interval_columns(*pred.interval(level), y, "", level))
+        if held_out is not None:
+            out.update(interval_columns(*pred.conformal_interval(level), y, "conformal_", level))
     return out
 
 

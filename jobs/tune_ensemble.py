@@ -127,11 +127,12 @@ def run_sweep(args, space, train, validation, output: Path):
     from ray_ensembles.io import storage
     from ray_ensembles.sweep import tune_ensemble
 
+    loss, schedule = toy_recipe(args)
     result = tune_ensemble(
         train, space, task=args.task, validation_dataset=validation,
-        ensemble_options={"hidden_dim": args.hidden_dim, "depth": args.depth, "seed": args.seed, **toy_recipe(args)[0]},
+        ensemble_options={"hidden_dim": args.hidden_dim, "depth": args.depth, "seed": args.seed, **loss},
         trainer_options={"train_lr": args.lr[0], "train_num_epochs": args.epochs,
-                         "train_batch_size": args.batch_size, **toy_recipe(args)[1]},
+                         "train_batch_size": args.batch_size, **schedule},
         scheduler=None if args.scheduler == "none" else args.scheduler, num_reports=args.num_reports,
         max_concurrent=args.max_concurrent, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
         trial_training=args.trial_training, max_workers_per_trial=args.max_workers_per_trial,
@@ -178,16 +179,17 @@ def run_m_curve(args, train, validation, output: Path):
     from ray_ensembles.sweep import m_curve
 
     m_max = max(args.num_members)
+    loss, schedule = toy_recipe(args)
     rows, series, errors, best = [], {}, {}, None
     for eps in args.adversarial_eps:
         common = dict(num_members=m_max, hidden_dim=args.hidden_dim, depth=args.depth, seed=args.seed,
-                      use_adversarial_training=eps > 0, adversarial_eps=eps, **toy_recipe(args)[0])
+                      use_adversarial_training=eps > 0, adversarial_eps=eps, **loss)
         ensemble = DeepEnsembleClassifier(train.X.shape[1], num_classes(train, validation), **common) \
             if args.task == "classification" else DeepEnsemble(train.X.shape[1], **common)
         workers = max(1, min(m_max, int(ray.cluster_resources().get("GPU" if args.use_gpu else "CPU", 1)
                                         / (1 if args.use_gpu else args.cpus_per_worker))))
         Trainer(ensemble, train, train_batch_size=args.batch_size, train_lr=args.lr[0],
-                train_num_epochs=args.epochs, progress=not (args.quiet or args.json), **toy_recipe(args)[1],
+                train_num_epochs=args.epochs, progress=not (args.quiet or args.json), **schedule,
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=args.use_gpu,
                                              resources_per_worker={"CPU": args.cpus_per_worker,
                                                                    **({"GPU": 1} if args.use_gpu else {})}),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..io.locations import filesystem_for
+from ..model.standardize import Moments
 from ..model.validation import as_float_tensor, as_labels, as_tensor, fail
 from .batches import MemberBatches
 from .shipping import SharedTensors
@@ -67,6 +68,21 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
         digest.update(f"{tuple(t.shape)} {t.dtype} {float(t.sum(dtype=torch.float64))}".encode())  # no float64 copy
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def scan_moments(ensemble, chunks) -> tuple[Moments, "Moments | None", torch.dtype, int]:
+    """One pass over (X, y) chunks of training rows (X a tensor (n, *input shape)): the moments
+    of the inputs per channel and (regression) of the targets, every chunk's targets checked by the
+    ensemble; the targets' dtype, and the rows counted. Streamed tables and torch Datasets alike."""
+    x_moments, y_moments, y_dtype, rows = Moments(ensemble.standardizer.channels), None, torch.float32, 0
+    for X, y in chunks:
+        x_moments.update_channels(X)
+        y = ensemble.check_y(y, len(X)).cpu()  # Arrow's read-only arrays are copied there
+        if ensemble.task == "regression":
+            y_dtype, y_moments = y.dtype, y_moments or Moments(y.shape[1])  # predictions come back in it
+            y_moments.update(y)
+        rows += len(X)
+    return x_moments, y_moments, y_dtype, rows
 
 
 class TensorDataset:

@@ -18,8 +18,8 @@ import torch
 import torch.utils.data
 
 from ..model.members import epoch_permutations
-from ..model.standardize import Moments
 from ..model.validation import check_int, check_type
+from .data import TensorDataset, scan_moments
 
 SCAN_ROWS = 4096  # rows fetched at a time by the standardisation's pass
 
@@ -69,14 +69,9 @@ class MapDataset:
     def fit_standardization(self, ensemble):
         """One pass over the rows, SCAN_ROWS at a time: the moments of the inputs and (regression)
         of the targets, merged as a streamed table's are; every row's target checked."""
-        x_moments, y_moments, y_dtype = Moments(ensemble.standardizer.channels), None, torch.float32
         chunks = [list(range(s, min(s + SCAN_ROWS, self.num_rows))) for s in range(0, self.num_rows, SCAN_ROWS)]
-        for X, y in self.loader(chunks):
-            x_moments.update_channels(ensemble.check_x(X, allow_members=False, move=False))
-            y = ensemble.check_y(y, len(X)).cpu()
-            if ensemble.task == "regression":
-                y_dtype, y_moments = y.dtype, y_moments or Moments(y.shape[1])
-                y_moments.update(y)
+        x_moments, y_moments, y_dtype, _ = scan_moments(
+            ensemble, ((ensemble.check_x(X, allow_members=False, move=False), y) for X, y in self.loader(chunks)))
         ensemble.standardizer.fit_moments(x_moments, y_moments, y_dtype)
         ensemble.feature_names = None
 
@@ -84,8 +79,6 @@ class MapDataset:
         return MapBatches(self, ensemble, settings.batch_size, device)
 
     def evaluation_rows(self):
-        from .data import TensorDataset
-
         return TensorDataset(*self.sample)
 
     def shipped(self) -> "MapDataset":

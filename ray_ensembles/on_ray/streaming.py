@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ..loop.batches import MemberBatches
-from ..loop.data import table_arrays, table_features, table_input_shape
+from ..loop.data import scan_moments, table_arrays, table_features, table_input_shape
 from ..model.standardize import Moments
 
 
@@ -138,15 +138,7 @@ class TableStream:
     def scan(self, ensemble) -> tuple[Moments, Moments | None, torch.dtype]:
         """One pass: the moments of the inputs and (regression) of the targets, every block's
         targets checked by the ensemble as in memory. Fails before training on the first bad block."""
-        x_moments, y_moments, rows, y_dtype = Moments(ensemble.standardizer.channels), None, 0, torch.float32
-        for X, y in self.blocks():
-            x_moments.update_channels(torch.from_numpy(X))
-            y = ensemble.check_y(y, len(y)).cpu()  # Arrow's read-only arrays are copied there
-            if ensemble.task == "regression":
-                y_dtype = y.dtype  # predictions come back in it, as in memory
-                y_moments = y_moments or Moments(y.shape[1])
-                y_moments.update(y)
-            rows += len(X)
+        x_moments, y_moments, y_dtype, rows = scan_moments(ensemble, ((torch.from_numpy(X), y) for X, y in self.blocks()))
         if rows != self.num_rows:
             raise ValueError(f"The 'dataset' parameter of Trainer gave {rows} rows on reading, not the "
                              f"{self.num_rows} it counted: a dataset must give the same rows each time it is read.")
