@@ -194,6 +194,9 @@ BAD = [
     ("an optimiser that does not exist", lambda: Trainer(classifier(), TensorDataset(X8, Y8), optimizer="lamb"),
      ValueError, r"'optimizer'.*'lamb'"),
     ("a crop without padding", lambda: RandomCrop(0), ValueError, r"'padding' parameter of RandomCrop"),
+    ("a flip of table rows", lambda: Trainer(DeepEnsemble(3), TensorDataset(X8.flatten(1)[:, :3], Y8.float()[:, None]),
+                                             augment=RandomHorizontalFlip()),
+     ValueError, r"'augment' .* RandomHorizontalFlip\(p=0.5\) takes batches of images .* Got a batch of shape \(2, 3\)"),
 ]
 
 

@@ -7,7 +7,8 @@ batch of the same shape and dtype. The loop gives member m at step t a generator
 share a process. It is applied in training only, never at evaluation or prediction.
 
 `RandomCrop` and `RandomHorizontalFlip` are the standard image augmentations, batched as torch
-ops over (B, C, H, W) (or any (B, ..., H, W)); `Compose` chains transforms.
+ops over (B, C, H, W) (or any (B, ..., H, W)); they refuse table rows (B, D), whose feature order
+they would mirror or shift. `Compose` chains transforms.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from ..model.validation import check_float, check_int, fail
 AUGMENTATION_STREAM = 2  # member_seed's `attempt` slot for augmentation (1: the random perturbation)
 
 
+def check_images(transform, x: torch.Tensor):
+    if x.ndim < 3:
+        raise ValueError(f"{transform!r} takes batches of images (B, C, H, W) or (B, H, W). "
+                         f"Got a batch of shape {tuple(x.shape)} instead.")
+
+
 class RandomCrop:
     """Pad the last two dimensions by `padding` (zeros: the channel's mean once standardised)
     and take a random window of the original size from each row, as torchvision's
@@ -30,6 +37,7 @@ class RandomCrop:
         self.padding = check_int("RandomCrop", "padding", padding, minimum=1)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        check_images(self, x)
         p, (h, w), b = self.padding, x.shape[-2:], len(x)
         padded = F.pad(x, (p, p, p, p))
         top = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=x.device)
@@ -53,6 +61,7 @@ class RandomHorizontalFlip:
             fail("RandomHorizontalFlip", "p", "a probability in [0, 1]", p)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        check_images(self, x)
         flip = torch.rand(len(x), generator=generator, device=x.device) < self.p
         return torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
 
