@@ -20,11 +20,14 @@ torch.set_num_threads(1)
 
 
 LAYERS = ("unit", "ray", "e2e")
+# modules that stop the shared local Ray to start their own: they run last, so that it starts once
+OWN_RAY_MODULES = ("test_cluster.py", "test_distributed.py")
 
 
 def pytest_collection_modifyitems(config, items):
     """Every test declares exactly one layer (module `pytestmark` or its own mark): a test that
     starts Ray or a subprocess must not pass for a unit test."""
+    items.sort(key=lambda item: item.path.name in OWN_RAY_MODULES)  # stable: the order within stays
     wrong = [f"{item.nodeid}: {names or 'none'}" for item in items
              if len(names := sorted({m.name for m in item.iter_markers() if m.name in LAYERS})) != 1]
     if wrong:

@@ -74,25 +74,10 @@ def test_a_loaded_checkpoint_resumes_on_one_worker_holding_every_member(in_proce
     assert trainer.placement == {m: {"rank": 0, "node_id": node, "device": "cpu", "gpu_ids": []} for m in range(3)}
 
 
-@pytest.mark.parametrize("workers", [3])  # one worker: the test above
-def test_same_ensemble_in_process_on_one_worker_and_one_worker_per_member(workers, in_process, tmp_path):
+def test_two_workers_with_one_killed_mid_run_train_the_in_process_ensemble(in_process, tmp_path, local_ray):
+    """Members go round-robin to the workers (two stacked on one), a worker killed after its step-10
+    checkpoint resumes from it, and the members, metrics and history are the in-process run's."""
     base, base_trainer = in_process
-    e, trainer = train(tmp_path, workers)
-    assert_same_ensemble(base, e)
-    assert trainer.metrics["val_nll"] == pytest.approx(base_trainer.metrics["val_nll"], rel=1e-5)
-    assert set(trainer.metrics["members"]) == {0, 1, 2}
-    # members go round-robin to the workers, and each says where it was trained
-    node = ray.get_runtime_context().get_node_id()
-    assert trainer.placement == {m: {"rank": m % workers, "node_id": node, "device": "cpu", "gpu_ids": []} for m in range(3)}
-    # the same history, with validation at the checkpoints, reaches the driver
-    assert [h["step"] for h in trainer.history] == [h["step"] for h in base_trainer.history]
-    assert trainer.history[-1]["val_nll"] == pytest.approx(base_trainer.history[-1]["val_nll"], rel=1e-5)
-    loaded = DeepEnsemble.load(trainer.checkpoint_path, member_factory=launched_train.small_cnn)
-    torch.testing.assert_close(loaded(X).mean, e(X).mean)
-
-
-def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_result(in_process, tmp_path, local_ray):
-    base, _ = in_process
     marker = tmp_path / "crashed"
     local_ray.write_text(json.dumps({"rank": 0, "after_step": 10, "marker": str(marker)}))
     try:
@@ -101,6 +86,15 @@ def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_result(in_proce
         local_ray.unlink()
     assert marker.exists()  # the worker process really died once
     assert_same_ensemble(base, e)
+    assert trainer.metrics["val_nll"] == pytest.approx(base_trainer.metrics["val_nll"], rel=1e-5)
+    assert set(trainer.metrics["members"]) == {0, 1, 2}
+    node = ray.get_runtime_context().get_node_id()
+    assert trainer.placement == {m: {"rank": m % 2, "node_id": node, "device": "cpu", "gpu_ids": []} for m in range(3)}
+    # the same history, with validation at the checkpoints, reaches the driver
+    assert [h["step"] for h in trainer.history] == [h["step"] for h in base_trainer.history]
+    assert trainer.history[-1]["val_nll"] == pytest.approx(base_trainer.history[-1]["val_nll"], rel=1e-5)
+    loaded = DeepEnsemble.load(trainer.checkpoint_path, member_factory=launched_train.small_cnn)
+    torch.testing.assert_close(loaded(X).mean, e(X).mean)
 
 
 def test_a_streamed_table_trains_the_same_members_on_two_workers_after_one_is_killed_mid_epoch(tmp_path, local_ray):
