@@ -13,7 +13,7 @@ Convnet rows (`--cnn-epochs`): M = max(--num-members) members of a small CNN (tw
 of 16 and 32 channels and a linear head, built by `member_factory`) on the images as they are,
 (N, 1, 28, 28), trained with SGD (Nesterov momentum 0.9, weight decay 5e-4, rate 0.05 with a
 linear warm-up over 200 steps and a cosine decay): "cnn" without augmentation, "cnn_crop" with random crops
-(padding 2) drawn per member.
+(padding 2) drawn per member, "cnn_crop_adversarial" with the crops and FGSM (eps 1% of each channel's range).
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def small_cnn():
 # the convnet rows' training: SGD with Nesterov momentum, warm-up and cosine decay
 CNN_TRAINING = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, train_lr=0.05, lr_scheduler=True)
 CNN_WARMUP_STEPS = 200  # or a tenth of a shorter run
-CNN_ROWS = {"cnn": None, "cnn_crop": RandomCrop(2)}
+# row: (ensemble options, augmentation); FGSM is what took the MLP's NotMNIST AUROC from 0.74 to 0.999
+CNN_ROWS = {"cnn": ({}, None), "cnn_crop": ({}, RandomCrop(2)),
+            "cnn_crop_adversarial": ({"use_adversarial_training": True}, RandomCrop(2))}
 
 
 def parse_args(argv=None):
@@ -223,7 +225,7 @@ def main(argv=None):
     rows, timings = [], {}
     runs = [(v, VARIANTS[v], None, args.epochs, None) for v in variants]
     if args.cnn_epochs:
-        runs += [(row, {}, small_cnn, args.cnn_epochs, dict(CNN_TRAINING, augment=CNN_ROWS[row]))
+        runs += [(row, CNN_ROWS[row][0], small_cnn, args.cnn_epochs, dict(CNN_TRAINING, augment=CNN_ROWS[row][1]))
                  for row in args.cnn_rows.split(",")]
     for variant, options, factory, epochs, training in runs:
         used = slice(1000 if args.smoke_test and factory is not None else None)  # a smoke run's convnets: 1000 images
@@ -257,9 +259,10 @@ def main(argv=None):
         f"\n\nPaper: {PAPER}.\nTraining time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "\n"
     (output / "mnist.md").write_text(report)
     print(report)
-    plot_metrics(rows, output / "metrics_vs_m.png")
-    plot_entropy(rows, output / "entropy_histograms.png")
-    plot_confidence(rows, output / "accuracy_vs_confidence.png")
+    if variants:  # the figures are the MLP variants' against M; a run of convnet rows alone has none
+        plot_metrics(rows, output / "metrics_vs_m.png")
+        plot_entropy(rows, output / "entropy_histograms.png")
+        plot_confidence(rows, output / "accuracy_vs_confidence.png")
 
 
 if __name__ == "__main__":
