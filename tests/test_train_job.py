@@ -296,11 +296,15 @@ def test_images_in_an_npz_file_train_with_a_member_factory_and_augmentation_then
     from its working directory), then the prediction job on the same .npz file."""
     import launched_train
     import predict as predict_job
+    import ray
 
     np.savez(tmp_path / "images.npz", X=launched_train.X.numpy(), y=launched_train.Y[:, 0].numpy())
     out = tmp_path / "out"
     monkeypatch.chdir(REPO / "tests")  # the factory's module is importable from the working directory
     monkeypatch.setenv("RAY_ADDRESS", shared_local_ray())
+    # A job run as a process calls ray.init in its working directory, which Ray puts on its workers'
+    # sys.path; the shared Ray was started from another one, so its workers get the module by value.
+    ray.cloudpickle.register_pickle_by_value(launched_train)
     train_job.main(["--data", str(tmp_path / "images.npz"), "--member-factory", "launched_train:small_cnn",
                     "--augment", "crop=1,flip", "--optimizer", "sgd", "--nesterov", "--lr", "0.01", "--num-members", "2",
                     "--epochs", "2", "--output", str(out), "--json"])
