@@ -160,8 +160,12 @@ def shaped_row(i: int, row, shape: tuple[int, ...]) -> np.ndarray:
 
 def response_rows(pred, coverage: float) -> list[dict]:
     """One JSON object per row: the columns jobs/predict.py writes (a classifier's `prob_<k>`
-    columns as one `probs` list, its `in_set_<k>` ones as the `prediction_set`'s classes)."""
+    columns as one `probs` list, its `in_set_<k>` ones as the `prediction_set`'s classes; an
+    unbounded conformal bound as null)."""
     columns = {name: values.tolist() for name, values in summary_columns(pred, coverage).items()}
+    for name in columns:  # unbounded (too few conformal rows for the coverage): JSON has no inf
+        if name.startswith("conformal_"):
+            columns[name] = [None if math.isinf(v) else v for v in columns[name]]
     probs = [columns.pop(name) for name in list(columns) if name.startswith("prob_")]
     in_set = [columns.pop(name) for name in list(columns) if name.startswith("in_set_")]
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]

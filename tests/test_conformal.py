@@ -135,6 +135,9 @@ def test_the_predict_jobs_columns_and_the_serve_apps_answers_carry_them(regresso
     lower, upper = pred.conformal_interval(0.8)
     assert np.array_equal(columns["conformal_lower_0.8"], lower[:, 0].numpy())
     assert response_rows(pred, 0.8)[0]["conformal_upper_0.8"] == pytest.approx(float(upper[0, 0]))
+    unbounded = response_rows(pred, 0.97)[0]  # ceil(31 * 0.97) > 30 rows: an infinite interval
+    assert unbounded["conformal_lower_0.97"] is None and unbounded["conformal_upper_0.97"] is None
+    json.dumps(unbounded, allow_nan=False)  # what the Serve app's JSONResponse does: no 500
     assert describe(regressor)["conformal_rows"] == 30
     Xh, yh = blobs(40, 1)
     classifier.conformalize(Xh, yh)
