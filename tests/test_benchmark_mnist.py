@@ -56,7 +56,7 @@ def test_smoke_run_on_a_small_mnist_subset(tmp_path):
     require_data("notmnist", "notmnist_test10k.npz")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark_mnist", "--smoke-test",
                            "--variants", "adversarial", "--num-members", "1,2", "--cnn-rows", "cnn_crop",
-                           "--num-workers", "1",  # both members on one worker: 4 s less than one each
+                           "--num-workers", "1",  # both members stacked on one worker: one worker process to start
                            "--output", str(tmp_path)],
                           capture_output=True, text=True, timeout=400, env=dict(os.environ, RAY_ADDRESS=shared_local_ray()), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
