@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmarks.common import REPO, fail, load_uci, score, write_csv
+from benchmarks.common import REPO, fail, interval_columns, load_uci, score, write_csv
 
 from ray_ensembles import DeepEnsemble, EnsemblePool, TensorDataset, combine, horizon_lr
 from ray_ensembles.model.selection import greedy_selection
@@ -108,14 +108,6 @@ def hyper_scores(candidates, draws, X, y, X_test, y_test, cfg, seed) -> tuple[di
     hyper.conformalize(X_val, y_val)
     out.update(conformal_scores(hyper, X_test, y_test, "hyper_"))
     return out, picks, hyper.calibration
-
-
-def interval_columns(lower, upper, y, prefix: str, level: float) -> dict:
-    """`<prefix>coverage_<level %>` and `<prefix>width_<level %>`: the share of the rows y inside
-    the interval, and its mean width."""
-    percent = round(level * 100)
-    return {f"{prefix}coverage_{percent}": ((y >= lower) & (y <= upper)).double().mean().item(),
-            f"{prefix}width_{percent}": (upper - lower).double().mean().item()}
 
 
 def conformal_scores(ensemble, X_test, y_test, prefix: str) -> dict:

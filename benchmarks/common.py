@@ -41,6 +41,14 @@ def score(ensemble, X, y) -> dict:
             "nll_mixture": mixture_gaussian_nll(pred.member_mean, pred.member_variance, y)}
 
 
+def interval_columns(lower, upper, y, prefix: str, level: float) -> dict:
+    """`<prefix>coverage_<level %>` and `<prefix>width_<level %>`: the share of the rows y inside
+    the interval, and its mean width."""
+    percent = round(level * 100)
+    return {f"{prefix}coverage_{percent}": ((y >= lower) & (y <= upper)).double().mean().item(),
+            f"{prefix}width_{percent}": (upper - lower).double().mean().item()}
+
+
 def write_csv(rows, path: Path):
     """Rows of dicts as CSV; a column some rows lack is empty there."""
     with path.open("w", newline="") as f:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import REPO, RESULTS, fail, load_uci, write_csv
+from benchmarks.common import REPO, RESULTS, fail, interval_columns, load_uci, write_csv
 
 SHIFT_FRACTION = 0.1
 SETTINGS = {"default (beta-NLL 1)": {"nll_beta": 1.0}, "plain NLL": {"nll_beta": 0.0},
@@ -91,8 +91,6 @@ def interval_scores(ensemble, X, y, held_out=None) -> dict:
     Gaussian, and with `held_out` rows (X, y) those of the conformal intervals fitted on them."""
     if held_out is not None:
         ensemble.conformalize(*held_out)
-    from benchmarks.benchmark_uci import interval_columns
-
     pred, out = ensemble(X), {}
     for level in (0.9, 0.95):
         out.update(interval_columns(*pred.interval(level), y, "", level))
