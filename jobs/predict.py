@@ -36,7 +36,7 @@ import pyarrow.csv
 import pyarrow.dataset
 import pyarrow.fs
 import pyarrow.parquet as pq
-from common import add_console_arguments, fail, import_callable, say, start_ray
+from common import add_console_arguments, fail, import_callable, say, start_ray, use_parquet_reader_v1
 
 from ray_ensembles.io.locations import check_store, filesystem_for, is_uri
 
@@ -288,12 +288,11 @@ def predict_on_ray_data(args, kwargs, path: str, fmt: str, target: str, use_dict
     # Read and write tasks ask for no CPU. The predicting actors hold theirs for the whole run,
     # so a read that waited for a CPU could wait forever: behind them, and behind other jobs'
     # tasks that wait in turn (seen in benchmarks/load_test.py with Tune trials beside this job).
-    # (Ray Data's V2 Parquet reader adds a file-listing task that always asks for one CPU.)
     # Asking for no CPU also lifts Ray's limit on how many run at once, so they are capped at
     # one per actor: uncapped, a 10M-row job on 2 actors started 26 worker processes and took
     # 63-74 s; capped, 24-28 s. Parquet is read without read-ahead here too: with Ray's, the read
     # task of a 30M-row file held 3.6 GiB, and all the job's processes 6.2 GiB (3.9 without).
-    ray.data.DataContext.get_current().use_datasource_v2 = False
+    use_parquet_reader_v1()
     io_tasks = dict(num_cpus=0, concurrency=args.num_workers)
     source = args.data if is_uri(args.data) else path
     if fmt == "parquet":
