@@ -16,6 +16,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no S3 client looks for a cloud's metadata
+# Ray Data's first Parquet reader, as the jobs read: the V2 default starts footer-reading
+# processes for every read, about 1 s a read here (jobs/common.py); one test trains on a V2 read.
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 torch.set_num_threads(1)
 
 

@@ -203,10 +203,11 @@ def test_the_streamed_copy_reads_in_order_without_progress_bars_and_the_users_da
 
 
 @pytest.mark.ray
-def test_a_streamed_table_in_one_window_trains_the_in_memory_members(ray_data, tmp_path):
+def test_a_streamed_table_in_one_window_trains_the_in_memory_members(ray_data, tmp_path, monkeypatch):
     folder, x, y = parquet(tmp_path / "table", 2000)
     options = dict(train_batch_size=50, train_num_epochs=3, train_lr=3e-3, results_folder=tmp_path / "runs")
     streamed, memory = DeepEnsemble(13, num_members=2, seed=1), DeepEnsemble(13, num_members=2, seed=1)
+    monkeypatch.setattr(ray_data.DataContext.get_current(), "use_datasource_v2", True)  # Ray's default reader
     trainer = Trainer(streamed, ray_data.read_parquet(str(folder)), target="y", **options)
     trainer.train()
     Trainer(memory, TensorDataset(x, y[:, None]), **options).train()
