@@ -58,6 +58,8 @@ CASES = [
      "distinct columns other than the target 'y'"),
     ("negative epochs", ["--epochs", "-1"], "'train_num_epochs'.*Got -1"),
     ("zero batch size", ["--batch-size", "0"], "'train_batch_size'.*Got 0"),
+    ("zero batch size of a table", ["--data", "{table}", "--target", "y", "--batch-size", "0"],
+     "'train_batch_size'.*Got 0"),
     ("zero learning rate", ["--lr", "0"], "'train_lr'.*Got 0"),
     ("EMA decay 1", ["--ema-decay", "1"], "'ema_decay'.*Got 1.0"),
     ("zero save_every", ["--save-every", "0"], "'save_every'.*Got 0"),

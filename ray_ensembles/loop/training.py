@@ -124,7 +124,8 @@ def num_steps(num_rows: int, batch_size: int, steps: int | None, epochs: int | N
         raise ValueError("Trainer takes one of 'train_num_steps' and 'train_num_epochs'. "
                          f"Got both ({steps}, {epochs}) instead.")
     if epochs is not None:
-        return check_int("Trainer", "train_num_epochs", epochs, minimum=1) * math.ceil(num_rows / batch_size)
+        epochs = check_int("Trainer", "train_num_epochs", epochs, minimum=1)
+        return epochs * math.ceil(num_rows / check_int("Trainer", "train_batch_size", batch_size, minimum=1))
     return check_int("Trainer", "train_num_steps", TrainSettings.num_steps if steps is None else steps, minimum=1)
 
 
