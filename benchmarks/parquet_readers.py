@@ -3,8 +3,8 @@
 
     python -m benchmarks.parquet_readers [--reps 5]
 
-On a local Ray with this machine's CPUs, interleaved, `reps` rounds of `ray.data.read_parquet`
-then `take_all` for each reader (`DataContext.use_datasource_v2` False and True) and table (one
+On a local Ray with 2 CPUs, interleaved, `reps` rounds of `ray.data.read_parquet` and
+every batch of it for each reader (`DataContext.use_datasource_v2` False and True) and table (one
 file of 50 rows; 4 files of 250,000 rows of 14 float32 columns). The first round of each reader
 is reported apart (its worker processes are new). Also counts the Ray worker processes that one
 read of the small table starts. The jobs read with the first reader (`jobs/common.py`).
@@ -103,7 +103,7 @@ def main(argv=None):
     print("| table | reader | first read s | median read s, rounds 2+ |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['table']} | {r['reader']} | {r['first_read_s']:.2f} | {r['median_read_s']:.2f} |")
-    print("worker processes at most during one read of the small table: "
+    print("new Ray worker processes during one read of the small table: "
           + ", ".join(f"{reader} {n}" for reader, n in started.items()))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "parquet_readers.json").write_text(json.dumps({"rows": rows, "processes_started": started}, indent=1))
