@@ -11,6 +11,7 @@ from torch import nn
 from ray_ensembles import DeepEnsemble, DeepEnsembleClassifier, TensorDataset, Trainer
 from ray_ensembles.loop.augmentation import Compose, RandomCrop, RandomHorizontalFlip, augment_members
 from ray_ensembles.loop.training import EnsembleFit, TrainSettings
+from ray_ensembles.model.inference import feature_columns
 from ray_ensembles.model.members import FactoryMembers
 from ray_ensembles.model.stacked_layers import StackedSequential
 
@@ -190,6 +191,8 @@ BAD = [
      ValueError, r"inputs of shape \(1, 8, 8\).*Got shape \(64,\)"),
     ("prediction of another shape", lambda: classifier().predict(X8[:, :, :4]),
      ValueError, r"'X' .* rows of input_shape \(1, 8, 8\). Got shape \(20, 1, 4, 8\)"),
+    ("prediction of a table without names", lambda: feature_columns(classifier(), ["image", "label"]),
+     ValueError, r"without feature names; pass the one tensor column of \(1, 8, 8\) inputs \('features'\)"),
     ("a shape with a zero", lambda: DeepEnsemble([1, 0, 8]), ValueError, r"'dim_in' .* positive integer"),
     ("an optimiser that does not exist", lambda: Trainer(classifier(), TensorDataset(X8, Y8), optimizer="lamb"),
      ValueError, r"'optimizer'.*'lamb'"),

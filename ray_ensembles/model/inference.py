@@ -42,8 +42,9 @@ def feature_columns(ensemble, column_names: list[str], features: list[str] | Non
     """The input columns to feed the ensemble, in its order; a clear error for missing ones."""
     names = features or ensemble.feature_names
     if names is None:
-        raise ValueError("The ensemble was saved without feature names; pass the feature columns "
-                         "in training order ('features').")
+        wanted = ("the feature columns in training order" if len(ensemble.input_shape) == 1
+                  else f"the one tensor column of {tuple(ensemble.input_shape)} inputs")
+        raise ValueError(f"The ensemble was saved without feature names; pass {wanted} ('features').")
     missing = [c for c in names if c not in column_names]
     if missing:
         raise ValueError(f"The data lacks the feature column(s) {missing} that the ensemble was "
