@@ -13,7 +13,8 @@ Convnet rows (`--cnn-epochs`): M = max(--num-members) members of a small CNN (tw
 of 16 and 32 channels and a linear head, built by `member_factory`) on the images as they are,
 (N, 1, 28, 28), trained with SGD (Nesterov momentum 0.9, weight decay 5e-4, rate 0.05 with a
 linear warm-up over 200 steps and a cosine decay): "cnn" without augmentation, "cnn_crop" with random crops
-(padding 2) drawn per member, "cnn_crop_adversarial" with the crops and FGSM (eps 1% of each channel's range).
+(padding 2) drawn per member, "cnn_crop_adversarial" with the crops and FGSM (eps 1% of each channel's range),
+"wide_cnn_crop" with the crops and a CNN of twice the channels (32 and 64).
 """
 
 from __future__ import annotations
@@ -38,19 +39,28 @@ THRESHOLDS = [round(0.1 * k, 1) for k in range(10)]  # Figure 6's confidence thr
 PAPER = "error 1.0-1.8%, NLL 0.02-0.14, Brier 0.0014-0.0030 (Figure 2a, M = 1..15)"
 
 
+def convnet(first: int, second: int) -> nn.Sequential:
+    """The convnet rows' member: two 3x3 conv layers of `first` and `second` channels, a linear head."""
+    return nn.Sequential(nn.Conv2d(1, first, 3, padding=1), nn.BatchNorm2d(first), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(first, second, 3, padding=1), nn.BatchNorm2d(second), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(second * 7 * 7, 10))
+
+
 def small_cnn():
-    """The convnet rows' member: two 3x3 conv layers (16 and 32 channels) and a linear head."""
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+    return convnet(16, 32)
+
+
+def wide_cnn():  # twice the channels: 2.2x the time per step on one CPU thread
+    return convnet(32, 64)
 
 
 # the convnet rows' training: SGD with Nesterov momentum, warm-up and cosine decay
 CNN_TRAINING = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, train_lr=0.05, lr_scheduler=True)
 CNN_WARMUP_STEPS = 200  # or a tenth of a shorter run
-# row: (ensemble options, augmentation); FGSM is what took the MLP's NotMNIST AUROC from 0.74 to 0.999
-CNN_ROWS = {"cnn": ({}, None), "cnn_crop": ({}, RandomCrop(2)),
-            "cnn_crop_adversarial": ({"use_adversarial_training": True}, RandomCrop(2))}
+# row: (member, ensemble options, augmentation); FGSM is what took the MLP's NotMNIST AUROC from 0.74 to 0.999
+CNN_ROWS = {"cnn": (small_cnn, {}, None), "cnn_crop": (small_cnn, {}, RandomCrop(2)),
+            "cnn_crop_adversarial": (small_cnn, {"use_adversarial_training": True}, RandomCrop(2)),
+            "wide_cnn_crop": (wide_cnn, {}, RandomCrop(2))}
 
 
 def parse_args(argv=None):
@@ -225,8 +235,8 @@ def main(argv=None):
     rows, timings = [], {}
     runs = [(v, VARIANTS[v], None, args.epochs, None) for v in variants]
     if args.cnn_epochs:
-        runs += [(row, CNN_ROWS[row][0], small_cnn, args.cnn_epochs, dict(CNN_TRAINING, augment=CNN_ROWS[row][1]))
-                 for row in args.cnn_rows.split(",")]
+        runs += [(row, options, member, args.cnn_epochs, dict(CNN_TRAINING, augment=augment))
+                 for row in args.cnn_rows.split(",") for member, options, augment in [CNN_ROWS[row]]]
     for variant, options, factory, epochs, training in runs:
         used = slice(1000 if args.smoke_test and factory is not None else None)  # a smoke run's convnets: 1000 images
         ensemble, seconds = train_variant(variant, options, x_train[used], y_train[used], args, factory, epochs, training)
