@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -349,8 +350,8 @@ def main(argv=None):
 
     import ray
     wall_start = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(**({"num_cpus": args.num_workers} if args.num_workers else {}))
+    if not ray.is_initialized():  # a new local Ray gets --num-workers CPUs; one at RAY_ADDRESS is joined as it is
+        ray.init(**({"num_cpus": args.num_workers} if args.num_workers and not os.environ.get("RAY_ADDRESS") else {}))
     ray_start_s = time.perf_counter() - wall_start
     splits, noise = {}, {}
     for name in names:

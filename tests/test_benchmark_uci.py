@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import benchmark_uci as bench
-from conftest import REPO, require_data
+from conftest import REPO, require_data, shared_local_ray
 from ray_ensembles import DeepEnsemble, FitResult, Trainer
 
 CFG = {"num_members": 2, "hidden_dim": 16, "epochs": 5, "batch_size": 20, "lr": 1e-2, "seed": 0,
@@ -139,7 +139,7 @@ def test_a_quick_run_writes_the_table(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark_uci", "--datasets",
                            "bostonHousing,yacht", "--splits", "2", "--epochs", "3", "--num-workers", "2",
                            "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, RAY_ADDRESS=""), cwd=REPO)
+                          env=dict(os.environ, RAY_ADDRESS=shared_local_ray()), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "uci.csv").open()))
     assert [r["dataset"] for r in rows] == ["bostonHousing", "yacht"]
