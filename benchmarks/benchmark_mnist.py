@@ -50,7 +50,7 @@ def small_cnn():
     return convnet(16, 32)
 
 
-def wide_cnn():  # twice the channels: 2.2x the time per step on one CPU thread
+def wide_cnn():  # twice the channels, for the error goal (docs/benchmarks.md)
     return convnet(32, 64)
 
 
